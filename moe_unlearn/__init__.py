@@ -1,0 +1,53 @@
+"""moe-unlearn: unlearning for Mixture-of-Experts LLMs.
+
+The core path reads as a short sequence of calls:
+
+    layers = find_moe_layers(model)                      # what the model's MoE blocks are
+    attr = attribute_experts(model, forget, tokenizer=tok)  # which experts the forget data uses
+    result = unlearn(model, forget, retain, method="npo", scope="uoe", tokenizer=tok)
+    report = evaluate(model, ...)                        # forget/retain quality, MIA, routing shift
+
+Names are imported lazily so that `import moe_unlearn` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # architecture layer
+    "find_moe_layers": "moe_unlearn.arch",
+    "MoELayer": "moe_unlearn.arch",
+    "Routing": "moe_unlearn.arch",
+    "ExpertSlice": "moe_unlearn.arch",
+    "RoutingCapture": "moe_unlearn.arch",
+    # errors
+    "MoEUnlearnError": "moe_unlearn.errors",
+    "NotAnMoEModel": "moe_unlearn.errors",
+    "BadInputError": "moe_unlearn.errors",
+    # attribution
+    "attribute_experts": "moe_unlearn.attribution",
+    "Attribution": "moe_unlearn.attribution",
+    # unlearning
+    "unlearn": "moe_unlearn.unlearn",
+    "UnlearnResult": "moe_unlearn.unlearn",
+    "apply_patch": "moe_unlearn.unlearn",
+    "revert_patch": "moe_unlearn.unlearn",
+    # evaluation
+    "evaluate": "moe_unlearn.eval",
+    # LoRAMoE
+    "LoRAMoEConfig": "moe_unlearn.loramoe",
+    "add_loramoe": "moe_unlearn.loramoe",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moe_unlearn' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

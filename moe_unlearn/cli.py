@@ -1,0 +1,48 @@
+"""The `moe-unlearn` command line. Each subcommand lives in moe_unlearn/commands/<name>.py
+and exposes `add_parser(subparsers)` and `run(args) -> int`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from moe_unlearn.errors import MoEUnlearnError
+
+# name -> module; imported lazily so `moe-unlearn inspect` does not pay for the others.
+COMMANDS: dict[str, str] = {
+    "inspect": "moe_unlearn.commands.inspect",
+    "attribute": "moe_unlearn.commands.attribute",
+    "unlearn": "moe_unlearn.commands.unlearn",
+    "evaluate": "moe_unlearn.commands.evaluate",
+    "demo": "moe_unlearn.commands.demo",
+    "loramoe": "moe_unlearn.commands.loramoe",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-unlearn", description="Unlearning for Mixture-of-Experts LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:  # command not built yet
+                continue
+            raise
+        p = mod.add_parser(sub)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except MoEUnlearnError as exc:
+        print(f"moe-unlearn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
