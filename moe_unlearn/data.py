@@ -1,0 +1,303 @@
+"""Reading text data and turning it into padded batches, shared by every command.
+
+Sources (`load_records` / `load_texts`):
+- a list of strings (or of dicts, or a `datasets.Dataset`);
+- a `.txt` file: one document per line, blank lines skipped;
+- a `.jsonl` file: one JSON object per line, blank lines skipped;
+- a directory written by `datasets.Dataset.save_to_disk`.
+
+Batches (`tokenize_batches`) are padded by this module, not by the tokenizer, so
+the user's tokenizer object is never mutated (no pad token is added to it) and
+padding / truncation are the same for every tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import string
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_unlearn.errors import BadInputError, DataError
+
+DEFAULT_TEMPLATE = "Question: {question}\nAnswer: {answer}"
+
+DataSource = str | os.PathLike | Sequence[str] | Sequence[Mapping[str, Any]] | Any
+
+
+# -- records ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Located:
+    where: str  # "file.jsonl line 3", "item 2", "dataset DIR row 5": for error messages
+    record: dict[str, Any]
+
+
+def _iter_file_lines(path: Path) -> Iterator[tuple[int, str]]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                yield lineno, line.rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}; pass a readable UTF-8 .txt/.jsonl file "
+                        "or a datasets save_to_disk directory") from exc
+
+
+def _iter_jsonl(path: Path) -> Iterator[_Located]:
+    for lineno, line in _iter_file_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {lineno}: not valid JSON ({exc.msg}); each line of a .jsonl file "
+                            "must be one JSON object") from exc
+        if not isinstance(obj, dict):
+            raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield _Located(f"{path} line {lineno}", obj)
+
+
+def _iter_txt(path: Path) -> Iterator[_Located]:
+    for lineno, line in _iter_file_lines(path):
+        if line.strip():
+            yield _Located(f"{path} line {lineno}", {"text": line})
+
+
+def _iter_dataset(ds: Any, name: str) -> Iterator[_Located]:
+    if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # DatasetDict
+        raise DataError(f"{name} holds several splits ({', '.join(ds.keys())}); save or pass one split only")
+    for i, row in enumerate(ds):
+        yield _Located(f"{name} row {i}", dict(row))
+
+
+def _load_disk_dataset(path: Path) -> Any:
+    try:
+        from datasets import load_from_disk
+
+        return load_from_disk(str(path))
+    except Exception as exc:  # datasets raises FileNotFoundError / ValueError / others for bad dirs
+        raise DataError(f"cannot load {path} as a dataset saved with datasets' save_to_disk: {exc}") from exc
+
+
+def _iter_source(source: DataSource) -> Iterator[_Located]:
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            yield from _iter_dataset(_load_disk_dataset(path), str(path))
+            return
+        if not path.exists():
+            raise DataError(f"data file {path} does not exist")
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            yield from _iter_jsonl(path)
+        elif suffix == ".txt":
+            yield from _iter_txt(path)
+        else:
+            raise DataError(f"{path}: unknown data format {suffix!r}; use .txt (one document per line), "
+                            ".jsonl, or a directory written by datasets' save_to_disk")
+        return
+    if hasattr(source, "column_names"):  # a datasets.Dataset object
+        yield from _iter_dataset(source, "dataset")
+        return
+    if isinstance(source, (bytes, Mapping)) or not isinstance(source, Sequence):
+        raise DataError(f"unsupported data source of type {type(source).__name__}; pass a list of strings, "
+                        "a .txt/.jsonl path or a datasets save_to_disk directory")
+    for i, item in enumerate(source):
+        if isinstance(item, str):
+            yield _Located(f"item {i}", {"text": item})
+        elif isinstance(item, Mapping):
+            yield _Located(f"item {i}", dict(item))
+        else:
+            raise DataError(f"item {i} of the data list is a {type(item).__name__}; items must be strings or dicts")
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise BadInputError(f"limit must be a positive integer or None, got {limit!r}")
+
+
+def load_records(source: DataSource, *, limit: int | None = None,
+                 required: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Every record of `source` as a dict (strings and .txt lines become {"text": ...}).
+
+    `required` names fields every record must have (e.g. ("prompt", "response", "type")
+    for LoRAMoE fine-tuning); a record without one raises DataError naming where it is.
+    """
+    _check_limit(limit)
+    out: list[dict[str, Any]] = []
+    for loc in _iter_source(source):
+        missing = [f for f in required if f not in loc.record]
+        if missing:
+            raise DataError(f"{loc.where}: missing field(s) {missing}; it has {sorted(loc.record)}")
+        out.append(loc.record)
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise DataError(f"no records in {_describe(source)}; the data is empty")
+    return out
+
+
+def _template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _record_text(loc: _Located, field: str | None, template: str) -> str:
+    rec = loc.record
+    if field is not None:
+        if field not in rec:
+            raise DataError(f"{loc.where}: no field {field!r}; it has {sorted(rec)}")
+        value = rec[field]
+    elif "text" in rec:
+        value = rec["text"]
+    else:
+        needed = _template_fields(template)
+        if not needed or any(n not in rec for n in needed):
+            raise DataError(f"{loc.where}: no 'text' field and not every template field {needed} is present; "
+                            f"it has {sorted(rec)}; name the text field with field=... (CLI: --field)")
+        try:
+            value = template.format_map(rec)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise DataError(f"{loc.where}: template {template!r} does not apply: {exc}") from exc
+    if not isinstance(value, str):
+        raise DataError(f"{loc.where}: the text field holds a {type(value).__name__}, expected a string")
+    return value
+
+
+def load_texts(source: DataSource, *, field: str | None = None, template: str = DEFAULT_TEMPLATE,
+               limit: int | None = None) -> list[str]:
+    """The documents of `source` as strings.
+
+    Which text a record gives: the named `field` if given; else its `text` field; else
+    `template` filled from the record (by default question/answer pairs). Blank texts are
+    skipped. Raises DataError for an empty source, an unreadable file, or a record without
+    the field (naming the file, line and the fields it has).
+    """
+    _check_limit(limit)
+    texts: list[str] = []
+    for loc in _iter_source(source):
+        text = _record_text(loc, field, template)
+        if not text.strip():
+            continue
+        texts.append(text)
+        if limit is not None and len(texts) >= limit:
+            break
+    if not texts:
+        raise DataError(f"no non-blank texts in {_describe(source)}; the data is empty")
+    return texts
+
+
+def _describe(source: DataSource) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return f"the given {type(source).__name__}"
+
+
+# -- tokenization -------------------------------------------------------------
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used for padding: the tokenizer's pad token, else its eos token (the usual
+    choice for decoder-only LMs). Padding positions are masked, so the choice never matters
+    for the results."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    raise BadInputError("the tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token first")
+
+
+@dataclass
+class TokenizedBatches:
+    """Tokenized texts that yield padded batches; iterate it (any number of times) for dicts of
+    input_ids [B, S], attention_mask [B, S] (1 = real token) and labels [B, S] (-100 on padding).
+
+    num_truncated counts texts longer than max_length (cut to max_length tokens, keeping the
+    tokenizer's truncation side). Each batch is padded to its own longest text.
+    """
+
+    sequences: list[torch.Tensor]  # int64 [n_i] per text, already truncated
+    batch_size: int
+    max_length: int
+    padding_side: str
+    pad_token_id: int
+    num_truncated: int
+
+    @property
+    def num_texts(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(s.numel()) for s in self.sequences)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sequences) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, len(self.sequences), self.batch_size):
+            yield pad_batch(self.sequences[start:start + self.batch_size], pad_token_id=self.pad_token_id,
+                            padding_side=self.padding_side)
+
+
+def pad_batch(sequences: Sequence[torch.Tensor], *, pad_token_id: int,
+              padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad 1-D id tensors to one [B, S] batch with attention_mask and labels (-100 on padding)."""
+    if padding_side not in ("right", "left"):
+        raise BadInputError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    width = max((int(s.numel()) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        n = int(seq.numel())
+        cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        ids[row, cols] = seq
+        mask[row, cols] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def tokenize_batches(texts: Sequence[str], tokenizer: Any, *, batch_size: int, max_length: int,
+                     padding_side: str | None = None, add_special_tokens: bool = True) -> TokenizedBatches:
+    """Tokenize `texts` once and return an iterable of padded batches (see TokenizedBatches).
+
+    padding_side None uses the tokenizer's own (right if it has none). Tokenizers without a
+    pad token pad with eos (see `pad_token_id`); the tokenizer object is not modified. Texts that
+    tokenize to nothing are kept as empty rows (no valid tokens), so batch i always holds
+    texts[i*batch_size:(i+1)*batch_size].
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise BadInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(max_length, int) or max_length < 1:
+        raise BadInputError(f"max_length must be a positive integer, got {max_length!r}")
+    if isinstance(texts, str):
+        raise BadInputError("texts must be a list of strings, not one string; wrap it in a list")
+    side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
+    if side not in ("right", "left"):
+        raise BadInputError(f"padding_side must be 'right' or 'left', got {side!r}")
+    pad_id = pad_token_id(tokenizer)
+    keep_last = getattr(tokenizer, "truncation_side", "right") == "left"
+    texts = list(texts)
+    sequences: list[torch.Tensor] = []
+    truncated = 0
+    chunk = 1024  # tokenizer batch calls are much faster than one call per text
+    for start in range(0, len(texts), chunk):
+        enc = tokenizer(texts[start:start + chunk], add_special_tokens=add_special_tokens, truncation=False,
+                        padding=False, return_attention_mask=False)
+        for ids in enc["input_ids"]:
+            if len(ids) > max_length:
+                truncated += 1
+                ids = ids[-max_length:] if keep_last else ids[:max_length]
+            sequences.append(torch.tensor(ids, dtype=torch.long))
+    return TokenizedBatches(sequences=sequences, batch_size=batch_size, max_length=max_length, padding_side=side,
+                            pad_token_id=pad_id, num_truncated=truncated)
+
+
+__all__ = ["DEFAULT_TEMPLATE", "TokenizedBatches", "load_records", "load_texts", "pad_batch", "pad_token_id",
+           "tokenize_batches"]
