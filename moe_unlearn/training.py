@@ -1,0 +1,440 @@
+"""The one training loop of the project (pretraining the demo model, LoRAMoE, unlearning).
+
+    history = train(model.parameters(), loss_fn, batches, TrainConfig(steps=100, lr=1e-3))
+
+- `loss_fn(batch) -> {"loss": scalar, "nll": ..., ...}`: "loss" is what is minimised; every
+  other entry is a named term, shown in the progress bar and recorded in the history
+  (tensors are detached and averaged over the micro-batches of a step).
+- `batches`: a re-iterable (list, DataLoader, ...) or a callable `batches(epoch) -> iterable`.
+  One element = one micro-batch. It must yield the same sequence for the same epoch (and
+  seed) every time, so that a resumed run sees the same data as an uninterrupted one.
+- One *step* = one optimizer update = `grad_accum` micro-batches (fewer at the end of an
+  epoch: a step never spans two epochs; the gradient is then the mean over what there was).
+  `steps` counts steps; with `epochs` instead, training runs that many passes over `batches`.
+- The loop never changes `model.train()/eval()`: the caller decides (dropout etc.).
+
+Training slices of tensors (e.g. one expert inside a fused `[E, ...]` parameter): give the
+loop small leaf tensors that own the optimizer state plus `TrainHooks` that move gradients
+into them and write them back after each step (see `moe_unlearn.unlearn.scopes.SliceParams`).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from moe_unlearn.errors import BadInputError, TrainingDiverged
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+_CKPT_PATTERN = "step_*.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Knobs of `train`. Exactly one of `steps` / `epochs` must be set.
+
+    lr_schedule: "constant" | "linear" (to 0 at the last step) | "cosine" (to 0), each after
+    `warmup_steps` of linear warm-up from 0. bf16: "auto" autocasts to bf16 only on a CUDA
+    device that supports it (never on the CPU); True forces it, False turns it off.
+    checkpoint_every: steps between checkpoints (0 = none) into `checkpoint_dir`;
+    resume=True continues from the latest checkpoint there (starts fresh if there is none).
+    max_grad_norm: clip the global gradient norm (None or 0 = no clipping).
+    """
+
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 8  # informational for callers that build batches from the config
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    bf16: bool | str = "auto"
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 1
+    resume: bool = False
+    progress: bool = True
+    log_every: int = 1
+    desc: str = "train"
+
+    def validate(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise BadInputError("TrainConfig: set exactly one of steps or epochs")
+        if self.steps is not None and self.steps < 1:
+            raise BadInputError(f"TrainConfig.steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs < 1:
+            raise BadInputError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
+        if self.grad_accum < 1:
+            raise BadInputError(f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise BadInputError(f"unknown lr_schedule {self.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+        if self.bf16 not in (True, False, "auto"):
+            raise BadInputError(f"TrainConfig.bf16 must be True, False or 'auto', got {self.bf16!r}")
+        if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
+            raise BadInputError("checkpoint_every / resume need checkpoint_dir")
+
+
+@dataclass
+class TrainHistory:
+    """What happened: one entry per optimizer step (1-based step numbers)."""
+
+    steps: list[int] = field(default_factory=list)
+    terms: dict[str, list[float]] = field(default_factory=dict)
+    lr: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    wall_time: float = 0.0
+    optimizer_state_bytes: int = 0  # after the last step (Adam moments etc.)
+    resumed_from: int | None = None  # step of the checkpoint a resumed run started from
+
+    def record(self, step: int, terms: Mapping[str, float], lr: float, grad_norm: float) -> None:
+        self.steps.append(step)
+        for k, v in terms.items():
+            self.terms.setdefault(k, []).append(float(v))
+        self.lr.append(float(lr))
+        self.grad_norm.append(float(grad_norm))
+
+    def final(self) -> dict[str, float]:
+        """Loss terms of the last step."""
+        return {k: v[-1] for k, v in self.terms.items() if v}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainHooks:
+    """Callbacks of the loop; subclass and override what you need. All default to no-ops.
+
+    after_backward(step): all micro-batches of `step` are back-propagated; runs before
+        gradient clipping and the optimizer step (move gradients into leaf tensors here).
+    after_step(step):  the optimizer has updated the leaves (write them back here).
+    after_resume(step): the leaves were loaded from a checkpoint of `step`.
+    on_log(step, terms): every `log_every` steps, with the step's averaged terms.
+    on_train_start(optimizer): once, after the optimizer exists (and a checkpoint is loaded).
+    """
+
+    def on_train_start(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def after_backward(self, step: int) -> None:
+        pass
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def after_resume(self, step: int) -> None:
+        pass
+
+    def on_log(self, step: int, terms: Mapping[str, float]) -> None:
+        pass
+
+
+class _HookList(TrainHooks):
+    def __init__(self, hooks: Sequence[TrainHooks]) -> None:
+        self.hooks = list(hooks)
+
+    def on_train_start(self, optimizer: torch.optim.Optimizer) -> None:
+        for h in self.hooks:
+            h.on_train_start(optimizer)
+
+    def after_backward(self, step: int) -> None:
+        for h in self.hooks:
+            h.after_backward(step)
+
+    def after_step(self, step: int) -> None:
+        for h in self.hooks:
+            h.after_step(step)
+
+    def after_resume(self, step: int) -> None:
+        for h in self.hooks:
+            h.after_resume(step)
+
+    def on_log(self, step: int, terms: Mapping[str, float]) -> None:
+        for h in self.hooks:
+            h.on_log(step, terms)
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+
+def _param_groups(params_or_groups: Iterable[Any]) -> list[dict[str, Any]]:
+    items = list(params_or_groups)
+    if not items:
+        raise BadInputError("train() got no parameters to train")
+    if isinstance(items[0], Mapping):
+        groups = [dict(g) for g in items]
+        for g in groups:
+            g["params"] = [p for p in g["params"] if p.requires_grad]
+    else:
+        groups = [{"params": [p for p in items if p.requires_grad]}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise BadInputError("train() got parameters, but none has requires_grad=True")
+    return groups
+
+
+def lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at (0-based) step index `i`."""
+
+    def factor(i: int) -> float:
+        if config.warmup_steps and i < config.warmup_steps:
+            return (i + 1) / config.warmup_steps
+        if config.lr_schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - config.warmup_steps)
+        progress = min(1.0, (i - config.warmup_steps) / span)
+        if config.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _epoch_iter(batches: Any, epoch: int) -> Iterator[Any]:
+    if callable(batches):
+        return iter(batches(epoch))
+    return iter(batches)
+
+
+def _epoch_len(batches: Any) -> int | None:
+    if callable(batches):
+        return None
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
+def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if config.bf16 is True:
+        return torch.bfloat16
+    if config.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _scalar(v: Any) -> float:
+    return float(v.detach().float().item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
+    """Path of the checkpoint with the highest step in `checkpoint_dir`, or None."""
+    paths = glob.glob(os.path.join(os.fspath(checkpoint_dir), _CKPT_PATTERN))
+    if not paths:
+        return None
+    return max(paths, key=lambda p: int(os.path.basename(p)[5:-3]))
+
+
+def _save_checkpoint(config: TrainConfig, state: dict[str, Any], step: int) -> None:
+    """Atomic: write to a temp file in the same folder, then rename; then prune old ones."""
+    d = os.fspath(config.checkpoint_dir)
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_ckpt_", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, os.path.join(d, f"step_{step:08d}.pt"))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    paths = sorted(glob.glob(os.path.join(d, _CKPT_PATTERN)), key=lambda p: int(os.path.basename(p)[5:-3]))
+    for old in paths[: max(0, len(paths) - max(1, config.keep_checkpoints))]:
+        os.unlink(old)
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def train(
+    params_or_groups: Iterable[Any],
+    loss_fn: Callable[[Any], Mapping[str, torch.Tensor]],
+    batches: Any,
+    config: TrainConfig,
+    *,
+    hooks: TrainHooks | Sequence[TrainHooks] | None = None,
+) -> TrainHistory:
+    """Minimise `loss_fn(batch)["loss"]` over `batches` with AdamW; see the module docstring.
+
+    params_or_groups: tensors, or torch-style param groups (dicts with "params" and optional
+    "lr" / "weight_decay"). The parameters are updated in place.
+    Raises TrainingDiverged on a NaN/inf loss or gradient norm, before the optimizer step
+    that would apply it and without writing a checkpoint.
+    """
+    config.validate()
+    if isinstance(hooks, TrainHooks):
+        hook = hooks
+    else:
+        hook = _HookList(hooks or [])
+    groups = _param_groups(params_or_groups)
+    leaves = [p for g in groups for p in g["params"]]
+    device = leaves[0].device
+    amp_dtype = _autocast_dtype(config, device)
+
+    epoch_len = _epoch_len(batches)
+    if config.steps is not None:
+        total_steps = config.steps
+    elif epoch_len is not None:
+        total_steps = config.epochs * math.ceil(epoch_len / config.grad_accum)
+    else:
+        total_steps = None  # callable batches with epochs: count unknown until the end
+    sched_total = total_steps if total_steps is not None else 1
+
+    for g in groups:
+        g.setdefault("weight_decay", config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, sched_total))
+
+    history = TrainHistory()
+    step, epoch, consumed = 0, 0, 0  # consumed = micro-batches used in the current epoch
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+
+    ckpt = latest_checkpoint(config.checkpoint_dir) if config.resume else None
+    if ckpt is not None:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if len(state["params"]) != len(leaves) or any(
+                tuple(a.shape) != tuple(b.shape) for a, b in zip(state["params"], leaves, strict=True)):
+            raise BadInputError(f"checkpoint {ckpt} does not match the parameters being trained; "
+                                f"remove {config.checkpoint_dir} or train without resume")
+        with torch.no_grad():
+            for p, v in zip(leaves, state["params"], strict=True):
+                p.copy_(v.to(p.device, p.dtype))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
+        history = TrainHistory(**{**state["history"], "resumed_from": step})
+        hook.after_resume(step)
+
+    hook.on_train_start(optimizer)
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc=config.desc, dynamic_ncols=True, leave=False)
+
+    start = time.perf_counter()
+    it = _epoch_iter(batches, epoch)
+    for _ in range(consumed):  # fast-forward to where the checkpoint stopped
+        next(it)
+    optimizer.zero_grad(set_to_none=True)
+    done = False
+    try:
+        while not done and (total_steps is None or step < total_steps):
+            sums: dict[str, float] = {}
+            n_micro = 0
+            while n_micro < config.grad_accum:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    epoch, consumed = epoch + 1, 0
+                    if config.epochs is not None and epoch >= config.epochs:
+                        done = True
+                        break
+                    it = _epoch_iter(batches, epoch)
+                    if n_micro:  # a step never spans two epochs: update with what this one gave
+                        break
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        raise BadInputError("train(): batches yielded nothing") from None
+                consumed += 1
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = loss_fn(batch)
+                loss = out["loss"]
+                if not torch.isfinite(loss.detach()).all():
+                    terms = {k: _scalar(v) for k, v in out.items()}
+                    raise TrainingDiverged(f"loss is {loss.item()} at step {step + 1} (terms {terms}); "
+                                           "lower the learning rate or check the data; nothing was written")
+                (loss / config.grad_accum).backward()
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + _scalar(v)
+                n_micro += 1
+            if n_micro == 0:
+                break
+            if n_micro < config.grad_accum:  # last partial group of an epoch: average what we have
+                for p in leaves:
+                    if p.grad is not None:
+                        p.grad.mul_(config.grad_accum / n_micro)
+            hook.after_backward(step + 1)
+            if config.max_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(leaves, config.max_grad_norm))
+            else:
+                grads = [p.grad.detach().float().norm() for p in leaves if p.grad is not None]
+                grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+            if not math.isfinite(grad_norm):
+                raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1}; lower the learning "
+                                       "rate or check the data; nothing was written")
+            lr_now = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            hook.after_step(step)
+            terms = {k: v / n_micro for k, v in sums.items()}
+            history.record(step, terms, lr_now, grad_norm)
+            if step % max(1, config.log_every) == 0 or step == total_steps:
+                hook.on_log(step, terms)
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()}, refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                history.wall_time += time.perf_counter() - start
+                start = time.perf_counter()
+                _save_checkpoint(config, {
+                    "params": [p.detach().cpu().clone() for p in leaves],
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(),
+                    "step": step, "epoch": epoch, "consumed": consumed,
+                    "history": history.to_dict(),
+                }, step)
+    finally:
+        if bar is not None:
+            bar.close()
+    history.wall_time += time.perf_counter() - start
+    history.optimizer_state_bytes = optimizer_state_bytes(optimizer)
+    return history
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's per-parameter state tensors (Adam moments, ...)."""
+    total = 0
+    for st in optimizer.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return total
