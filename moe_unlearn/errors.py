@@ -33,3 +33,7 @@ class PatchError(MoEUnlearnError):
 
 class BackendUnavailable(MoEUnlearnError, RuntimeError):
     """A kernel backend was requested explicitly but cannot run here."""
+
+
+class MergeNotPossible(MoEUnlearnError, NotImplementedError):
+    """An adapter whose output depends on each token (a routed LoRA mixture) cannot be folded into static weights."""
