@@ -1,0 +1,27 @@
+"""LoRAMoE (Dou et al., ACL 2024): a routed mixture of LoRA experts beside frozen linears, trained with
+the localized balancing constraint so that world knowledge survives fine-tuning.
+
+    config = LoRAMoEConfig(num_experts=6, rank=4, groups=[3, 3], group_types=["world", "task"], lbc_weight=0.1)
+    add_loramoe(model, config)                       # only adapters and routers train
+    with routing_context(model, batch["attention_mask"], batch_types) as ctx:
+        loss = model(**batch).loss + config.lbc_weight * ctx.balance_loss()
+    save_loramoe(model, "adapter/");  load_loramoe(stock_model, "adapter/")
+"""
+
+from moe_unlearn.loramoe.balance import RoutingContext, localized_balance_loss, routing_context
+from moe_unlearn.loramoe.config import LoRAMoEConfig
+from moe_unlearn.loramoe.layer import LoRAMoELinear
+from moe_unlearn.loramoe.model import (
+    adapter_parameters,
+    add_loramoe,
+    find_targets,
+    get_loramoe_config,
+    load_loramoe,
+    loramoe_layers,
+    merge_loramoe,
+    save_loramoe,
+)
+
+__all__ = ["LoRAMoEConfig", "LoRAMoELinear", "RoutingContext", "adapter_parameters", "add_loramoe", "find_targets",
+           "get_loramoe_config", "load_loramoe", "localized_balance_loss", "loramoe_layers", "merge_loramoe",
+           "routing_context", "save_loramoe"]
