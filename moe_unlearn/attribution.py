@@ -1,0 +1,427 @@
+"""Expert attribution: which routed experts of an MoE model the forget data uses.
+
+attribute_experts streams the data through the model in batches (one forward pass per
+batch, no [T, E] tensor kept beyond the batch) and accumulates, per (MoE layer, routed
+expert), through the op `moe_unlearn.ops.routing_stats`:
+
+- affinity (UOE/SEUF, SPEC section 2):  a_i = (1/Z) sum_j (1/L_j) sum_t g_{i,t}
+  with g_{i,t} the full score s_{i,t} where i is in token t's top-K, else 0;
+- frequency: fraction of tokens whose top-K holds i;
+- mean_score: mean over tokens of the full score s_{i,t} (softmax, or sigmoid for
+  DeepSeek-V3-style routers: whatever the layer's `scores_from_logits` is);
+- counts: number of tokens whose top-K holds i.
+
+Padding never counts; a sequence with no tokens is not one of the Z sequences.
+Shared experts (always-on MLPs beside the routed ones) are not scored: every token goes
+through them, so their affinity would be 1.0 and they would always win; they are listed
+per layer in `Attribution.shared_layers` and only enter `top()` with include_shared=True.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
+from moe_unlearn.data import DataSource, TokenizedBatches, load_texts, tokenize_batches
+from moe_unlearn.errors import BadInputError, DataError
+
+NEAR_TIE_REL = 0.01  # runner-up within 1% of the chosen score -> near-tie
+LOW_STABILITY = 0.5  # mean per-layer top-k overlap of the two halves below this -> warning
+SHARED_EXPERT = -1  # the `expert` of a shared-expert entry in `top(include_shared=True)`
+_STATS = ("affinity", "frequency", "mean_score", "counts")
+
+
+class AttributionStabilityWarning(UserWarning):
+    """The two random halves of the data rank experts too differently to trust the target."""
+
+
+@dataclass(frozen=True)
+class TopEntry:
+    """One ranked candidate. near_tie: the next-ranked candidate scores within 1% of this one,
+    so the choice between them is not meaningful. expert == SHARED_EXPERT for a shared expert."""
+
+    layer: int
+    expert: int
+    score: float
+    near_tie: bool = False
+    shared: bool = False
+
+
+@dataclass
+class Attribution:
+    """Routing statistics of a dataset, one row per MoE layer (`layers[r]` is the model's layer
+    index of row r) and one column per routed expert."""
+
+    layers: list[int]
+    affinity: torch.Tensor  # [L, E] fp32, SEUF affinity score
+    frequency: torch.Tensor  # [L, E] fp32, fraction of tokens selecting the expert
+    mean_score: torch.Tensor  # [L, E] fp32, mean full score over tokens
+    counts: torch.Tensor  # [L, E] int64, tokens selecting the expert
+    top_k: list[int]  # per layer
+    score_fns: list[str]  # per layer: "softmax" or "sigmoid"
+    shared_layers: list[int]  # layer indices that have always-on shared experts
+    num_sequences: int
+    num_tokens: int
+    num_truncated: int = 0
+    stability: list[float] | None = None  # per layer, top-k overlap between two random halves
+    stability_seed: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # model type, max_length, ...
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.affinity.shape[1])
+
+    # -- ranking ------------------------------------------------------------
+    def _row(self, layer: int) -> int:
+        try:
+            return self.layers.index(int(layer))
+        except ValueError:
+            raise BadInputError(f"layer {layer} is not an attributed MoE layer; layers: {self.layers}") from None
+
+    def ranking(self, stat: str = "affinity", *, include_shared: bool = False,
+                layer: int | None = None) -> list[TopEntry]:
+        """Every candidate, best first. Ties are broken by layer then expert index (ascending),
+        so the order is deterministic."""
+        if stat not in _STATS:
+            raise BadInputError(f"stat must be one of {_STATS}, got {stat!r}")
+        values = getattr(self, stat).double()
+        rows = range(len(self.layers)) if layer is None else [self._row(layer)]
+        cands: list[tuple[float, int, int, bool]] = []
+        for r in rows:
+            cands += [(float(values[r, e]), self.layers[r], e, False) for e in range(self.num_experts)]
+            if include_shared and self.layers[r] in self.shared_layers:
+                cands.append((1.0, self.layers[r], SHARED_EXPERT, True))
+        # shared before routed on equal score; then layer, then expert
+        cands.sort(key=lambda c: (-c[0], not c[3], c[1], c[2]))
+        out = []
+        for i, (score, lay, exp, shared) in enumerate(cands):
+            nxt = cands[i + 1][0] if i + 1 < len(cands) else -math.inf
+            out.append(TopEntry(lay, exp, score, _near(score, nxt), shared))
+        return out
+
+    def top(self, m: int = 1, per_layer: bool = False, *, stat: str = "affinity",
+            include_shared: bool = False) -> list[TopEntry]:
+        """The m best (layer, expert) candidates overall, or the m best of each layer (layer order).
+        The SEUF target is `top()[0]`; check its near_tie flag before trusting it."""
+        if not isinstance(m, int) or m < 1:
+            raise BadInputError(f"m must be a positive integer, got {m!r}")
+        if not per_layer:
+            return self.ranking(stat, include_shared=include_shared)[:m]
+        out: list[TopEntry] = []
+        for lay in self.layers:
+            out += self.ranking(stat, include_shared=include_shared, layer=lay)[:m]
+        return out
+
+    def target(self) -> tuple[int, int]:
+        """(layer, expert) of the highest-affinity routed expert: the SEUF unlearning target."""
+        best = self.top(1)[0]
+        return best.layer, best.expert
+
+    # -- persistence --------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"format": "moe-unlearn-attribution", "version": 1}
+        for name in ("layers", "top_k", "score_fns", "shared_layers", "num_sequences", "num_tokens",
+                     "num_truncated", "stability", "stability_seed", "meta"):
+            d[name] = getattr(self, name)
+        for name in _STATS:
+            d[name] = getattr(self, name).tolist()
+        d["target"] = [dict(vars(e)) for e in self.top(1)]
+        return d
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write the attribution as JSON (atomically: a temp file renamed into place)."""
+        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Attribution:
+        if not isinstance(d, dict) or d.get("format") != "moe-unlearn-attribution":
+            raise DataError("not a moe-unlearn attribution (missing format tag); write it with Attribution.to_json")
+        try:
+            tensors = {n: torch.tensor(d[n], dtype=torch.int64 if n == "counts" else torch.float32) for n in _STATS}
+            return cls(layers=[int(x) for x in d["layers"]], top_k=[int(x) for x in d["top_k"]],
+                       score_fns=list(d["score_fns"]), shared_layers=[int(x) for x in d["shared_layers"]],
+                       num_sequences=int(d["num_sequences"]), num_tokens=int(d["num_tokens"]),
+                       num_truncated=int(d.get("num_truncated", 0)), stability=d.get("stability"),
+                       stability_seed=d.get("stability_seed"), meta=dict(d.get("meta", {})), **tensors)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"malformed attribution data: {exc!r}") from exc
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> Attribution:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            d = json.loads(text)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"cannot read attribution file {path}: {exc}") from exc
+        return cls.from_dict(d)
+
+    # -- report -------------------------------------------------------------
+    def plot(self, path: str | os.PathLike, *, stat: str = "affinity") -> None:
+        """Heatmap PNG of `stat` (layers x experts) with the chosen target outlined; written atomically."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib import pyplot as plt
+        from matplotlib.patches import Rectangle
+
+        values = getattr(self, stat).float().numpy()
+        L, E = values.shape
+        fig, ax = plt.subplots(figsize=(min(2 + 0.35 * E, 24), min(1.5 + 0.35 * L, 24)))
+        try:
+            im = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
+            fig.colorbar(im, ax=ax, label=stat)
+            ax.set_xlabel("routed expert")
+            ax.set_ylabel("MoE layer")
+            ax.set_yticks(range(L), [str(x) for x in self.layers])
+            if E <= 64:
+                ax.set_xticks(range(E))
+            best = self.top(1, stat=stat)[0]
+            r = self.layers.index(best.layer)
+            ax.add_patch(Rectangle((best.expert - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+            tie = " (near-tie!)" if best.near_tie else ""
+            ax.set_title(f"{stat}: target layer {best.layer}, expert {best.expert} = {best.score:.4f}{tie}\n"
+                         f"{self.num_sequences} sequences, {self.num_tokens} tokens", fontsize=9)
+            fig.tight_layout()
+            _atomic_write(Path(path), lambda fh: fig.savefig(fh, format="png", dpi=100))
+        finally:
+            plt.close(fig)
+
+    def summary(self, m: int = 3) -> str:
+        """A few lines for humans: data size, the top candidates, near-tie and stability notes."""
+        lines = [f"{self.num_sequences} sequences, {self.num_tokens} tokens"
+                 + (f", {self.num_truncated} truncated" if self.num_truncated else "")]
+        for i, e in enumerate(self.top(m)):
+            lines.append(f"  #{i + 1}: layer {e.layer} expert {e.expert} affinity {e.score:.4f}"
+                         + ("  [near-tie with the next]" if e.near_tie else ""))
+        if self.shared_layers:
+            lines.append(f"  shared experts (always on, not ranked) in layers {self.shared_layers}")
+        if self.stability is not None:
+            lines.append("  stability (top-k overlap of two halves) per layer: "
+                         + ", ".join(f"{s:.2f}" for s in self.stability))
+        return "\n".join(lines)
+
+
+def _near(best: float, runner_up: float) -> bool:
+    return math.isfinite(runner_up) and best - runner_up <= NEAR_TIE_REL * abs(best)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+# -- computing it --------------------------------------------------------------
+
+def score_fn_of(layer: MoELayer) -> str:
+    """The routing_stats score function ("softmax" / "sigmoid") matching `layer.scores_from_logits`.
+
+    Taken from the adapter's `score_fn` attribute when it has one; otherwise found by applying
+    `scores_from_logits` to probe logits, so it always agrees with the adapter's own definition.
+    """
+    declared = getattr(layer, "score_fn", None)
+    if declared in ("softmax", "sigmoid"):
+        return declared
+    probe = torch.linspace(-3.0, 2.0, 2 * layer.num_experts).reshape(2, layer.num_experts)
+    probe = probe.to(next(layer.router.parameters()).device)
+    scores = layer.scores_from_logits(probe).float()
+    if torch.allclose(scores, torch.softmax(probe, -1), atol=1e-6):
+        return "softmax"
+    if torch.allclose(scores, torch.sigmoid(probe), atol=1e-6):
+        return "sigmoid"
+    from moe_unlearn.errors import UnsupportedFamily
+
+    raise UnsupportedFamily(f"{type(layer).__name__}: its scores are neither softmax nor sigmoid of the router "
+                            "logits; routing_stats cannot compute them")
+
+
+class _LayerAccumulator:
+    """Running sums of one layer over all batches (fp64, so the result does not depend on batching)."""
+
+    def __init__(self, num_experts: int, device: torch.device) -> None:
+        z = lambda dtype: torch.zeros(num_experts, dtype=dtype, device=device)
+        self.affinity_sum = z(torch.float64)  # sum over sequences of per-sequence mean gate
+        self.score_sum = z(torch.float64)
+        self.counts = z(torch.int64)
+        self.half_sums = torch.zeros(2, num_experts, dtype=torch.float64, device=device)
+
+    def add(self, stats, seq_valid: torch.Tensor, halves: torch.Tensor | None) -> None:
+        n = stats.tokens_per_seq.clamp(min=1).double()
+        per_seq = (stats.gate_sum.double() / n[:, None]) * seq_valid[:, None]  # [S, E], 0 for empty sequences
+        self.affinity_sum += per_seq.sum(0)
+        self.score_sum += stats.score_sum.double()
+        self.counts += stats.select_count
+        if halves is not None:
+            self.half_sums.index_add_(0, halves, per_seq)
+
+
+def _topk_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    # stable sort: equal scores rank by expert index, as in Attribution.ranking
+    ta = set(torch.sort(a, descending=True, stable=True).indices[:k].tolist())
+    tb = set(torch.sort(b, descending=True, stable=True).indices[:k].tolist())
+    return len(ta & tb) / k
+
+
+def _select_layers(all_layers: list[MoELayer], wanted: Sequence[int] | None) -> list[MoELayer]:
+    if wanted is None:
+        return all_layers
+    by_idx = {layer.layer_idx: layer for layer in all_layers}
+    missing = [w for w in wanted if w not in by_idx]
+    if missing or not wanted:
+        raise BadInputError(f"layers {list(wanted)}: not MoE layers of this model; its MoE layers are {sorted(by_idx)}")
+    return [by_idx[w] for w in sorted(set(wanted))]
+
+
+def attribute_experts(
+    model: nn.Module,
+    data: DataSource | TokenizedBatches,
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    max_length: int = 512,
+    stability: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    layers: Sequence[int] | None = None,
+    device: str | torch.device | None = None,
+    field: str | None = None,
+    padding_side: str | None = None,
+) -> Attribution:
+    """Routing statistics of `data` (any source `moe_unlearn.data.load_texts` reads, or already
+    tokenized `TokenizedBatches`) for every MoE layer of `model` (or only `layers`).
+
+    One forward pass per batch under no_grad, in eval mode (the model's mode is restored).
+    Position ids come from the attention mask, so left and right padding give the same result.
+    stability=True also ranks the experts of two random halves of the sequences (split with
+    `seed`) and stores the per-layer top-k overlap; below 0.5 on average an
+    AttributionStabilityWarning says the data is too small to choose a target.
+    """
+    moe_layers = _select_layers(find_moe_layers(model), layers)
+    num_experts = {layer.num_experts for layer in moe_layers}
+    if len(num_experts) != 1:
+        raise BadInputError(f"MoE layers with different expert counts {sorted(num_experts)}; attribute them "
+                            "separately with layers=[...]")
+    E = num_experts.pop()
+    score_fns = [score_fn_of(layer) for layer in moe_layers]
+
+    if isinstance(data, TokenizedBatches):
+        batches = data
+    else:
+        if tokenizer is None:
+            raise BadInputError("attribute_experts needs tokenizer=... to tokenize text data")
+        batches = tokenize_batches(load_texts(data, field=field), tokenizer, batch_size=batch_size,
+                                   max_length=max_length, padding_side=padding_side)
+    if batches.num_tokens == 0:
+        raise DataError("the data has no tokens after tokenization")
+
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    halves = None
+    if stability:
+        if batches.num_texts < 2:
+            raise DataError("stability=True needs at least 2 sequences to split into halves")
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(batches.num_texts, generator=g)
+        halves = torch.zeros(batches.num_texts, dtype=torch.long)
+        halves[perm[batches.num_texts // 2:]] = 1
+        halves = halves.to(device)
+
+    from moe_unlearn import ops  # resolved at call time: the kernels work may swap the backend
+
+    accs = {layer.layer_idx: _LayerAccumulator(E, device) for layer in moe_layers}
+    num_seqs = num_tokens = 0
+    runner = getattr(model, "base_model", model)  # the decoder only: the LM head is not needed
+    was_training = model.training
+    model.eval()
+    try:
+        bar = _progress(batches, progress)
+        with torch.no_grad(), RoutingCapture(runner, moe_layers) as cap:
+            seq_offset = 0
+            for batch in bar:
+                mask = batch["attention_mask"].to(device)
+                B, S = mask.shape
+                if S == 0 or not mask.any():
+                    seq_offset += B
+                    continue
+                position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+                cap.clear()
+                runner(input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=position_ids,
+                       use_cache=False)
+                rec = cap.last
+                flat_mask = mask.reshape(-1).bool()
+                seq_ids = torch.arange(B, device=device).repeat_interleave(S)
+                seq_len = mask.sum(-1)
+                seq_valid = (seq_len > 0).double()
+                batch_halves = None if halves is None else halves[seq_offset:seq_offset + B]
+                for layer, fn in zip(moe_layers, score_fns, strict=True):
+                    r = rec.layers[layer.layer_idx]
+                    stats = ops.routing_stats(r.logits, top_k=layer.top_k, seq_ids=seq_ids, num_seqs=B,
+                                              mask=flat_mask, topk_idx=r.topk_idx, score_fn=fn)
+                    accs[layer.layer_idx].add(stats, seq_valid, batch_halves)
+                num_seqs += int((seq_len > 0).sum())
+                num_tokens += int(seq_len.sum())
+                seq_offset += B
+            cap.clear()
+    finally:
+        model.train(was_training)
+
+    rows = [accs[layer.layer_idx] for layer in moe_layers]
+    affinity = torch.stack([a.affinity_sum for a in rows]) / num_seqs
+    mean_score = torch.stack([a.score_sum for a in rows]) / num_tokens
+    counts = torch.stack([a.counts for a in rows])
+    result = Attribution(
+        layers=[layer.layer_idx for layer in moe_layers],
+        affinity=affinity.float().cpu(), frequency=(counts.double() / num_tokens).float().cpu(),
+        mean_score=mean_score.float().cpu(), counts=counts.cpu(), top_k=[layer.top_k for layer in moe_layers],
+        score_fns=score_fns, shared_layers=[layer.layer_idx for layer in moe_layers if layer.has_shared_experts],
+        num_sequences=num_seqs, num_tokens=num_tokens, num_truncated=batches.num_truncated,
+        meta={"model_type": getattr(getattr(model, "config", None), "model_type", type(model).__name__),
+              "family": moe_layers[0].family, "max_length": batches.max_length,
+              "batch_size": batches.batch_size},
+    )
+    if halves is not None:
+        result.stability = [_topk_overlap(a.half_sums[0], a.half_sums[1], min(k, E))
+                            for a, k in zip(rows, result.top_k, strict=True)]
+        result.stability_seed = seed
+        mean_overlap = sum(result.stability) / len(result.stability)
+        if mean_overlap < LOW_STABILITY:
+            warnings.warn(
+                f"expert ranking is unstable: mean top-k overlap between two random halves of the data is "
+                f"{mean_overlap:.2f} (< {LOW_STABILITY}); {num_tokens} tokens are too few to choose a target "
+                "reliably; use more forget data (SEUF: ~100K tokens give 0.87-0.94)",
+                AttributionStabilityWarning, stacklevel=2)
+    return result
+
+
+def _progress(batches: TokenizedBatches, enabled: bool):
+    if not enabled:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, total=len(batches), desc="attribution", unit="batch")
+
+
+__all__ = ["Attribution", "AttributionStabilityWarning", "SHARED_EXPERT", "TopEntry", "attribute_experts",
+           "score_fn_of"]
