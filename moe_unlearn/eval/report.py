@@ -1,0 +1,177 @@
+"""`EvalReport`: everything `evaluate` measured, as JSON, a markdown table and a routing plot.
+Every file is written to a temporary name beside the destination and renamed into place."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moe_unlearn.errors import BadInputError
+from moe_unlearn.eval.mcq import McqResult
+from moe_unlearn.eval.metrics import SplitMetrics
+from moe_unlearn.eval.mia import MIA_ATTACKS, MIAResult
+from moe_unlearn.eval.routing import RoutingComparison
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call write(tmp_path) on a temporary file in the destination folder, then rename it to `path`."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=dest.suffix, dir=dest.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return dest
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+@dataclass
+class EvalReport:
+    """splits: quality per split name; mia: forget-vs-holdout membership inference (needs both);
+    mcq: multiple-choice accuracy; routing: shift against the original model per split;
+    examples: a few greedy generations per split; meta: settings and timings."""
+
+    splits: dict[str, SplitMetrics]
+    mia: MIAResult | None = None
+    mcq: McqResult | None = None
+    routing: dict[str, RoutingComparison] = field(default_factory=dict)
+    examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # -- serialisation -----------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        routing = {}
+        for name, r in self.routing.items():
+            d = dataclasses.asdict(r)
+            d["target"] = list(r.target) if r.target is not None else None
+            d["overlap_mean"], d["kl_mean"] = r.overlap_mean, r.kl_mean
+            routing[name] = d
+        return {
+            "splits": {k: dataclasses.asdict(v) for k, v in self.splits.items()},
+            "mia": dataclasses.asdict(self.mia) if self.mia else None,
+            "mcq": dataclasses.asdict(self.mcq) if self.mcq else None,
+            "routing": routing,
+            "examples": self.examples,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalReport:
+        routing = {}
+        for name, r in (d.get("routing") or {}).items():
+            r = {k: v for k, v in r.items() if k not in ("overlap_mean", "kl_mean")}
+            if r.get("target") is not None:
+                r["target"] = tuple(r["target"])
+            routing[name] = RoutingComparison(**r)
+        return cls(
+            splits={k: SplitMetrics(**v) for k, v in d["splits"].items()},
+            mia=MIAResult(**d["mia"]) if d.get("mia") else None,
+            mcq=McqResult(**d["mcq"]) if d.get("mcq") else None,
+            routing=routing, examples=d.get("examples", {}), meta=d.get("meta", {}),
+        )
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=True)
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> EvalReport:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    # -- markdown ----------------------------------------------------------
+    def to_markdown(self) -> str:
+        out = ["## Quality per split", "",
+               "| split | items | NLL | token acc | exact match | ROUGE-L | VerbMem |",
+               "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, s in self.splits.items():
+            out.append(f"| {name} | {s.n_items} | {_fmt(s.nll)} | {_fmt(s.token_accuracy)} | {_fmt(s.exact_match)} | "
+                       f"{_fmt(s.rouge_l, 1)} | {_fmt(s.verbmem, 1)} |")
+        if self.mia:
+            m = self.mia
+            out += ["", f"## Membership inference (forget n={m.n_forget} vs holdout n={m.n_holdout}; "
+                    "AUC 0.5 = indistinguishable, 1 = forget texts recognised as members)", "",
+                    "| attack | AUC | PrivLeak % |", "|---|---:|---:|"]
+            for a in MIA_ATTACKS:
+                leak = m.privleak.get(a) if m.privleak else None
+                out.append(f"| {a} | {_fmt(m.auc[a])} | {_fmt(leak, 1)} |")
+        if self.mcq:
+            q = self.mcq
+            out += ["", f"## Multiple choice: accuracy {_fmt(q.accuracy)} (length-normalised {_fmt(q.accuracy_norm)}, "
+                    f"chance {_fmt(q.chance)}, n={q.n})"]
+        if self.routing:
+            out += ["", "## Routing vs the original model", "",
+                    "| split | tokens | overlap | KL(orig‖new) | load entropy (orig → new) | target gate mass "
+                    "(orig → new) |", "|---|---:|---:|---:|---:|---:|"]
+            for name, r in self.routing.items():
+                ent = f"{_fmt(sum(r.load_entropy_original) / len(r.layers))} → {_fmt(sum(r.load_entropy) / len(r.layers))}"
+                tgt = "-" if r.target is None else (f"L{r.target[0]}/E{r.target[1]}: "
+                                                    f"{_fmt(r.target_gate_mass_original)} → {_fmt(r.target_gate_mass)}")
+                out.append(f"| {name} | {r.n_tokens} | {_fmt(r.overlap_mean)} | {_fmt(r.kl_mean, 4)} | {ent} | {tgt} |")
+            names = list(self.routing)
+            out += ["", "Overlap per layer:", "", "| layer | " + " | ".join(names) + " |",
+                    "|---:|" + "---:|" * len(names)]
+            first = self.routing[names[0]]
+            for i, layer in enumerate(first.layers):
+                out.append(f"| {layer} | " + " | ".join(_fmt(self.routing[n].overlap[i]) for n in names) + " |")
+        return "\n".join(out) + "\n"
+
+    def write_markdown(self, path: str | os.PathLike) -> Path:
+        text = self.to_markdown()
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    # -- plot --------------------------------------------------------------
+    def plot_routing(self, path: str | os.PathLike) -> Path:
+        """PNG of expert-selection overlap per layer, one line per split (forget vs retain, ...)."""
+        if not self.routing:
+            raise BadInputError("this report has no routing metrics; evaluate with original= or original_routing=")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+        try:
+            for name, r in self.routing.items():
+                ax.plot(r.layers, r.overlap, marker="o", label=f"{name} (mean {r.overlap_mean:.3f})")
+            ax.set_xlabel("MoE layer")
+            ax.set_ylabel("expert-selection overlap")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title("Top-K routing kept vs the original model")
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+        finally:
+            plt.close(fig)
+
+    def write_all(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+        """report.json, report.md and (with routing) routing_overlap.png in `out_dir`, all or nothing:
+        everything is rendered into a temporary folder first, then moved in."""
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        names = {"json": "report.json", "markdown": "report.md"}
+        if self.routing:
+            names["plot"] = "routing_overlap.png"
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+            self.to_json(Path(tmp) / names["json"])
+            self.write_markdown(Path(tmp) / names["markdown"])
+            if "plot" in names:
+                self.plot_routing(Path(tmp) / names["plot"])
+            out.mkdir(parents=True, exist_ok=True)
+            for fname in names.values():
+                os.replace(Path(tmp) / fname, out / fname)
+        return {k: out / v for k, v in names.items()}

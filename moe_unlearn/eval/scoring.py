@@ -1,0 +1,230 @@
+"""One teacher-forced forward pass per batch that yields everything the metrics need.
+
+For every item: the log-prob of each real next token, whether it was the argmax, and
+mu / sigma of log p under the model's full next-token distribution (for Min-K%++),
+and optionally the routing of every real token (top-K experts and their gate values).
+Batches are right-padded so that real tokens keep their unpadded positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moe_unlearn.errors import BadInputError, DataError
+from moe_unlearn.eval.items import EvalItem
+
+
+@dataclass
+class PromptFormat:
+    """How a QA item becomes tokens: prompt = template.format(question=q) (special tokens added),
+    target = answer_prefix + answer (no special tokens); ids = prompt ids + target ids.
+    Encoding the two parts separately keeps the answer's token boundary exact."""
+
+    template: str = "{question}"
+    answer_prefix: str = " "
+    max_length: int = 512
+
+
+@dataclass
+class EncodedItem:
+    """ids: all tokens. target_start: index in ids of the first scored token (QA: first answer token;
+    text: 1, the first token with context). text: the full string (for ZLib)."""
+
+    ids: list[int]
+    target_start: int
+    text: str
+    is_qa: bool
+
+
+def encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def encode_items(tokenizer, items: Sequence[EvalItem], fmt: PromptFormat | None = None) -> list[EncodedItem]:
+    fmt = fmt or PromptFormat()
+    out = []
+    for i, item in enumerate(items):
+        if item.is_qa:
+            prompt = fmt.template.format(question=item.question)
+            p_ids = encode(tokenizer, prompt, True)
+            a_ids = encode(tokenizer, fmt.answer_prefix + item.answer, False)
+            if not p_ids or not a_ids:
+                raise DataError(f"item {i}: the question or the answer tokenizes to nothing ({item!r})")
+            ids, start, text = p_ids + a_ids, len(p_ids), prompt + fmt.answer_prefix + item.answer
+        else:
+            ids, start, text = encode(tokenizer, item.text, True), 1, item.text
+            if len(ids) < 2:
+                raise DataError(f"item {i}: text {item.text!r} has fewer than 2 tokens; nothing to score")
+        if len(ids) > fmt.max_length:
+            if start >= fmt.max_length:
+                raise DataError(f"item {i}: the prompt is longer than max_length={fmt.max_length}; "
+                                "raise max_length or shorten the question")
+            ids = ids[: fmt.max_length]
+        out.append(EncodedItem(ids, start, text, item.is_qa))
+    return out
+
+
+def fingerprint(encoded: Sequence[EncodedItem]) -> str:
+    """A hash of the token ids, to check that two routing recordings cover the same tokens."""
+    h = hashlib.sha1()
+    for e in encoded:
+        h.update(torch.tensor(e.ids, dtype=torch.int64).numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def pad_token_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, name, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+@dataclass
+class ItemScores:
+    """Per-position statistics of one item over positions 1..n-1 (the tokens that have context).
+    Arrays are CPU fp32 (correct: bool). `target_offset` = target_start - 1 indexes the first
+    scored (answer) position in these arrays."""
+
+    logp: torch.Tensor
+    correct: torch.Tensor
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    target_offset: int
+
+    @property
+    def target_logp(self) -> torch.Tensor:
+        return self.logp[self.target_offset:]
+
+    @property
+    def target_correct(self) -> torch.Tensor:
+        return self.correct[self.target_offset:]
+
+
+@dataclass
+class RoutingRecording:
+    """Routing of every real token of a dataset through each MoE layer, tokens in item order.
+
+    topk_idx[l]:   [N, K] int64, the experts each token is sent to in layer l.
+    topk_score[l]: [N, K] fp32, the full-distribution score of those experts (the gate values
+                   g_{i,t} of SPEC section 2; 0 for the other experts).
+    num_experts[l]: routed experts of layer l. tokens_per_item: real tokens of each item.
+    fingerprint: hash of the token ids; recordings are comparable only if fingerprints match.
+    Record once with `record_routing` and pass as `original_routing` to reuse it.
+    """
+
+    topk_idx: dict[int, torch.Tensor]
+    topk_score: dict[int, torch.Tensor]
+    num_experts: dict[int, int]
+    tokens_per_item: list[int]
+    fingerprint: str
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.topk_idx)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(self.tokens_per_item))
+
+
+@dataclass
+class ScoredSplit:
+    items: list[ItemScores]
+    routing: RoutingRecording | None = None
+    encoded: list[EncodedItem] = field(default_factory=list)
+
+
+def _batches(n: int, batch_size: int) -> list[range]:
+    if batch_size < 1:
+        raise BadInputError(f"batch_size must be >= 1, got {batch_size}")
+    return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def next_token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """logits [..., V] predicting targets [...] -> (log p(target), argmax == target, mu, sigma),
+    with mu = E_p[log p] and sigma^2 = Var_p[log p] over the vocabulary (Min-K%++)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    probs = logprobs.exp()
+    tok = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    correct = logits.argmax(-1) == targets
+    mu = (probs * logprobs).sum(-1)
+    var = (probs * logprobs.square()).sum(-1) - mu.square()
+    return tok, correct, mu, var.clamp_min(1e-12).sqrt()
+
+
+@torch.no_grad()
+def score_encoded(model: nn.Module, tokenizer, encoded: Sequence[EncodedItem], *, batch_size: int = 16,
+                  record_routing: bool = False, progress: bool = False, desc: str = "scoring") -> ScoredSplit:
+    """Teacher-forced pass over `encoded`; per-item scores and (optionally) the routing recording."""
+    from moe_unlearn.arch import RoutingCapture, find_moe_layers
+
+    device = model_device(model)
+    pad = pad_token_id(tokenizer)
+    layers = find_moe_layers(model) if record_routing else []
+    idx_parts: dict[int, list[torch.Tensor]] = {lay.layer_idx: [] for lay in layers}
+    score_parts: dict[int, list[torch.Tensor]] = {lay.layer_idx: [] for lay in layers}
+    results: list[ItemScores] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for rng in tqdm(_batches(len(encoded), batch_size), desc=desc, disable=not progress, leave=False):
+            batch = [encoded[i] for i in rng]
+            ids, mask = right_pad([e.ids for e in batch], pad, device)
+            if layers:
+                with RoutingCapture(model, layers) as cap:
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                rec = cap.records[0]
+            else:
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            tok, correct, mu, sigma = (t.cpu() for t in next_token_stats(logits[:, :-1], ids[:, 1:]))
+            for b, e in enumerate(batch):
+                n = len(e.ids) - 1
+                results.append(ItemScores(tok[b, :n], correct[b, :n], mu[b, :n], sigma[b, :n], e.target_start - 1))
+            width = ids.shape[1]
+            for lay in layers:
+                r = rec.layers[lay.layer_idx]
+                routing = r.routing(lay)
+                gate = routing.scores.gather(1, routing.topk_idx)
+                k = routing.topk_idx.shape[1]
+                idx3 = routing.topk_idx.reshape(len(batch), width, k).cpu()
+                gate3 = gate.reshape(len(batch), width, k).cpu()
+                for b, e in enumerate(batch):
+                    idx_parts[lay.layer_idx].append(idx3[b, : len(e.ids)])
+                    score_parts[lay.layer_idx].append(gate3[b, : len(e.ids)])
+    finally:
+        model.train(was_training)
+    routing_rec = None
+    if layers:
+        routing_rec = RoutingRecording(
+            topk_idx={i: torch.cat(p) for i, p in idx_parts.items()},
+            topk_score={i: torch.cat(p).float() for i, p in score_parts.items()},
+            num_experts={lay.layer_idx: lay.num_experts for lay in layers},
+            tokens_per_item=[len(e.ids) for e in encoded],
+            fingerprint=fingerprint(encoded),
+        )
+    return ScoredSplit(results, routing_rec, list(encoded))
