@@ -283,6 +283,15 @@ def _topk_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     return len(ta & tb) / k
 
 
+def split_halves(num_sequences: int, seed: int) -> torch.Tensor:
+    """[num_sequences] int64 of 0/1: the random halves `stability=True` compares (sequence i is in
+    half split_halves(n, seed)[i]); half 0 has n // 2 sequences. Same split for the same seed."""
+    perm = torch.randperm(num_sequences, generator=torch.Generator().manual_seed(seed))
+    halves = torch.zeros(num_sequences, dtype=torch.long)
+    halves[perm[num_sequences // 2:]] = 1
+    return halves
+
+
 def _select_layers(all_layers: list[MoELayer], wanted: Sequence[int] | None) -> list[MoELayer]:
     if wanted is None:
         return all_layers
@@ -342,11 +351,7 @@ def attribute_experts(
     if stability:
         if batches.num_texts < 2:
             raise DataError("stability=True needs at least 2 sequences to split into halves")
-        g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(batches.num_texts, generator=g)
-        halves = torch.zeros(batches.num_texts, dtype=torch.long)
-        halves[perm[batches.num_texts // 2:]] = 1
-        halves = halves.to(device)
+        halves = split_halves(batches.num_texts, seed).to(device)
 
     from moe_unlearn import ops  # resolved at call time: the kernels work may swap the backend
 
@@ -424,4 +429,4 @@ def _progress(batches: TokenizedBatches, enabled: bool):
 
 
 __all__ = ["Attribution", "AttributionStabilityWarning", "SHARED_EXPERT", "TopEntry", "attribute_experts",
-           "score_fn_of"]
+           "score_fn_of", "split_halves"]
