@@ -1,0 +1,288 @@
+"""Fine-tuning a transformers model with LoRAMoE (+ LBC), plain LoRA, or all weights.
+
+The three methods share one path: records -> examples -> batches -> `moe_unlearn.training.train`.
+"lora" is LoRAMoE with one expert and no router; "full" trains every weight and wraps nothing.
+
+    result = finetune(model, tokenizer, records, FinetuneConfig(method="loramoe", steps=200), out_dir="run/")
+
+Records: {"text": ...} (loss on every token) or {"prompt": ..., "response": ...} (loss on the
+response only), each with an optional "type" (the sample type of the balancing constraint).
+The output folder holds `adapter/` (or `model/` for "full"), `finetune_config.json`,
+`history.json`, `routing_mass.json` + `routing_*.png` (methods with a router) and
+`checkpoints/` (resume source). Final files are staged and moved in one by one, each atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_unlearn.data import load_records, pad_batch, pad_token_id
+from moe_unlearn.errors import BadInputError, DataError
+from moe_unlearn.loramoe.balance import routing_context
+from moe_unlearn.loramoe.config import FFN_TARGETS, LoRAMoEConfig
+from moe_unlearn.loramoe.model import adapter_parameters, add_loramoe, save_loramoe
+from moe_unlearn.loramoe.observe import RoutingMassObserver, observe_routing
+from moe_unlearn.training import TrainConfig, TrainHistory, train
+
+METHODS = ("loramoe", "lora", "full")
+
+
+@dataclass
+class FinetuneConfig:
+    """Knobs of one fine-tuning run. Adapter knobs are ignored by method="full"; method="lora"
+    forces one expert, no router and no LBC."""
+
+    method: str = "loramoe"
+    num_experts: int = 6
+    rank: int = 4
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(FFN_TARGETS))
+    router: str = "dense"
+    top_k: int = 2
+    groups: list[int] | None = None
+    group_types: list[str] | None = None
+    lbc_delta: float = 0.1
+    lbc_weight: float = 0.0
+    lbc_convention: str = "divide"
+    steps: int = 100
+    lr: float = 2e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    max_length: int = 256
+    seed: int = 0
+    checkpoint_every: int = 0
+    resume: bool = False
+    progress: bool = True
+
+    def adapter_config(self) -> LoRAMoEConfig | None:
+        """The LoRAMoEConfig this run injects (None for full fine-tuning); validates the knobs."""
+        if self.method not in METHODS:
+            raise BadInputError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "full":
+            return None
+        if self.method == "lora":
+            return LoRAMoEConfig(num_experts=1, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                                 target_modules=self.target_modules, router="none")
+        return LoRAMoEConfig(num_experts=self.num_experts, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                             target_modules=self.target_modules, router=self.router, top_k=self.top_k,
+                             groups=self.groups, group_types=self.group_types, lbc_delta=self.lbc_delta,
+                             lbc_weight=self.lbc_weight, lbc_convention=self.lbc_convention)
+
+    def train_config(self, checkpoint_dir: str | None) -> TrainConfig:
+        return TrainConfig(steps=self.steps, lr=self.lr, lr_schedule=self.lr_schedule, warmup_steps=self.warmup_steps,
+                           weight_decay=self.weight_decay, batch_size=self.batch_size, seed=self.seed,
+                           checkpoint_every=self.checkpoint_every if checkpoint_dir else 0,
+                           checkpoint_dir=checkpoint_dir, resume=self.resume and checkpoint_dir is not None,
+                           progress=self.progress, desc=f"finetune {self.method}", bf16="auto")
+
+
+@dataclass
+class Example:
+    """One tokenized sample: ids [n] int64; loss on positions >= num_prompt; its type (or None)."""
+
+    ids: torch.Tensor
+    num_prompt: int
+    type: str | None
+
+
+@dataclass
+class FinetuneResult:
+    history: TrainHistory
+    out_dir: Path | None
+    trainable_params: int
+    routing: dict[str, list[float]] | None  # type -> group mass share after training (methods with a router)
+    observer: RoutingMassObserver | None  # accumulated over the whole training run
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def load_finetune_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a .jsonl/.json file with the `datasets` library (other sources through moe_unlearn.data)
+    and check every record has `text` or `prompt` + `response`."""
+    path = Path(path)
+    if path.suffix.lower() in (".jsonl", ".json") and path.is_file():
+        from datasets import Dataset
+
+        with tempfile.TemporaryDirectory(prefix="moe_unlearn_ds_") as cache:
+            try:
+                ds = Dataset.from_json(str(path), cache_dir=cache, keep_in_memory=True)
+            except Exception as exc:  # datasets raises several types for malformed json
+                raise DataError(f"cannot read {path} as JSON lines: {exc}; each line must be one JSON object "
+                                f"with 'text' or 'prompt' and 'response' (optional 'type')") from exc
+            records = load_records(ds)
+    else:
+        records = load_records(path)
+    check_records(records, str(path))
+    return records
+
+
+def check_records(records: Sequence[dict[str, Any]], where: str = "data") -> None:
+    for i, rec in enumerate(records):
+        has_text = isinstance(rec.get("text"), str)
+        has_pair = isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str)
+        if not (has_text or has_pair):
+            raise DataError(f"{where} record {i}: needs a string 'text', or string 'prompt' and 'response'; "
+                            f"it has {sorted(k for k, v in rec.items() if v is not None)}")
+        t = rec.get("type")
+        if t is not None and not isinstance(t, str):
+            raise DataError(f"{where} record {i}: 'type' must be a string, got {type(t).__name__}")
+
+
+def encode_records(records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int) -> list[Example]:
+    """Tokenize records; an eos token ends every sample; truncation keeps the start."""
+    check_records(records)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    tail = [int(eos)] if eos is not None else []
+    out = []
+    for rec in records:
+        if isinstance(rec.get("text"), str):
+            prompt, body = [], tokenizer(rec["text"], add_special_tokens=False)["input_ids"]
+        else:
+            prompt = tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
+            body = tokenizer(rec["response"], add_special_tokens=False)["input_ids"]
+        ids = (list(prompt) + list(body) + tail)[:max_length]
+        if len(ids) <= len(prompt):
+            raise DataError(f"a record's prompt fills all {max_length} tokens, so nothing is left to learn; "
+                            f"raise max_length or shorten the prompt (prompt starts {rec.get('prompt', '')[:40]!r})")
+        out.append(Example(torch.tensor(ids, dtype=torch.long), len(prompt), rec.get("type")))
+    return out
+
+
+def make_batches(examples: Sequence[Example], batch_size: int, pad_id: int, seed: int,
+                 shuffle: bool = True) -> Callable[[int], list[dict[str, Any]]]:
+    """`batches(epoch)` for the training loop: the same order for the same epoch and seed."""
+
+    def batches(epoch: int) -> list[dict[str, Any]]:
+        order = list(range(len(examples)))
+        if shuffle:
+            random.Random(seed * 100_003 + epoch).shuffle(order)
+        out = []
+        for start in range(0, len(order), batch_size):
+            chunk = [examples[i] for i in order[start:start + batch_size]]
+            batch = pad_batch([e.ids for e in chunk], pad_token_id=pad_id, padding_side="right")
+            for row, e in enumerate(chunk):
+                batch["labels"][row, :e.num_prompt] = -100
+            batch["types"] = [e.type for e in chunk]
+            out.append(batch)
+        return out
+
+    return batches
+
+
+def causal_lm_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over label positions (labels != -100), computed here so that a
+    model's own router aux loss never leaks in."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def prepare_model(model: nn.Module, config: FinetuneConfig) -> list[nn.Parameter]:
+    """Inject the adapter (or unfreeze everything for "full"); returns the parameters to train."""
+    adapter = config.adapter_config()
+    if adapter is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return [p for p in model.parameters()]
+    add_loramoe(model, adapter)
+    return list(adapter_parameters(model).values())
+
+
+def finetune(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]], config: FinetuneConfig,
+             out_dir: str | os.PathLike | None = None) -> FinetuneResult:
+    """Fine-tune `model` in place; with out_dir, write the run's files there (see the module docstring)."""
+    adapter = config.adapter_config()  # validates before anything is touched
+    examples = encode_records(records, tokenizer, config.max_length)
+    if adapter is not None and adapter.lbc_weight > 0:
+        served = set(adapter.group_types or [])
+        if not any(e.type in served for e in examples):
+            raise DataError(f"lbc_weight > 0 but no record has a 'type' in group_types {sorted(served)}; "
+                            f"label the records or set lbc_weight to 0")
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and out.exists() and any(out.iterdir()) and not config.resume:
+        raise BadInputError(f"output folder {out} is not empty; choose a new --out or pass --resume to continue")
+
+    params = prepare_model(model, config)
+    batches = make_batches(examples, config.batch_size, pad_token_id(tokenizer), config.seed)
+    observer = RoutingMassObserver() if adapter is not None and adapter.router != "none" else None
+    weight = adapter.lbc_weight if adapter is not None else 0.0
+    device = next(model.parameters()).device
+
+    def loss_fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        if adapter is None:
+            nll = causal_lm_nll(model(input_ids=ids, attention_mask=mask).logits, batch["labels"].to(device))
+            return {"loss": nll, "nll": nll}
+        with routing_context(model, mask, batch["types"]) as ctx:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        nll = causal_lm_nll(logits, batch["labels"].to(device))
+        if observer is not None:
+            observer.update(ctx)
+        if weight <= 0:
+            return {"loss": nll, "nll": nll}
+        lbc = ctx.balance_loss().to(nll.device)
+        return {"loss": nll + weight * lbc, "nll": nll, "lbc": lbc}
+
+    ckpt_dir = str(out / "checkpoints") if out is not None and (config.checkpoint_every or config.resume) else None
+    was_training = model.training
+    model.train()
+    try:
+        history = train(params, loss_fn, batches, config.train_config(ckpt_dir))
+    finally:
+        model.train(was_training)
+    model.eval()
+
+    expert_group = adapter.expert_group() if adapter is not None else []
+    routing = None
+    if observer is not None:  # the trained router on (up to 16 batches of) the training data
+        routing = observe_routing(model, batches(0), max_batches=16).summary(expert_group)
+    result = FinetuneResult(history=history, out_dir=out, trainable_params=sum(p.numel() for p in params),
+                            routing=routing, observer=observer)
+    if out is not None:
+        _write_run(out, model, tokenizer, config, adapter, result)
+    return result
+
+
+def _write_run(out: Path, model: nn.Module, tokenizer: Any, config: FinetuneConfig, adapter: LoRAMoEConfig | None,
+               result: FinetuneResult) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging_", dir=out))
+    try:
+        if adapter is None:
+            model.save_pretrained(stage / "model")
+            if hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(stage / "model")
+        else:
+            save_loramoe(model, stage / "adapter")
+        if result.observer is not None and result.observer.mass:
+            result.observer.save(stage, adapter.expert_group(), adapter.group_types)
+        (stage / "history.json").write_text(json.dumps(result.history.to_dict(), indent=1) + "\n")
+        summary = {"config": asdict(config), "trainable_params": result.trainable_params,
+                   "final": result.history.final(), "routing_group_mass_after_training": result.routing}
+        (stage / "finetune_config.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for entry in sorted(stage.iterdir(), key=lambda p: p.name == "finetune_config.json"):  # summary last
+            target = out / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
