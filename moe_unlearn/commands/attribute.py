@@ -1,0 +1,104 @@
+"""`moe-unlearn attribute`: which experts of a local MoE model the forget data uses.
+
+Writes OUT/attribution.json and OUT/attribution.png (both or neither) and prints the top
+targets with their near-tie flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from moe_unlearn.errors import BadInputError
+
+OUTPUT_FILES = ("attribution.json", "attribution.png")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("attribute", help="rank the routed experts by how much the data uses them",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="local model directory (save_pretrained layout, with tokenizer)")
+    p.add_argument("--data", required=True, help=".txt (one document per line), .jsonl, or a save_to_disk dir")
+    p.add_argument("--out", required=True, help="output directory (created; existing files of the same name "
+                                                "are replaced)")
+    p.add_argument("--field", default=None, help="jsonl/dataset field holding the text (default: 'text', "
+                                                 "else question/answer)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512, help="longer texts are truncated (and counted)")
+    p.add_argument("--stability", action="store_true",
+                   help="also compare the expert ranking of two random halves of the data")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --stability split")
+    p.add_argument("--top", type=int, default=5, help="how many candidates to print")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model directory's own Python code to run (off by default)")
+    return p
+
+
+def load_model_and_tokenizer(model_dir: str | os.PathLike, *, trust_remote_code: bool = False,
+                             device: str | None = None):
+    """Model (eval mode) and tokenizer from a local directory; BadInputError if either does not load."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise BadInputError(f"model directory {path} does not exist; pass a directory written by save_pretrained")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BadInputError(f"cannot load a causal LM and its tokenizer from {path}: {exc}") from exc
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {out} exists and is not a directory")
+
+
+def write_outputs(attribution, out: Path) -> None:
+    """Both files or neither: they are written into a temp dir beside `out`, then moved in."""
+    _check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        attribution.to_json(tmp / OUTPUT_FILES[0])
+        attribution.plot(tmp / OUTPUT_FILES[1])
+        if not out.exists():
+            os.replace(tmp, out)
+            return
+        for name in OUTPUT_FILES:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moe_unlearn.arch import find_moe_layers
+    from moe_unlearn.attribution import attribute_experts
+    from moe_unlearn.data import load_texts
+
+    out = Path(args.out)
+    _check_out(out)
+    for name in ("batch_size", "max_length", "top"):
+        if getattr(args, name) < 1:
+            raise BadInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    texts = load_texts(args.data, field=args.field)  # data errors before the (slow) model load
+    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code,
+                                                device=args.device)
+    find_moe_layers(model)  # NotAnMoEModel / UnsupportedFamily before any work
+    attribution = attribute_experts(model, texts, tokenizer=tokenizer, batch_size=args.batch_size,
+                                    max_length=args.max_length, stability=args.stability, seed=args.seed,
+                                    progress=True)
+    write_outputs(attribution, out)
+    print(attribution.summary(args.top))
+    best = attribution.top(1)[0]
+    note = "  (NEAR-TIE: the runner-up is within 1%; consider more data)" if best.near_tie else ""
+    print(f"target: layer {best.layer} expert {best.expert}{note}")
+    print(f"wrote {out / OUTPUT_FILES[0]} and {out / OUTPUT_FILES[1]}")
+    return 0
