@@ -1,0 +1,478 @@
+"""`unlearn()`: one function from (model, forget data) to an unlearning patch.
+
+    result = unlearn(model, forget_texts, retain_texts, tokenizer=tok, method="npo", scope="uoe",
+                     out_dir="patches/req-001")
+    revert_patch(model, result.patch_path)    # the model is back to the original, bit-exactly
+
+The path, top to bottom: load and tokenize the data -> choose targets (given, or from an
+attribution) -> resolve the scope into trained tensors / expert slices -> compute reference
+values once with the original weights -> train with the shared loop (moe_unlearn.training)
+-> write the patch (or a merged model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
+from moe_unlearn.arch.stack import DecoderStack
+from moe_unlearn.errors import BadInputError, DataError, TrainingDiverged
+from moe_unlearn.training import TrainConfig, TrainHistory, TrainHooks, train
+from moe_unlearn.unlearn.anchor import anchor_target, retain_routing_kl, router_anchor_loss
+from moe_unlearn.unlearn.objectives import ObjectiveInputs, get_objective, rmu_steering, sequence_nll
+from moe_unlearn.unlearn.patch import PatchEntry, snapshot, write_patch
+from moe_unlearn.unlearn.prefix_cache import PrefixCache
+from moe_unlearn.unlearn.scopes import SCOPES, ExpertTarget, ScopePlan, SliceParams, resolve_scope
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class UnlearnResult:
+    """What a run produced. patch_path: the patch directory (None with merge or without out_dir)."""
+
+    patch_path: Path | None
+    merged_path: Path | None
+    method: str
+    scope: str
+    targets: list[str]
+    history: TrainHistory
+    trainable_params: int
+    optimizer_state_bytes: int
+    wall_time: float
+    final_terms: dict[str, float] = field(default_factory=dict)
+    prefix_cache_start: int | None = None  # first layer run per step (None = whole model)
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+def _batches(source: Any, tokenizer: Any, *, batch_size: int, max_length: int, field_name: str | None,
+             what: str):
+    from moe_unlearn.data import TokenizedBatches, load_texts, tokenize_batches
+
+    if isinstance(source, TokenizedBatches):
+        tb = source
+    else:
+        if tokenizer is None:
+            raise BadInputError("unlearn() needs tokenizer=... to tokenize text data")
+        try:
+            texts = load_texts(source, field=field_name)
+        except DataError as exc:
+            raise DataError(f"{what} set: {exc}") from exc
+        tb = tokenize_batches(texts, tokenizer, batch_size=batch_size, max_length=max_length, padding_side="right")
+    if tb.num_tokens == 0:
+        raise DataError(f"the {what} set has no tokens after tokenization")
+    if tb.padding_side != "right":
+        raise BadInputError("unlearn() needs right-padded batches (padding_side='right')")
+    return list(tb)
+
+
+def _parse_targets(target: Any, scope: str, *, model: nn.Module, forget_source: Any, tokenizer: Any,
+                   top_m: int, topm_layer: int | None, batch_size: int, max_length: int, progress: bool
+                   ) -> list[ExpertTarget]:
+    if scope not in ("uoe", "topm"):
+        return []
+    from moe_unlearn.attribution import Attribution, attribute_experts
+
+    if target is None:
+        target = attribute_experts(model, forget_source, tokenizer=tokenizer, batch_size=batch_size,
+                                   max_length=max_length, progress=progress)
+    if isinstance(target, Attribution):
+        m = 1 if scope == "uoe" else top_m
+        entries = target.ranking(layer=topm_layer)[:m] if topm_layer is not None else target.top(m)
+        return [ExpertTarget(e.layer, e.expert) for e in entries]
+    items = [target] if isinstance(target, (str, ExpertTarget)) or (
+        isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], int)) else list(target)
+    out = []
+    for t in items:
+        if isinstance(t, ExpertTarget):
+            out.append(t)
+        elif isinstance(t, str):
+            out.append(ExpertTarget.parse(t))
+        elif hasattr(t, "layer") and hasattr(t, "expert"):
+            out.append(ExpertTarget(int(t.layer), t.expert))
+        else:
+            layer, expert = t
+            out.append(ExpertTarget(int(layer), expert))
+    return out
+
+
+def _model_dir(model: nn.Module, model_dir: str | os.PathLike | None) -> Path | None:
+    cand = model_dir or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if cand and Path(cand).is_dir():
+        return Path(cand).resolve()
+    return None
+
+
+def _check_out_dir(out_dir: Path | None, model_dir: Path | None, merge: bool) -> None:
+    if merge and out_dir is None:
+        raise BadInputError("merge=True needs out_dir (where the merged model is saved)")
+    if out_dir is None:
+        return
+    if model_dir is not None and out_dir.resolve() == model_dir:
+        raise BadInputError(f"out_dir {out_dir} is the model's own directory; choose a new directory "
+                            "(the original model must stay intact)")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise BadInputError(f"out_dir {out_dir} already exists and is not empty; choose a new directory")
+
+
+# -- running the model -------------------------------------------------------------------------
+
+
+class _Runner:
+    """Forward passes for one step: the whole model, or (prefix caching) layers from `start` up.
+
+    Returns logits (None when not needed) and the output of decoder layer `hidden_layer` (RMU)."""
+
+    def __init__(self, model: nn.Module, *, start: int | None, cache_bytes: int, cache: bool,
+                 hidden_layer: int | None, need_logits: bool) -> None:
+        self.model = model
+        self.hidden_layer = hidden_layer
+        self.need_logits = need_logits
+        self.stack = DecoderStack(model) if start is not None else None
+        self.cache = PrefixCache(self.stack, start, max_bytes=cache_bytes, enabled=cache) if self.stack else None
+        self.start = start
+
+    def __call__(self, key: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None,
+                                                                          torch.Tensor | None]:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.stack is not None:
+            inp = self.stack.inputs(ids, mask)
+            h = self.cache.get(key, ids, mask)
+            hidden = None
+            if self.hidden_layer is not None:
+                h = self.stack.run(h, inp, start=self.start, stop=self.hidden_layer + 1)
+                hidden = h
+                if not self.need_logits:
+                    return None, hidden
+                h = self.stack.run(h, inp, start=self.hidden_layer + 1)
+            else:
+                h = self.stack.run(h, inp, start=self.start)
+            return self.stack.logits(h), hidden
+        grabbed: dict[str, torch.Tensor] = {}
+        handle = None
+        if self.hidden_layer is not None:
+            layer = DecoderStack(self.model).layers[self.hidden_layer]
+            handle = layer.register_forward_hook(
+                lambda m, a, o: grabbed.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+        try:
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+        return logits, grabbed.get("h")
+
+
+@contextlib.contextmanager
+def _original_weights(model: nn.Module, entries: list[PatchEntry], originals: list[torch.Tensor]) -> Iterator[None]:
+    """Temporarily put the original values back into the trained tensors (reference forward passes
+    without a copy of the model)."""
+    params = dict(model.named_parameters())
+    saved = []
+    with torch.no_grad():
+        for e, orig in zip(entries, originals, strict=True):
+            view = e.view(params)
+            saved.append((view, view.clone()))
+            view.copy_(orig.to(view.device))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for view, cur in saved:
+                view.copy_(cur)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _entries(plan: ScopePlan) -> list[PatchEntry]:
+    return [PatchEntry(n) for n, _ in plan.whole] + [PatchEntry(s.name, s.dim, s.start, s.stop)
+                                                    for s in plan.slices]
+
+
+def _prefix_start(plan: ScopePlan) -> int | None:
+    """First decoder layer holding trained weights, or None if anything outside the layers trains."""
+    found = []
+    for name in [n for n, _ in plan.whole] + [s.name for s in plan.slices]:
+        m = _LAYER_RE.search(name)
+        if m is None:
+            return None
+        found.append(int(m.group(1)))
+    return min(found) if found else None
+
+
+# -- the API -----------------------------------------------------------------------------------
+
+
+def unlearn(
+    model: nn.Module,
+    forget: Any,
+    retain: Any = None,
+    *,
+    tokenizer: Any = None,
+    method: str = "npo",
+    scope: str = "uoe",
+    target: Any = None,
+    top_m: int = 2,
+    topm_layer: int | None = None,
+    allow_shared: bool = False,
+    steps: int | None = 20,
+    epochs: int | None = None,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    max_length: int = 256,
+    lr_schedule: str = "constant",
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    anchor_weight: float = 1.0,
+    retain_routing_weight: float = 0.0,
+    method_kwargs: dict[str, Any] | None = None,
+    prefix_cache: bool = True,
+    prefix_cache_mb: float = 1024,
+    out_dir: str | os.PathLike | None = None,
+    merge: bool = False,
+    model_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    bf16: bool | str = "auto",
+    progress: bool = True,
+    field: str | None = None,
+) -> UnlearnResult:
+    """Unlearn `forget` from `model` IN PLACE and write a patch that undoes / redoes it.
+
+    forget / retain: anything `moe_unlearn.data.load_texts` reads (list of strings, .txt,
+      .jsonl, dataset dir) or `TokenizedBatches`. retain is optional except for graddiff.
+    method: a name in `objectives.OBJECTIVES` (ga, graddiff, npo, simnpo, rmu); method_kwargs
+      override its hyperparameters (e.g. {"beta": 0.1, "retain_loss": "kl"}).
+    scope: full | experts | routers | uoe | topm. target (uoe/topm): "L:E", (L, E), a list of
+      those, "L:shared" (needs allow_shared=True), or an `Attribution`; None = attribute the
+      forget set now. topm takes the top `top_m` experts (of `topm_layer` if given).
+    anchor_weight: SEUF router anchor on the target layers (uoe / topm; 0 turns it off).
+    retain_routing_weight: KL(original || current) routing on retain tokens at every layer whose
+      router trains.
+    prefix_cache: with all trained weights in layers >= l, run only layers >= l each step and
+      cache the states entering l (bounded by prefix_cache_mb; beyond it they are recomputed).
+    out_dir: new (or empty) directory for the patch (or, with merge=True, the merged model);
+      None writes nothing. The model's own directory is refused.
+    The model is left in its original train/eval mode with the unlearned weights in place; on a
+    NaN/inf loss the original weights are restored, TrainingDiverged is raised and nothing is written.
+    """
+    t0 = time.perf_counter()
+    objective = get_objective(method)
+    if scope not in SCOPES:
+        raise BadInputError(f"unknown scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
+    hp = objective.hparams(method_kwargs)
+    out_path = Path(out_dir) if out_dir is not None else None
+    _check_out_dir(out_path, _model_dir(model, model_dir), merge)
+    if objective.requires_retain and retain is None:
+        raise BadInputError(f"method {method!r} needs retain data (retain=...)")
+    if retain_routing_weight and retain is None:
+        raise BadInputError("retain_routing_weight > 0 needs retain data (retain=...)")
+
+    forget_batches = _batches(forget, tokenizer, batch_size=batch_size, max_length=max_length, field_name=field,
+                              what="forget")
+    retain_batches = (_batches(retain, tokenizer, batch_size=batch_size, max_length=max_length,
+                               field_name=field, what="retain") if retain is not None else None)
+    layers = find_moe_layers(model)
+    targets = _parse_targets(target, scope, model=model, forget_source=forget, tokenizer=tokenizer, top_m=top_m,
+                             topm_layer=topm_layer, batch_size=batch_size, max_length=max_length,
+                             progress=progress)
+    plan = resolve_scope(model, layers, scope, targets, allow_shared=allow_shared)
+    by_idx: dict[int, MoELayer] = {layer.layer_idx: layer for layer in layers}
+    device = next(model.parameters()).device
+
+    # which layers the step must run, and which hidden state RMU reads
+    start = _prefix_start(plan) if prefix_cache else None
+    rmu_layer = None
+    if method == "rmu":
+        num_layers = DecoderStack(model).num_layers
+        rmu_layer = hp["layer"]
+        if rmu_layer is None:
+            trained = {t.layer for t in targets} or None
+            rmu_layer = max(trained) if trained else num_layers // 2
+        if not 0 <= rmu_layer < num_layers:
+            raise BadInputError(f"rmu layer {rmu_layer} out of range (0..{num_layers - 1})")
+        first = _prefix_start(plan)
+        if first is not None and rmu_layer < first:
+            raise BadInputError(f"rmu layer {rmu_layer} is below every trained layer (first: {first}); its output "
+                                "cannot change. Choose layer >= the target layer")
+    runner = _Runner(model, start=start, cache_bytes=int(prefix_cache_mb * 2**20), cache=prefix_cache,
+                     hidden_layer=rmu_layer, need_logits=objective.needs_logits)
+    ref_runner = _Runner(model, start=None, cache_bytes=0, cache=False, hidden_layer=rmu_layer,
+                         need_logits=True)
+
+    anchor_layers = {}
+    if scope in ("uoe", "topm") and anchor_weight:
+        for t in targets:
+            if not t.shared:
+                anchor_layers.setdefault(t.layer, []).append(int(t.expert))
+    rr_layers = plan.router_layers if retain_routing_weight else []
+    capture_layers = [by_idx[i] for i in sorted(set(anchor_layers) | set(rr_layers))]
+    retain_ref_kind = objective.retain_reference(hp) if retain_batches is not None else None
+
+    was_training = model.training
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    entries = _entries(plan)
+    originals = snapshot(model, entries)
+    model.eval()  # deterministic steps (no dropout); reference values line up with the trained passes
+
+    # -- reference values, computed once with the original weights --------------------------
+    ref: dict[str, dict[int, Any]] = {"f_logp": {}, "r_hidden": {}, "r_scores": {}}
+    with torch.no_grad():
+        if objective.forget_reference == "logp":
+            for k, b in enumerate(forget_batches):
+                b = _to(b, device)
+                logits, _ = ref_runner(("f", k), b)
+                ref["f_logp"][k] = -sequence_nll(logits, b["labels"])[0]
+        if retain_batches is not None and (retain_ref_kind == "hidden" or rr_layers):
+            for k, b in enumerate(retain_batches):
+                b = _to(b, device)
+                with RoutingCapture(model, [by_idx[i] for i in rr_layers]) as cap:
+                    _, hidden = ref_runner(("r", k), b)
+                if retain_ref_kind == "hidden":
+                    ref["r_hidden"][k] = hidden
+                if rr_layers:
+                    ref["r_scores"][k] = {i: by_idx[i].scores_from_logits(cap.records[-1].layers[i].logits)
+                                          for i in rr_layers}
+    steering = (rmu_steering(model.config.hidden_size, hp["steering_coeff"], seed=seed, device=device)
+                if method == "rmu" else None)
+
+    items = [{"k": k, "rk": (k % len(retain_batches)) if retain_batches else None}
+             for k in range(len(forget_batches))]
+    need_retain_pass = retain_batches is not None and (
+        objective.name == "rmu" or objective.requires_retain or hp.get("alpha", 0) or rr_layers)
+
+    def routed(cap: RoutingCapture, layer_idx: int) -> torch.Tensor:
+        return by_idx[layer_idx].scores_from_logits(cap.records[-1].layers[layer_idx].logits)
+
+    def loss_fn(item: dict[str, Any]) -> dict[str, torch.Tensor]:
+        k, rk = item["k"], item["rk"]
+        fb = _to(forget_batches[k], device)
+        inp = ObjectiveInputs(forget_labels=fb["labels"], forget_mask=fb["attention_mask"],
+                              forget_ref_logp=ref["f_logp"].get(k), steering=steering)
+        rb = None
+        if need_retain_pass:
+            rb = _to(retain_batches[rk], device)
+            if retain_ref_kind == "logits":
+                with torch.no_grad(), _original_weights(model, entries, originals):
+                    inp.retain_ref_logits = runner(("r", rk), rb)[0]
+        terms: dict[str, torch.Tensor] = {}
+        extra = []
+        with RoutingCapture(model, capture_layers, detach=False) as cap:
+            inp.forget_logits, inp.forget_hidden = runner(("f", k), fb)
+            if anchor_layers:
+                fmask = fb["attention_mask"].reshape(-1).bool()
+                vals = [router_anchor_loss(routed(cap, i), fmask,
+                                           anchor_target(by_idx[i].num_experts, exps, device=device))
+                        for i, exps in anchor_layers.items()]
+                anchor = torch.stack(vals).mean()
+                terms["anchor"] = anchor.detach()
+                extra.append(anchor_weight * anchor)
+            if rb is not None:
+                cap.clear()
+                inp.retain_logits, inp.retain_hidden = runner(("r", rk), rb)
+                inp.retain_labels, inp.retain_mask = rb["labels"], rb["attention_mask"]
+                inp.retain_ref_hidden = ref["r_hidden"].get(rk)
+                if rr_layers:
+                    rmask = rb["attention_mask"].reshape(-1).bool()
+                    rr = torch.stack([retain_routing_kl(ref["r_scores"][rk][i], routed(cap, i), rmask)
+                                      for i in rr_layers]).mean()
+                    terms["retain_routing"] = rr.detach()
+                    extra.append(retain_routing_weight * rr)
+        out = dict(objective.loss(inp, hp))
+        out["loss"] = out["loss"] + sum(extra) if extra else out["loss"]
+        out.update(terms)
+        return out
+
+    # -- train --------------------------------------------------------------------------------
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, p in plan.whole:
+        p.requires_grad_(True)
+    slices = SliceParams(plan.slices) if plan.slices else None
+    leaves = [p for _, p in plan.whole] + (slices.shadows if slices else [])
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else (
+        out_path.with_name(out_path.name + ".ckpt") if out_path is not None and (checkpoint_every or resume)
+        else None)
+    if (checkpoint_every or resume) and ckpt_dir is None:
+        raise BadInputError("checkpoint_every / resume need out_dir or checkpoint_dir")
+    ckpt_existed = ckpt_dir is not None and ckpt_dir.exists()
+    config = TrainConfig(steps=steps if epochs is None else None, epochs=epochs, batch_size=batch_size,
+                         grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+                         weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, bf16=bf16,
+                         checkpoint_every=checkpoint_every, checkpoint_dir=str(ckpt_dir) if ckpt_dir else None,
+                         resume=resume, progress=progress, desc=f"unlearn {method}/{scope}")
+    hooks: list[TrainHooks] = [slices] if slices else []
+    try:
+        history = train(leaves, loss_fn, items, config, hooks=hooks)
+    except BaseException as exc:
+        with torch.no_grad():  # leave the model as it was
+            params = dict(model.named_parameters())
+            for e, orig in zip(entries, originals, strict=True):
+                e.view(params).copy_(orig.to(device))
+        if isinstance(exc, TrainingDiverged) and ckpt_dir is not None and not ckpt_existed:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        raise
+    finally:
+        if slices:
+            slices.close()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+
+    # -- output -------------------------------------------------------------------------------
+    info = {"method": method, "scope": scope, "targets": [str(t) for t in targets],
+            "hyperparameters": {**hp, "lr": lr, "steps": steps, "epochs": epochs, "batch_size": batch_size,
+                                "grad_accum": grad_accum, "max_length": max_length, "lr_schedule": lr_schedule,
+                                "warmup_steps": warmup_steps, "weight_decay": weight_decay,
+                                "max_grad_norm": max_grad_norm, "anchor_weight": anchor_weight,
+                                "retain_routing_weight": retain_routing_weight, "seed": seed},
+            "final_terms": history.final(), "steps_run": len(history.steps),
+            "trainable_params": plan.num_trainable()}
+    patch_path = merged_path = None
+    if out_path is not None and merge:
+        merged_path = _save_merged(model, out_path)
+    elif out_path is not None:
+        patch_path = write_patch(out_path, model, entries, originals, info)
+    if ckpt_dir is not None and not ckpt_existed and out_path is not None:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return UnlearnResult(patch_path=patch_path, merged_path=merged_path, method=method, scope=scope,
+                         targets=[str(t) for t in targets], history=history,
+                         trainable_params=plan.num_trainable(),
+                         optimizer_state_bytes=history.optimizer_state_bytes,
+                         wall_time=time.perf_counter() - t0, final_terms=history.final(),
+                         prefix_cache_start=runner.start)
+
+
+def _save_merged(model: nn.Module, out_dir: Path) -> Path:
+    """save_pretrained into a temp dir beside out_dir, then rename (no half-written model)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+

@@ -1,0 +1,191 @@
+"""Unlearning patches: exactly the changed tensors / slices, reversible bit-exactly.
+
+A patch is a directory with
+- patch.safetensors: `new.<i>` and `orig.<i>` for every entry i (the values after and before);
+- patch.json: format tag, base-model identity (name_or_path, config hash), the entries
+  (parameter name, dim/start/stop of the slice or null for a whole tensor, shape, dtype,
+  sha256 of the original and new values), and what produced it (method, scope, targets,
+  hyperparameters, final loss terms).
+
+`apply_patch` checks that the model is the base model and that every entry currently holds
+the original values (so patches from sequential requests must be applied in order);
+`revert_patch` checks that it holds the new values and writes the originals back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from moe_unlearn.errors import BadInputError, PatchError
+
+FORMAT = "moe-unlearn-patch"
+VERSION = 1
+TENSORS_FILE = "patch.safetensors"
+META_FILE = "patch.json"
+# config keys that do not change what the weights mean
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "name_or_path", "_name_or_path", "torch_dtype", "dtype",
+                         "output_router_logits", "use_cache", "architectures", "output_hidden_states",
+                         "output_attentions", "return_dict"}
+
+
+@dataclass(frozen=True)
+class PatchEntry:
+    """A whole parameter (dim None) or the slice param.narrow(dim, start, stop - start)."""
+
+    name: str
+    dim: int | None = None
+    start: int | None = None
+    stop: int | None = None
+
+    def view(self, params: dict[str, nn.Parameter]) -> torch.Tensor:
+        p = params.get(self.name)
+        if p is None:
+            raise PatchError(f"the model has no parameter {self.name!r}; this patch is for another model")
+        if self.dim is None:
+            return p.data
+        if self.dim >= p.dim() or self.stop > p.shape[self.dim]:
+            raise PatchError(f"slice {self.name}[dim {self.dim}, {self.start}:{self.stop}] does not fit the "
+                             f"model's tensor of shape {tuple(p.shape)}; this patch is for another model")
+        return p.data.narrow(self.dim, self.start, self.stop - self.start)
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    """sha256 of the raw bytes (dtype and shape included), for bit-exact identity checks."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def config_hash(model: nn.Module) -> str:
+    """Hash of the model config without keys that do not change what the weights mean."""
+    cfg = getattr(model, "config", None)
+    d = cfg.to_dict() if cfg is not None else {}
+    d = {k: v for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_identity(model: nn.Module) -> dict[str, str]:
+    cfg = getattr(model, "config", None)
+    return {"name_or_path": str(getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", "")),
+            "model_type": str(getattr(cfg, "model_type", type(model).__name__)),
+            "config_hash": config_hash(model)}
+
+
+def snapshot(model: nn.Module, entries: list[PatchEntry]) -> list[torch.Tensor]:
+    """CPU copies of the entries' current values (the originals, taken before training)."""
+    params = dict(model.named_parameters())
+    return [e.view(params).detach().cpu().clone() for e in entries]
+
+
+def _atomic_dir(out_dir: Path, fill) -> None:
+    """Create `out_dir` by filling a temp dir beside it and renaming it into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    try:
+        fill(tmp)
+        if out_dir.exists():  # only an empty dir can be here (checked by the caller)
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_patch(out_dir: str | os.PathLike, model: nn.Module, entries: list[PatchEntry],
+                originals: list[torch.Tensor], info: dict[str, Any]) -> Path:
+    """Write the patch of `entries` (current model values vs `originals`) into `out_dir`, atomically.
+    Entries whose values did not change are still written (they were in scope)."""
+    params = dict(model.named_parameters())
+    tensors: dict[str, torch.Tensor] = {}
+    meta_entries = []
+    for i, (e, orig) in enumerate(zip(entries, originals, strict=True)):
+        new = e.view(params).detach().cpu().contiguous().clone()
+        tensors[f"new.{i}"] = new
+        tensors[f"orig.{i}"] = orig.contiguous()
+        meta_entries.append({"name": e.name, "dim": e.dim, "start": e.start, "stop": e.stop,
+                             "shape": list(new.shape), "dtype": str(new.dtype).removeprefix("torch."),
+                             "orig_sha256": tensor_hash(orig), "new_sha256": tensor_hash(new)})
+    meta = {"format": FORMAT, "version": VERSION, "base_model": model_identity(model), "entries": meta_entries,
+            **info}
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+
+    out = Path(out_dir)
+    _atomic_dir(out, fill)
+    return out
+
+
+def _patch_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    if not (p / META_FILE).is_file() or not (p / TENSORS_FILE).is_file():
+        raise BadInputError(f"{path} is not an unlearning patch (expected {META_FILE} and {TENSORS_FILE})")
+    return p
+
+
+def read_patch_meta(path: str | os.PathLike) -> dict[str, Any]:
+    d = _patch_dir(path)
+    try:
+        meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"cannot read {d / META_FILE}: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise BadInputError(f"{d / META_FILE} is not a moe-unlearn patch (format tag missing)")
+    return meta
+
+
+def _swap(model: nn.Module, path: str | os.PathLike, *, forward: bool) -> dict[str, Any]:
+    meta = read_patch_meta(path)
+    want = meta["base_model"]["config_hash"]
+    if config_hash(model) != want:
+        raise PatchError(f"patch {path} was made for a different model (config hash differs; base model "
+                         f"{meta['base_model'].get('name_or_path')!r})")
+    tensors = load_file(str(_patch_dir(path) / TENSORS_FILE))
+    params = dict(model.named_parameters())
+    have, put = ("orig", "new") if forward else ("new", "orig")
+    views = []
+    # check every entry before writing any, so a mismatch leaves the model untouched
+    for i, m in enumerate(meta["entries"]):
+        e = PatchEntry(m["name"], m["dim"], m["start"], m["stop"])
+        view = e.view(params)
+        if list(view.shape) != m["shape"] or str(view.dtype).removeprefix("torch.") != m["dtype"]:
+            raise PatchError(f"{m['name']}: model has shape {tuple(view.shape)} {view.dtype}, patch expects "
+                             f"{tuple(m['shape'])} {m['dtype']}")
+        if tensor_hash(view) != m[f"{have}_sha256"]:
+            state = "original" if forward else "patched"
+            raise PatchError(f"{m['name']}: the model does not hold the {state} values this patch expects; "
+                             + ("apply earlier patches first (in order), or this patch is already applied"
+                                if forward else "this patch is not applied, or later patches must be reverted "
+                                "first (reverse order)"))
+        views.append((view, tensors[f"{put}.{i}"]))
+    with torch.no_grad():
+        for view, value in views:
+            view.copy_(value.to(view.device))
+    return meta
+
+
+def apply_patch(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Write the patch's new values into `model` in place; returns the patch metadata.
+    Raises PatchError (model untouched) on a different model or when the model does not hold
+    the values the patch was made from."""
+    return _swap(model, path, forward=True)
+
+
+def revert_patch(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Undo `apply_patch` (or an in-place `unlearn`) bit-exactly; PatchError if not applied."""
+    return _swap(model, path, forward=False)

@@ -1,0 +1,45 @@
+"""Cache of the hidden states entering the first trained layer, per batch.
+
+When every trained weight sits in decoder layers >= l, the states entering layer l are the
+same at every step (the batches are fixed), so they are computed once (no autograd graph)
+and each step runs only layers l and up. Memory is bounded: batches beyond `max_bytes` are
+recomputed each time (still without a graph through the prefix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import torch
+
+from moe_unlearn.arch.stack import DecoderStack
+
+
+class PrefixCache:
+    def __init__(self, stack: DecoderStack, start: int, *, max_bytes: int = 1 << 30, enabled: bool = True) -> None:
+        self.stack = stack
+        self.start = start
+        self.max_bytes = max_bytes
+        self.enabled = enabled
+        self._store: dict[Hashable, torch.Tensor] = {}
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, S, H] hidden states entering layer `start` for the batch named `key`."""
+        hit = self._store.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        self.misses += 1
+        hidden = self.stack.hidden_entering(self.start, input_ids, attention_mask)
+        size = hidden.numel() * hidden.element_size()
+        if self.enabled and self.bytes + size <= self.max_bytes:
+            self._store[key] = hidden
+            self.bytes += size
+        return hidden
+
+    def clear(self) -> None:
+        self._store.clear()
+        self.bytes = 0

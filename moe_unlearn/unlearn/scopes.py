@@ -1,0 +1,183 @@
+"""Scopes: which parameters (or slices of fused expert tensors) an unlearning run trains.
+
+Experts are fused into 3-D tensors (`gate_up_proj [E, 2I, H]`), so "train expert e" cannot be
+done with requires_grad on a sub-module. A one-expert scope trains small *shadow* leaf
+tensors, one per expert slice: after each backward a gradient hook moves the fused tensor's
+gradient slice into the shadow (and drops the fused gradient), the optimizer updates only
+the shadows (optimizer state proportional to one expert), and after each step the shadow
+is written back into the slice. Every other slice stays bit-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moe_unlearn.arch.base import ExpertSlice, MoELayer
+from moe_unlearn.errors import BadInputError
+from moe_unlearn.training import TrainHooks
+
+SCOPES = ("full", "experts", "routers", "uoe", "topm")
+SHARED = "shared"  # the expert id of a layer's shared expert(s) in a target
+
+
+@dataclass(frozen=True)
+class ExpertTarget:
+    """One expert to unlearn: routed expert index, or SHARED for the layer's shared expert(s)."""
+
+    layer: int
+    expert: int | str
+
+    @property
+    def shared(self) -> bool:
+        return self.expert == SHARED
+
+    def __str__(self) -> str:
+        return f"{self.layer}:{self.expert}"
+
+    @classmethod
+    def parse(cls, text: str) -> ExpertTarget:
+        """"L:E" (e.g. "1:3") or "L:shared"."""
+        parts = str(text).split(":")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            layer = int(parts[0])
+            expert: int | str = SHARED if parts[1].strip().lower() == SHARED else int(parts[1])
+        except ValueError:
+            raise BadInputError(f"target {text!r} is not LAYER:EXPERT (e.g. '1:3', or '1:shared')") from None
+        return cls(layer, expert)
+
+
+@dataclass
+class ScopePlan:
+    """The outcome of resolving a scope on a model.
+
+    whole: parameters trained entirely (name, param). slices: expert slices trained through
+    shadows. router_layers: MoE layers whose router trains. targets: the experts unlearned
+    (uoe / topm), used by the router anchor.
+    """
+
+    name: str
+    whole: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    slices: list[ExpertSlice] = field(default_factory=list)
+    router_layers: list[int] = field(default_factory=list)
+    targets: list[ExpertTarget] = field(default_factory=list)
+
+    def trained_layers(self, layer_of_param: dict[str, int | None]) -> set[int | None]:
+        """Decoder-layer indices holding trained weights (None = outside the decoder layers)."""
+        names = [n for n, _ in self.whole] + [s.name for s in self.slices]
+        return {layer_of_param.get(n) for n in names}
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for _, p in self.whole) + sum(s.numel for s in self.slices)
+
+
+def _layer_map(layers: list[MoELayer]) -> dict[int, MoELayer]:
+    return {layer.layer_idx: layer for layer in layers}
+
+
+def _check_target(t: ExpertTarget, by_idx: dict[int, MoELayer], allow_shared: bool) -> MoELayer:
+    layer = by_idx.get(t.layer)
+    if layer is None:
+        raise BadInputError(f"target {t}: layer {t.layer} is not an MoE layer; MoE layers: {sorted(by_idx)}")
+    if t.shared:
+        if not layer.has_shared_experts:
+            raise BadInputError(f"target {t}: layer {t.layer} has no shared expert")
+        if not allow_shared:
+            raise BadInputError(f"target {t} is a shared expert (used by every token); unlearning it hurts "
+                                "utility. Pass allow_shared=True (CLI: --allow-shared) if you mean it")
+    else:
+        layer._check_expert(int(t.expert))
+    return layer
+
+
+def resolve_scope(model: nn.Module, layers: list[MoELayer], scope: str, targets: list[ExpertTarget], *,
+                  allow_shared: bool = False) -> ScopePlan:
+    """Which weights train for `scope`; `targets` are needed (and checked) for uoe / topm."""
+    if scope not in SCOPES:
+        raise BadInputError(f"unknown scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
+    plan = ScopePlan(scope)
+    by_idx = _layer_map(layers)
+    if scope == "full":
+        plan.whole = [(n, p) for n, p in model.named_parameters()]
+        plan.router_layers = sorted(by_idx)
+    elif scope == "experts":
+        for layer in layers:
+            plan.whole += [(layer.param_name(p), p) for p in layer.experts.parameters()]
+    elif scope == "routers":
+        for layer in layers:
+            plan.whole += layer.router_parameters()
+        plan.router_layers = sorted(by_idx)
+    else:
+        if not targets:
+            raise BadInputError(f"scope {scope!r} needs a target expert (LAYER:EXPERT) or an attribution")
+        if scope == "uoe" and len(targets) != 1:
+            raise BadInputError(f"scope 'uoe' trains exactly one expert, got {len(targets)} targets; "
+                                "use scope 'topm' for several")
+        if len(set(targets)) != len(targets):
+            raise BadInputError(f"duplicate targets in {[str(t) for t in targets]}")
+        seen_routers: set[int] = set()
+        for t in targets:
+            layer = _check_target(t, by_idx, allow_shared)
+            if t.shared:
+                mods = [layer.shared_experts] + ([layer.shared_expert_gate] if layer.shared_expert_gate else [])
+                for mod in mods:
+                    plan.whole += [(layer.param_name(p), p) for p in mod.parameters()]
+            else:
+                plan.slices += layer.expert_slices(int(t.expert))
+            if t.layer not in seen_routers:
+                seen_routers.add(t.layer)
+                plan.whole += layer.router_parameters()
+        plan.router_layers = sorted(seen_routers)
+        plan.targets = list(targets)
+    return plan
+
+
+class SliceParams(TrainHooks):
+    """Shadow leaves for expert slices; pass `.shadows` to `train` and this object as a hook.
+
+    Call `close()` when done (removes the gradient hooks).
+    """
+
+    def __init__(self, slices: list[ExpertSlice]) -> None:
+        self.slices = list(slices)
+        self.shadows = [nn.Parameter(s.view().detach().clone()) for s in self.slices]
+        by_param: dict[int, list[int]] = {}
+        for i, s in enumerate(self.slices):
+            by_param.setdefault(id(s.param), []).append(i)
+        self._handles = []
+        for idxs in by_param.values():
+            param = self.slices[idxs[0]].param
+            param.requires_grad_(True)
+            self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(idxs)))
+
+    def _grad_hook(self, idxs: list[int]):
+        def hook(param: torch.Tensor) -> None:
+            for i in idxs:
+                s, shadow = self.slices[i], self.shadows[i]
+                g = param.grad.narrow(s.dim, s.start, s.stop - s.start)
+                if shadow.grad is None:
+                    shadow.grad = g.detach().clone()
+                else:
+                    shadow.grad.add_(g)
+            param.grad = None  # the fused gradient is not kept: memory of one expert, not E
+        return hook
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        for s, shadow in zip(self.slices, self.shadows, strict=True):
+            s.view().copy_(shadow)
+
+    def after_step(self, step: int) -> None:
+        self.write_back()
+
+    def after_resume(self, step: int) -> None:
+        self.write_back()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
