@@ -2,8 +2,11 @@
 
 from moe_unlearn.arch.base import ExpertSlice, MoELayer, Routing
 from moe_unlearn.arch.capture import ForwardRecord, RouterRecord, RoutingCapture
-from moe_unlearn.arch.discovery import find_moe_layers
+from moe_unlearn.arch.discovery import adapter_for, find_moe_layers
 from moe_unlearn.arch.families import ADAPTERS
+from moe_unlearn.arch.summary import model_summary
 
-__all__ = ["ADAPTERS", "ExpertSlice", "ForwardRecord", "MoELayer", "RouterRecord", "Routing", "RoutingCapture",
-           "find_moe_layers"]
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(sorted(ADAPTERS))
+
+__all__ = ["ADAPTERS", "SUPPORTED_FAMILIES", "ExpertSlice", "ForwardRecord", "MoELayer", "RouterRecord", "Routing",
+           "RoutingCapture", "adapter_for", "find_moe_layers", "model_summary"]

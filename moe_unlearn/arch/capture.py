@@ -79,23 +79,24 @@ class RoutingCapture:
                 flat = torch.ones(shape[0] * shape[1], dtype=torch.bool, device=ref.device)
         self.records.append(ForwardRecord(mask=flat, shape=shape))
 
-    def _router_hook(self, layer_idx: int):
-        def hook(module, args, output):
+    def _router_hook(self, layer: MoELayer):
+        def hook(module, args, kwargs, output):
             if not self.records:  # router called outside a model forward (e.g. layer.route())
                 self.records.append(ForwardRecord(mask=None, shape=None))
-            logits, weight, idx = output[0], output[1], output[2]
+            # routers differ in what they return (DBRX: logits only); the adapter normalises it
+            logits, weight, idx = layer.unpack_router_output(output)
             hidden = None
             if self.hidden_states:
-                h = args[0]
+                h = args[0] if args else next(iter(kwargs.values()))
                 hidden = self._keep(h.reshape(-1, h.shape[-1]))
-            self.records[-1].layers[layer_idx] = RouterRecord(self._keep(logits), self._keep(weight), idx.detach(),
-                                                              hidden)
+            self.records[-1].layers[layer.layer_idx] = RouterRecord(
+                self._keep(logits.reshape(-1, logits.shape[-1])), self._keep(weight), idx.detach(), hidden)
         return hook
 
     def __enter__(self) -> RoutingCapture:
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_input, with_kwargs=True))
         for layer in self.layers:
-            self._handles.append(layer.router.register_forward_hook(self._router_hook(layer.layer_idx)))
+            self._handles.append(layer.router.register_forward_hook(self._router_hook(layer), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:

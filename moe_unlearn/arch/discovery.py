@@ -9,44 +9,54 @@ from moe_unlearn.arch.families import ADAPTERS
 from moe_unlearn.errors import NotAnMoEModel, UnsupportedFamily
 
 
-def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def _supported() -> str:
+    return ", ".join(sorted(ADAPTERS))
+
+
+def decoder_layers(model: nn.Module, list_names: tuple[str, ...] = ("layers",)) -> tuple[str, nn.ModuleList]:
+    """(module path, ModuleList) of the model's decoder layers: the first ModuleList whose
+    name ends in one of `list_names` (`model.layers`, DBRX `transformer.blocks`)."""
     for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) > 0:
+        if name.rsplit(".", 1)[-1] in list_names and isinstance(module, nn.ModuleList) and len(module) > 0:
             return name, module
-    raise NotAnMoEModel(f"{type(model).__name__}: no decoder layer list found")
+    raise NotAnMoEModel(f"{type(model).__name__}: no decoder layer list ({', '.join(list_names)}) found; "
+                        f"supported MoE families: {_supported()}")
 
 
-def _model_type(model: nn.Module) -> str:
+def model_type(model: nn.Module) -> str:
     config = getattr(model, "config", None)
-    return getattr(config, "model_type", type(model).__name__)
+    return getattr(config, "model_type", None) or type(model).__name__
+
+
+def adapter_for(model: nn.Module) -> type[MoELayer]:
+    """The adapter class of `model`'s family; NotAnMoEModel / UnsupportedFamily otherwise."""
+    mtype = model_type(model)
+    adapter = ADAPTERS.get(mtype)
+    if adapter is None:
+        has_experts = any(hasattr(m, "experts") for m in model.modules())
+        if has_experts:
+            raise UnsupportedFamily(f"{type(model).__name__} (model_type={mtype!r}) looks like an MoE model "
+                                    f"but no adapter exists for it; supported families: {_supported()}")
+        raise NotAnMoEModel(f"{type(model).__name__} (model_type={mtype!r}) is not a supported MoE model; "
+                            f"supported families: {_supported()}")
+    return adapter
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
-    """Every sparse MoE block of `model`, in layer order, each behind its family's adapter."""
-    model_type = _model_type(model)
-    adapter = ADAPTERS.get(model_type)
-    if adapter is None:
-        supported = ", ".join(sorted(ADAPTERS))
-        has_experts = any(hasattr(m, "experts") for m in model.modules())
-        if has_experts:
-            raise UnsupportedFamily(f"{type(model).__name__} (model_type={model_type!r}) looks like an MoE model "
-                                    f"but no adapter exists for it; supported families: {supported}")
-        raise NotAnMoEModel(f"{type(model).__name__} (model_type={model_type!r}) is not a supported MoE model; "
-                            f"supported families: {supported}")
-    prefix, layers = _decoder_layers(model)
+    """Every sparse MoE block of `model`, in layer order, each behind its family's adapter.
+    Dense decoder layers (mlp_only_layers, decoder_sparse_step, first_k_dense_replace) are skipped."""
+    adapter = adapter_for(model)
+    prefix, layers = decoder_layers(model, adapter.decoder_layer_lists)
     found: list[MoELayer] = []
     for i, layer in enumerate(layers):
-        for child_name in ("mlp", "block_sparse_moe", "feed_forward", "ffn"):
+        for child_name in adapter.block_names:
             block = getattr(layer, child_name, None)
-            if block is None or not hasattr(block, "experts"):
+            if block is None or not adapter.is_moe_block(block):
                 continue
-            router = getattr(block, "gate", None) or getattr(block, "router", None)
-            found.append(adapter(
-                model=model, layer_idx=i, path=f"{prefix}.{i}.{child_name}", block=block, router=router,
-                experts=block.experts, num_experts=int(router.num_experts), top_k=int(router.top_k),
-                shared_experts=getattr(block, "shared_experts", None) or getattr(block, "shared_expert", None),
-                shared_expert_gate=getattr(block, "shared_expert_gate", None),
-            ))
+            found.append(adapter.from_block(model=model, layer_idx=i, path=f"{prefix}.{i}.{child_name}",
+                                            block=block))
+            break
     if not found:
-        raise NotAnMoEModel(f"{type(model).__name__}: no MoE block found in its decoder layers")
+        raise NotAnMoEModel(f"{type(model).__name__}: no MoE block found in its decoder layers "
+                            f"(supported families: {_supported()})")
     return found

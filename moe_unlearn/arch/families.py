@@ -1,44 +1,37 @@
-"""Architecture adapters, one per routing rule / expert layout.
+"""The registry of architecture adapters, one per routing rule / expert layout.
 
-ADAPTERS maps a transformers `config.model_type` to the `MoELayer` subclass that
-reads that family. Adding a family = one small subclass + one registry line.
+ADAPTERS maps a transformers `config.model_type` to the `MoELayer` subclass that reads
+that family. Adding a family = one small subclass (or reuse) + one registry line.
+
+Families checked against transformers 5.23 (tests/test_arch.py runs each tiny model):
+mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss, phimoe,
+granitemoe, qwen3_next, dbrx.
 """
 
 from __future__ import annotations
 
-import torch
-
-from moe_unlearn.arch.base import ExpertSlice, MoELayer, Routing
-
-
-class SoftmaxTopKLayer(MoELayer):
-    """Softmax over all experts, top-K, optional renormalisation of the top-K weights.
-
-    Experts fused as `gate_up_proj [E, 2I, H]` (gate rows first) and `down_proj [E, H, I]`.
-    """
-
-    family = "softmax-topk"
-
-    def _renormalize(self) -> bool:
-        return bool(getattr(self.router, "norm_topk_prob", False))
-
-    def route_from_logits(self, logits: torch.Tensor) -> Routing:
-        scores = torch.softmax(logits.float(), dim=-1)
-        weight, idx = torch.topk(scores, self.top_k, dim=-1)
-        if self._renormalize():
-            weight = weight / weight.sum(dim=-1, keepdim=True)
-        return Routing(scores=scores, topk_idx=idx, topk_weight=weight)
-
-    def expert_slices(self, expert: int) -> list[ExpertSlice]:
-        self._check_expert(expert)
-        out = []
-        for role in ("gate_up_proj", "down_proj"):
-            p = getattr(self.experts, role)
-            out.append(ExpertSlice(self.param_name(p), p, 0, expert, expert + 1, role.removesuffix("_proj")))
-        return out
-
+from moe_unlearn.arch.base import MoELayer
+from moe_unlearn.arch.dbrx import DbrxLayer
+from moe_unlearn.arch.deepseek import DeepseekV2Layer, DeepseekV3Layer
+from moe_unlearn.arch.fused import FusedGateUpLayer
+from moe_unlearn.arch.gpt_oss import GptOssLayer
+from moe_unlearn.arch.phimoe import PhimoeLayer
+from moe_unlearn.arch.softmax_topk import LogitTopKLayer, MixtralLayer, SoftmaxTopKLayer
 
 # model_type -> adapter class
 ADAPTERS: dict[str, type[MoELayer]] = {
+    "mixtral": MixtralLayer,
+    "qwen2_moe": SoftmaxTopKLayer,
     "qwen3_moe": SoftmaxTopKLayer,
+    "olmoe": SoftmaxTopKLayer,
+    "qwen3_next": SoftmaxTopKLayer,
+    "deepseek_v2": DeepseekV2Layer,
+    "deepseek_v3": DeepseekV3Layer,
+    "gpt_oss": GptOssLayer,
+    "phimoe": PhimoeLayer,
+    "granitemoe": LogitTopKLayer,
+    "dbrx": DbrxLayer,
 }
+
+__all__ = ["ADAPTERS", "DbrxLayer", "DeepseekV2Layer", "DeepseekV3Layer", "FusedGateUpLayer", "GptOssLayer",
+           "LogitTopKLayer", "MixtralLayer", "PhimoeLayer", "SoftmaxTopKLayer"]
