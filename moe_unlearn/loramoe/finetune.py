@@ -220,6 +220,7 @@ def finetune(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]]
     if out is not None and out.exists() and any(out.iterdir()) and not config.resume:
         raise BadInputError(f"output folder {out} is not empty; choose a new --out or pass --resume to continue")
 
+    torch.manual_seed(config.seed)  # adapter init: the same seed gives the same run
     params = prepare_model(model, config)
     batches = make_batches(examples, config.batch_size, pad_token_id(tokenizer), config.seed)
     observer = RoutingMassObserver() if adapter is not None and adapter.router != "none" else None
