@@ -143,3 +143,44 @@ def test_merge_raises_clear_error():
 def test_bad_config_is_rejected(kwargs):
     with pytest.raises(BadInputError):
         LoRAMoEConfig(**kwargs)
+
+
+def test_moe_model_with_shared_experts(tmp_path):
+    """qwen2_moe: shared experts (called on flattened [T, H] tokens) and the dense layer get adapters;
+    the routed experts and the MoE routers stay frozen and still route as before."""
+    from moe_unlearn.arch import RoutingCapture, find_moe_layers
+    from moe_unlearn.loramoe import load_loramoe, routing_context, save_loramoe
+
+    model = tiny_model("qwen2_moe")
+    ids = torch.randint(0, 128, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    with RoutingCapture(model) as cap:
+        model(input_ids=ids, attention_mask=mask)
+    before = {i: r.topk_idx.clone() for i, r in cap.last.layers.items()}
+
+    cfg = LoRAMoEConfig(num_experts=4, rank=2, groups=[2, 2], group_types=["a", "b"], lbc_weight=0.1)
+    add_loramoe(model, cfg)
+    names = set(loramoe_layers(model))
+    assert "model.layers.0.mlp.shared_expert.down_proj" in names and "model.layers.1.mlp.up_proj" in names
+    with RoutingCapture(model) as cap:  # B = 0: identical routing, and capture still finds the routers
+        model(input_ids=ids, attention_mask=mask)
+    assert all(torch.equal(before[i], r.topk_idx) for i, r in cap.last.layers.items())
+
+    for layer in loramoe_layers(model).values():
+        with torch.no_grad():
+            layer.lora_B.normal_(std=0.1)
+    model.train()
+    with routing_context(model, mask, ["a", "b"]) as ctx:
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert len(ctx.records) == len(names)
+    (out.loss + ctx.balance_loss()).backward()
+    for layer in find_moe_layers(model):
+        assert layer.experts.gate_up_proj.grad is None and layer.router.weight.grad is None
+    assert all(layer.router.grad is not None for layer in loramoe_layers(model).values())
+
+    model.eval()
+    save_loramoe(model, tmp_path / "a")
+    fresh = load_loramoe(tiny_model("qwen2_moe"), tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                           fresh(input_ids=ids, attention_mask=mask).logits)
