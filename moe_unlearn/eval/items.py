@@ -1,18 +1,17 @@
 """What the evaluation reads: `EvalItem` (a QA pair or a plain text) and `McqItem`, from lists or jsonl.
 
 Accepted inputs for a split (see `as_items`):
-- a path to a `.jsonl` / `.json` file (records) or a `.txt` file (one text per non-empty line);
+- a path to a `.jsonl` file, a `.txt` file (one text per non-empty line) or a datasets
+  save_to_disk folder, or a `datasets.Dataset` (all read by `moe_unlearn.data.load_records`);
 - a list of `EvalItem`, of `str` (plain texts), or of dicts with `question`+`answer` or `text`
   (the record format of `moe_unlearn.data.load_records` and of the benchmark generator).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from moe_unlearn.errors import DataError
@@ -82,48 +81,28 @@ def item_from_record(record: Any, where: str = "record") -> EvalItem:
     raise DataError(f"{where}: expected a dict, a string or an EvalItem, got {type(record).__name__}")
 
 
-def read_records(path: str | os.PathLike) -> list[Any]:
-    """Records of a .jsonl (one JSON value per line), .json (a list) or .txt (one text per line) file."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such file; pass a .jsonl, .json or .txt file")
-    suffix = p.suffix.lower()
-    text = p.read_text(encoding="utf-8")
-    if suffix == ".txt":
-        return [line for line in text.splitlines() if line.strip()]
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{p}: not valid JSON ({exc}); a .json file must hold a list of records") from None
-        if not isinstance(data, list):
-            raise DataError(f"{p}: a .json file must hold a list of records, got {type(data).__name__}")
-        return data
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{p}:{n}: not valid JSON ({exc.msg}); each line of a .jsonl file is one record") from None
-    return records
+def read_records(source: Any) -> list[Any]:
+    """Records of a path (.jsonl, .txt, or a datasets save_to_disk folder) or a datasets.Dataset,
+    read by `moe_unlearn.data.load_records` so every command accepts the same files."""
+    from moe_unlearn.data import load_records
+
+    return load_records(source)
+
+
+def _is_source(data: Any) -> bool:
+    return isinstance(data, os.PathLike) or hasattr(data, "column_names") or (
+        isinstance(data, str) and "\n" not in data)
 
 
 def as_items(data: ItemsLike, name: str = "data") -> list[EvalItem]:
-    """Normalise one split's data (path or list, see module docstring) to a non-empty list of EvalItem."""
-    if isinstance(data, (str, os.PathLike)) and not (isinstance(data, str) and "\n" in data):
-        path = Path(data)
-        if path.suffix.lower() in (".jsonl", ".json", ".txt") or path.exists():
-            records = read_records(path)
-            items = [item_from_record(r, f"{path} record {i + 1}") for i, r in enumerate(records)]
-            if not items:
-                raise DataError(f"{path}: no records; split {name!r} needs at least one item")
-            return items
-    if isinstance(data, str):
-        raise DataError(f"split {name!r}: got a string that is not a .jsonl/.json/.txt path; pass a path or a list "
-                        "of texts")
-    items = [item_from_record(r, f"split {name!r} item {i}") for i, r in enumerate(data)]
+    """Normalise one split's data (path, dataset or list, see module docstring) to a non-empty list of EvalItem."""
+    if _is_source(data):
+        records, where = read_records(data), str(data) if not hasattr(data, "column_names") else "dataset"
+    elif isinstance(data, str):
+        raise DataError(f"split {name!r}: got a multi-line string; pass a path or a list of texts")
+    else:
+        records, where = list(data), f"split {name!r}"
+    items = [item_from_record(r, f"{where} item {i}") for i, r in enumerate(records)]
     if not items:
         raise DataError(f"split {name!r} is empty; pass at least one item or leave the split out")
     return items
@@ -157,9 +136,8 @@ def mcq_from_record(record: Any, where: str = "record") -> McqItem:
 
 def as_mcq_items(data: ItemsLike) -> list[McqItem]:
     """MCQ items from a .jsonl/.json path or a list of records."""
-    if isinstance(data, (str, os.PathLike)):
-        records = read_records(data)
-        where = str(data)
+    if _is_source(data):
+        records, where = read_records(data), str(data)
     else:
         records, where = list(data), "mcq"
     items = [mcq_from_record(r, f"{where} record {i + 1}") for i, r in enumerate(records)]

@@ -24,11 +24,25 @@ from moe_unlearn.eval.items import EvalItem
 class PromptFormat:
     """How a QA item becomes tokens: prompt = template.format(question=q) (special tokens added),
     target = answer_prefix + answer (no special tokens); ids = prompt ids + target ids.
-    Encoding the two parts separately keeps the answer's token boundary exact."""
+    Encoding the two parts separately keeps the answer's token boundary exact.
+    The default matches `moe_unlearn.data.DEFAULT_TEMPLATE` ("Question: {question}\nAnswer: {answer}"),
+    the text the unlearning and training code builds from the same records."""
 
-    template: str = "{question}"
+    template: str = "Question: {question}\nAnswer:"
     answer_prefix: str = " "
     max_length: int = 512
+
+    @classmethod
+    def from_template(cls, text_template: str, max_length: int = 512) -> PromptFormat:
+        """From a full-text template with {question} and {answer} (as in moe_unlearn.data); whitespace
+        before {answer} moves into answer_prefix, so BPE tokenizers see " answer" as they did in training."""
+        if "{answer}" not in text_template or "{question}" not in text_template:
+            raise BadInputError(f"template {text_template!r} needs both {{question}} and {{answer}}")
+        head, tail = text_template.split("{answer}", 1)
+        if tail.strip():
+            raise BadInputError(f"template {text_template!r}: {{answer}} must come last")
+        stripped = head.rstrip()
+        return cls(template=stripped, answer_prefix=head[len(stripped):], max_length=max_length)
 
 
 @dataclass

@@ -1,0 +1,125 @@
+"""`moe-unlearn evaluate`: quality, membership inference, multiple choice and routing shift of a
+model (optionally with an unlearning patch applied) against the original; writes report.json,
+report.md and routing_overlap.png into --out, all or nothing."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moe_unlearn.errors import BadInputError
+
+DESCRIPTION = __doc__
+
+
+def _target(text: str) -> tuple[int, int]:
+    parts = text.replace(",", ":").split(":")
+    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"target must be LAYER:EXPERT (e.g. 3:12), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _named_split(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--split takes NAME=FILE (e.g. neighbor=neighbor.jsonl), got {text!r}")
+    return name, path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("evaluate", help="evaluate a model (or a patch) against the original",
+                              description=DESCRIPTION)
+    p.add_argument("--model", required=True, help="model directory (save_pretrained) to evaluate")
+    p.add_argument("--patch", help="unlearning patch (directory or its patch.json) to apply to --model first")
+    p.add_argument("--original", help="original model directory for routing metrics; with --patch and no "
+                                      "--original, --model before the patch is the original")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    p.add_argument("--forget", required=True, help=".jsonl ({question, answer} or {text}), .txt or dataset dir")
+    p.add_argument("--retain", required=True, help="same formats as --forget")
+    p.add_argument("--holdout", help="never-trained texts; enables the membership-inference AUCs")
+    p.add_argument("--split", action="append", type=_named_split, default=[], metavar="NAME=FILE",
+                   help="an extra split to score (repeatable), e.g. neighbor=neighbor.jsonl")
+    p.add_argument("--mcq", help=".jsonl of {question, choices, answer (index or letter)}")
+    p.add_argument("--target", type=_target, help="LAYER:EXPERT whose gate mass on forget tokens is reported")
+    p.add_argument("--reference-auc", type=float, help="MIA AUC of a retrained model, for PrivLeak")
+    p.add_argument("--template", default=None,
+                   help="QA text template with {question} and {answer} (default: moe_unlearn.data's "
+                        "'Question: {question}\\nAnswer: {answer}'); write a new line as \\n")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens for QA answers (ROUGE-L)")
+    p.add_argument("--no-generate", action="store_true", help="skip ROUGE-L and VerbMem (no decoding)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _load_model(path: str, device: str):
+    from transformers import AutoModelForCausalLM
+
+    if not Path(path).is_dir():
+        raise BadInputError(f"model directory {path} does not exist; pass a folder written by save_pretrained")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"cannot load a causal LM from {path}: {exc}") from exc
+    return model.to(device).eval()
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"cannot load a tokenizer from {path}: {exc}; pass --tokenizer DIR") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from moe_unlearn.data import DEFAULT_TEMPLATE
+    from moe_unlearn.eval import PromptFormat, as_items, as_mcq_items, evaluate, record_routing
+
+    if args.batch_size < 1 or args.max_new_tokens < 0:
+        raise BadInputError("--batch-size must be >= 1 and --max-new-tokens >= 0")
+    template = (args.template or DEFAULT_TEMPLATE).replace("\\n", "\n")
+    fmt = PromptFormat.from_template(template)
+    # read every input before loading anything, so a bad file fails fast and writes nothing
+    splits = {"forget": as_items(args.forget, "forget"), "retain": as_items(args.retain, "retain")}
+    if args.holdout:
+        splits["holdout"] = as_items(args.holdout, "holdout")
+    for name, path in args.split:
+        if name in splits:
+            raise BadInputError(f"--split {name}=... clashes with another split of that name; rename it")
+        splits[name] = as_items(path, name)
+    mcq = as_mcq_items(args.mcq) if args.mcq else None
+    if args.patch and not Path(args.patch).exists():
+        raise BadInputError(f"patch {args.patch} does not exist")
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    progress = not args.quiet
+    model = _load_model(args.model, device)
+    tokenizer = _load_tokenizer(args.tokenizer or args.model)
+    original, original_routing = None, None
+    if args.original:
+        original = _load_model(args.original, device)
+    if args.patch:
+        from moe_unlearn.unlearn import apply_patch  # lazy: the unlearning package is optional here
+
+        if original is None:  # the model before the patch is the original: record its routing first
+            original_routing = {name: record_routing(model, tokenizer, items, batch_size=args.batch_size, fmt=fmt,
+                                                     progress=progress) for name, items in splits.items()}
+        apply_patch(model, args.patch)
+
+    report = evaluate(
+        model, tokenizer, forget=splits.pop("forget"), retain=splits.pop("retain"),
+        holdout=splits.pop("holdout", None), extra_splits=splits or None, mcq=mcq, original=original,
+        original_routing=original_routing, target=args.target, reference_auc=args.reference_auc,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, generate=not args.no_generate,
+        prompt_format=fmt, progress=progress)
+    report.meta.update({"model_dir": args.model, "patch": args.patch, "original_dir": args.original})
+    paths = report.write_all(args.out)
+    print(report.to_markdown())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
