@@ -51,6 +51,14 @@ class DecoderStack:
         self.rotary_emb: nn.Module | None = getattr(base, "rotary_emb", None)
         self.norm: nn.Module = base.norm
         self.lm_head: nn.Module = model.get_output_embeddings()
+        types = self._layer_types() or []
+        other = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if other:  # e.g. Qwen3-Next linear-attention layers take other inputs
+            raise NotAnMoEModel(f"{type(model).__name__}: layer types {other} are not supported by the "
+                                "layer-stack runner; run the whole model (prefix caching off)")
+        # GraniteMoE scales embeddings and logits; other families leave these unset
+        self.embedding_multiplier = float(getattr(self.config, "embedding_multiplier", 1.0) or 1.0)
+        self.logits_scaling = float(getattr(self.config, "logits_scaling", 1.0) or 1.0)
 
     @property
     def num_layers(self) -> int:
@@ -84,7 +92,8 @@ class DecoderStack:
         return StackInputs(attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        h = self.embed_tokens(input_ids)
+        return h * self.embedding_multiplier if self.embedding_multiplier != 1.0 else h
 
     def run(self, hidden: torch.Tensor, inputs: StackInputs, *, start: int = 0, stop: int | None = None
             ) -> torch.Tensor:
@@ -103,7 +112,8 @@ class DecoderStack:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head on the output of the last layer."""
-        return self.lm_head(self.norm(hidden))
+        logits = self.lm_head(self.norm(hidden))
+        return logits / self.logits_scaling if self.logits_scaling != 1.0 else logits
 
     @torch.no_grad()
     def hidden_entering(self, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None

@@ -28,7 +28,8 @@ from torch import nn
 
 from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
 from moe_unlearn.arch.stack import DecoderStack
-from moe_unlearn.errors import BadInputError, DataError, TrainingDiverged
+from moe_unlearn.arch.discovery import adapter_for, decoder_layers
+from moe_unlearn.errors import BadInputError, DataError, NotAnMoEModel, TrainingDiverged
 from moe_unlearn.training import TrainConfig, TrainHistory, TrainHooks, train
 from moe_unlearn.unlearn.anchor import anchor_target, retain_routing_kl, router_anchor_loss
 from moe_unlearn.unlearn.objectives import ObjectiveInputs, get_objective, rmu_steering, sequence_nll
@@ -142,7 +143,12 @@ class _Runner:
         self.model = model
         self.hidden_layer = hidden_layer
         self.need_logits = need_logits
-        self.stack = DecoderStack(model) if start is not None else None
+        self.stack = None
+        if start is not None:
+            try:
+                self.stack = DecoderStack(model)
+            except NotAnMoEModel:  # a layout the stack runner does not know: run the whole model
+                start = None
         self.cache = PrefixCache(self.stack, start, max_bytes=cache_bytes, enabled=cache) if self.stack else None
         self.start = start
 
@@ -165,7 +171,7 @@ class _Runner:
         grabbed: dict[str, torch.Tensor] = {}
         handle = None
         if self.hidden_layer is not None:
-            layer = DecoderStack(self.model).layers[self.hidden_layer]
+            layer = _layer_list(self.model)[self.hidden_layer]
             handle = layer.register_forward_hook(
                 lambda m, a, o: grabbed.__setitem__("h", o[0] if isinstance(o, tuple) else o))
         try:
@@ -193,6 +199,10 @@ def _original_weights(model: nn.Module, entries: list[PatchEntry], originals: li
         with torch.no_grad():
             for view, cur in saved:
                 view.copy_(cur)
+
+
+def _layer_list(model: nn.Module) -> nn.ModuleList:
+    return decoder_layers(model, adapter_for(model).decoder_layer_lists)[1]
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -303,7 +313,7 @@ def unlearn(
     start = _prefix_start(plan) if prefix_cache else None
     rmu_layer = None
     if method == "rmu":
-        num_layers = DecoderStack(model).num_layers
+        num_layers = len(_layer_list(model))
         rmu_layer = hp["layer"]
         if rmu_layer is None:
             trained = {t.layer for t in targets} or None
