@@ -375,15 +375,20 @@ def attribute_experts(
                 runner(input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=position_ids,
                        use_cache=False)
                 rec = cap.last
-                flat_mask = mask.reshape(-1).bool()
-                seq_ids = torch.arange(B, device=device).repeat_interleave(S)
                 seq_len = mask.sum(-1)
                 seq_valid = (seq_len > 0).double()
+                # hand the op the real tokens only: cheaper than masking padding rows inside it
+                valid = mask.reshape(-1).nonzero().squeeze(1)
+                keep = None if valid.numel() == B * S else valid
+                seq_ids = torch.arange(B, device=device).repeat_interleave(seq_len)
                 batch_halves = None if halves is None else halves[seq_offset:seq_offset + B]
                 for layer, fn in zip(moe_layers, score_fns, strict=True):
                     r = rec.layers[layer.layer_idx]
-                    stats = ops.routing_stats(r.logits, top_k=layer.top_k, seq_ids=seq_ids, num_seqs=B,
-                                              mask=flat_mask, topk_idx=r.topk_idx, score_fn=fn)
+                    logits, topk_idx = r.logits, r.topk_idx
+                    if keep is not None:
+                        logits, topk_idx = logits.index_select(0, keep), topk_idx.index_select(0, keep)
+                    stats = ops.routing_stats(logits, top_k=layer.top_k, seq_ids=seq_ids, num_seqs=B,
+                                              topk_idx=topk_idx, score_fn=fn)
                     accs[layer.layer_idx].add(stats, seq_valid, batch_halves)
                 num_seqs += int((seq_len > 0).sum())
                 num_tokens += int(seq_len.sum())
