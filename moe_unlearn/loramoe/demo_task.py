@@ -1,0 +1,76 @@
+"""A new task for the demo model, and how well a model does it: for the LoRAMoE example and benchmark.
+
+The demo model (moe_unlearn.bench_model) knows fictitious facts. The new task is one it was
+never trained on: reverse the order of a few words ("Reverse: teal marsh salt" -> "salt marsh
+teal"), with words from the facts' value pools, so the tokenizer knows them. It is a rule
+(held-out word lists test it), not more facts to memorise, so the comparison measures how
+much fine-tuning on it costs the old knowledge.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_unlearn.data import pad_batch
+
+
+def word_reversal_records(words: Sequence[str], n: int, *, length: int = 3, seed: int = 0,
+                          type_label: str = "task", exclude: set[tuple[str, ...]] | None = None
+                          ) -> list[dict[str, Any]]:
+    """n distinct {"prompt", "response", "type"} records; word tuples in `exclude` are skipped."""
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    out = []
+    while len(out) < n:
+        picked = tuple(rng.sample(list(words), length))
+        if picked in seen:
+            continue
+        seen.add(picked)
+        out.append({"prompt": f"Reverse: {' '.join(picked)}\nAnswer:", "response": " " + " ".join(reversed(picked)),
+                    "type": type_label, "words": list(picked)})
+    return out
+
+
+def prompt_response_exact_match(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]],
+                                batch_size: int = 64) -> float:
+    """Fraction of records whose response (then eos) greedy decoding reproduces exactly after the prompt."""
+    hits = prompt_response_hits(model, tokenizer, records, batch_size)
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
+@torch.no_grad()
+def prompt_response_hits(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]],
+                         batch_size: int = 64) -> list[bool]:
+    """Per record: does greedy decoding after the prompt give exactly the response, then eos?
+
+    Teacher forcing in one forward per batch: greedy decoding yields exactly the response and
+    eos iff the argmax at every response position (given the true prefix) is the true token.
+    """
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    hits: list[bool] = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        prompts = tokenizer([r["prompt"] for r in chunk], add_special_tokens=False)["input_ids"]
+        bodies = tokenizer([r["response"] for r in chunk], add_special_tokens=False)["input_ids"]
+        seqs = [torch.tensor([*p, *b, eos]) for p, b in zip(prompts, bodies, strict=True)]
+        batch = pad_batch(seqs, pad_token_id=pad)
+        pred = model(input_ids=batch["input_ids"].to(device),
+                     attention_mask=batch["attention_mask"].to(device)).logits.argmax(-1).cpu()
+        for row, (p, seq) in enumerate(zip(prompts, seqs, strict=True)):
+            hits.append(bool(torch.equal(pred[row, len(p) - 1:len(seq) - 1], seq[len(p):])))
+    model.train(was_training)
+    return hits
+
+
+def fact_records(facts: Sequence[Any], type_label: str = "world") -> list[dict[str, Any]]:
+    """Benchmark facts as QA prompt/response records (the form the demo model was trained on)."""
+    return [{"prompt": f.prompt, "response": f.qa[len(f.prompt):], "type": type_label} for f in facts]
