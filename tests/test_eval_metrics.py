@@ -117,6 +117,8 @@ def test_items_from_jsonl_txt_and_lists(tmp_path):
     txt.write_text("one text\n\nanother\n")
     assert [i.text for i in as_items(txt)] == ["one text", "another"]
     assert as_items([{"prompt": "p", "completion": "c"}]) == [EvalItem(question="p", answer="c")]
+    both = as_items([{"question": "q", "answer": "a", "text": "q is a", "domain": "x"}])
+    assert both == [EvalItem(question="q", answer="a", text="q is a")] and both[0].is_qa
     with pytest.raises(DataError):
         as_items([{"title": "no usable field"}])
     with pytest.raises(DataError):
@@ -125,6 +127,8 @@ def test_items_from_jsonl_txt_and_lists(tmp_path):
         as_items(tmp_path / "missing.jsonl")
     with pytest.raises(DataError):
         EvalItem(question="q", answer=" ")
+    with pytest.raises(DataError):
+        EvalItem(question="q", text="t")
 
 
 def test_prompt_format_from_data_template():

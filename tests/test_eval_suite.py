@@ -48,9 +48,13 @@ def perturb_router(m, layer_pos=1, seed=1):
 
 def test_evaluate_against_itself(model, tmp_path):
     tok = word_tokenizer()
+    neighbor = [{"question": "w70", "answer": "w71", "text": "w70 w72 w71 w73 w74"}]  # QA with a statement
     rep = evaluate(model, tok, forget=FORGET, retain=RETAIN, holdout=HOLDOUT, mcq=MCQ, original=model,
-                   target=(1, 3), reference_auc=0.5, batch_size=2, max_new_tokens=8, progress=False)
-    assert set(rep.splits) == {"forget", "retain", "holdout"}
+                   extra_splits={"neighbor": neighbor}, target=(1, 3), reference_auc=0.5, batch_size=2,
+                   max_new_tokens=8, progress=False)
+    assert set(rep.splits) == {"forget", "retain", "holdout", "neighbor"}
+    nb = rep.splits["neighbor"]
+    assert (nb.n_qa, nb.n_text) == (1, 0) and nb.exact_match is not None and 0 <= nb.verbmem <= 100
     for s in rep.splits.values():
         assert s.nll > 0 and 0 <= s.token_accuracy <= 1
     f = rep.splits["forget"]

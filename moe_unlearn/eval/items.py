@@ -23,20 +23,21 @@ TEXT_FIELDS = ("text", "content", "statement")
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One evaluation example: a QA pair (question and answer set) or a plain text (text set)."""
+    """One evaluation example: a QA pair (question and answer), a plain text, or both (a QA pair
+    with a statement of the same fact, as the benchmark generator writes). The QA form is what
+    gets scored (NLL, accuracy, exact match, ROUGE-L, MIA); a text also gets VerbMem."""
 
     question: str | None = None
     answer: str | None = None
     text: str | None = None
 
     def __post_init__(self) -> None:
-        qa = self.question is not None and self.answer is not None
-        if qa == (self.text is not None) or (self.question is None) != (self.answer is None):
-            raise DataError("an EvalItem holds either question and answer, or text; got "
+        if (self.question is None) != (self.answer is None) or (self.question is None and self.text is None):
+            raise DataError("an EvalItem holds question and answer, or text, or all three; got "
                             f"question={self.question!r}, answer={self.answer!r}, text={self.text!r}")
-        if qa and not str(self.answer).strip():
+        if self.answer is not None and not str(self.answer).strip():
             raise DataError(f"empty answer for question {self.question!r}; give every QA item a non-empty answer")
-        if not qa and not str(self.text).strip():
+        if self.text is not None and not str(self.text).strip():
             raise DataError("empty text item; remove blank texts from the data")
 
     @property
@@ -70,12 +71,12 @@ def item_from_record(record: Any, where: str = "record") -> EvalItem:
     if isinstance(record, str):
         return EvalItem(text=record)
     if isinstance(record, Mapping):
-        q, a = _first(record, QUESTION_FIELDS), _first(record, ANSWER_FIELDS)
+        q, a, t = _first(record, QUESTION_FIELDS), _first(record, ANSWER_FIELDS), _first(record, TEXT_FIELDS)
+        t = None if t is None else str(t)
         if q is not None and a is not None:
-            return EvalItem(question=str(q), answer=str(a))
-        t = _first(record, TEXT_FIELDS)
+            return EvalItem(question=str(q), answer=str(a), text=t)
         if t is not None:
-            return EvalItem(text=str(t))
+            return EvalItem(text=t)
         raise DataError(f"{where}: needs fields question+answer (or {'/'.join(QUESTION_FIELDS)} + "
                         f"{'/'.join(ANSWER_FIELDS)}) or text (or {'/'.join(TEXT_FIELDS)}); got keys {sorted(record)}")
     raise DataError(f"{where}: expected a dict, a string or an EvalItem, got {type(record).__name__}")

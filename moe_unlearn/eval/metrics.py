@@ -8,7 +8,7 @@ Conventions (SPEC section 5):
   true preceding answer tokens, i.e. greedy decoding reproduces the answer's tokens exactly.
 - rouge_l (QA items): greedy answer (<= max_new_tokens, cut at EOS and at the first stop string)
   vs the true answer, ROUGE-L F1 x 100 (rouge-score, Porter stemmer on), mean over items.
-- verbmem (text items): prefix -> greedy continuation vs the true continuation (both at most
+- verbmem (every item with a text: plain texts and QA items that carry a statement): prefix -> greedy continuation vs the true continuation (both at most
   128 tokens; the model generates as many tokens as the true continuation has), ROUGE-L F1 x 100.
 """
 
@@ -74,7 +74,7 @@ class SplitMetrics:
 
     n_items: int
     n_qa: int
-    n_text: int
+    n_text: int  # text-only items (QA items that also carry a text count as QA)
     nll: float
     token_accuracy: float
     exact_match: float | None = None

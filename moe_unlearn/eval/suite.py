@@ -16,7 +16,14 @@ from moe_unlearn.eval.metrics import cut_at_stop, rouge_l, rouge_l_recall, split
 from moe_unlearn.eval.mia import MIN_K_RATIO, mia_result, text_scores
 from moe_unlearn.eval.report import EvalReport
 from moe_unlearn.eval.routing import compare_routing
-from moe_unlearn.eval.scoring import PromptFormat, RoutingRecording, ScoredSplit, encode_items, score_encoded
+from moe_unlearn.eval.scoring import (
+    PromptFormat,
+    RoutingRecording,
+    ScoredSplit,
+    encode,
+    encode_items,
+    score_encoded,
+)
 
 VERBMEM_MAX_NEW_TOKENS = 128
 N_EXAMPLES = 3
@@ -38,7 +45,7 @@ def _generation_metrics(model, tokenizer, scored: ScoredSplit, items, *, name: s
                         batch_size: int, progress: bool) -> tuple[dict[str, list[float]], list[dict[str, str]]]:
     """Per-item QA ROUGE-L (F1, recall) and VerbMem of one split, plus a few examples."""
     qa = [(e, it) for e, it in zip(scored.encoded, items, strict=True) if it.is_qa]
-    texts = [e for e, it in zip(scored.encoded, items, strict=True) if not it.is_qa]
+    texts = [encode(tokenizer, it.text, True) for it in items if it.text is not None]
     out: dict[str, list[float]] = {"rouge": [], "recall": [], "verbmem": []}
     examples: list[dict[str, str]] = []
     if qa:
@@ -51,7 +58,7 @@ def _generation_metrics(model, tokenizer, scored: ScoredSplit, items, *, name: s
             if len(examples) < N_EXAMPLES:
                 examples.append({"question": it.question, "answer": it.answer, "generated": pred})
     if texts:
-        pairs = [verbmem_split(e.ids, verbmem_prefix_tokens, verbmem_max_new_tokens) for e in texts]
+        pairs = [verbmem_split(ids, verbmem_prefix_tokens, verbmem_max_new_tokens) for ids in texts if len(ids) >= 2]
         gens = greedy_generate(model, tokenizer, [p for p, _ in pairs], [len(t) for _, t in pairs],
                                batch_size=batch_size, progress=progress, desc=f"{name}: VerbMem")
         for (prefix, truth), g in zip(pairs, gens, strict=True):
