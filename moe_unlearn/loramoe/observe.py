@@ -94,7 +94,7 @@ class RoutingMassObserver:
 
         gates = self.mean_gate()
         types = sorted({t for layer in layers for t in gates[layer]})
-        fig, axes = plt.subplots(1, len(types), figsize=(1.0 + 2.2 * len(types), 0.9 + 0.3 * len(layers)),
+        fig, axes = plt.subplots(1, len(types), figsize=(1.0 + 2.6 * len(types), 1.8 + 0.3 * len(layers)),
                                  squeeze=False)
         bounds = [i + 0.5 for i in range(len(expert_group) - 1) if expert_group[i] != expert_group[i + 1]]
         for ax, t in zip(axes[0], types, strict=True):
