@@ -172,3 +172,25 @@ def test_context_reaches_layers_only_inside_and_checks_shapes():
     with pytest.raises(BadInputError, match="exactly one forward"):
         with routing_context(model, mask[:, :3], ["a", "b"]):
             model(input_ids=ids, attention_mask=mask)
+
+
+def test_observer_mass_per_type_excludes_padding(tmp_path):
+    import json
+
+    from moe_unlearn.loramoe import RoutingContext, RoutingMassObserver
+
+    gates, mask = fixed_case()
+    ctx = RoutingContext(mask, ["a", None], group_types=["a", "b"], expert_group=[0, 0, 1, 1], delta=0.1,
+                         convention="divide")
+    ctx.record("model.layers.0.mlp.up_proj", gates.reshape(6, 4))
+    obs = RoutingMassObserver()
+    obs.update(ctx)
+    obs.update(ctx)  # accumulates
+    mean = obs.mean_gate()["model.layers.0.mlp.up_proj"]
+    assert mean["a"] == pytest.approx([.25, .25, .25, .25])  # (.4+.1)/2 ... the padding token's [1,0,0,0] is out
+    assert mean["<untyped>"] == pytest.approx([1.0 / 3, .4 / 3, .45 / 3, 1.15 / 3])
+    assert obs.summary([0, 0, 1, 1])["<untyped>"] == pytest.approx([1.4 / 3, 1.6 / 3])
+    files = obs.save(tmp_path, [0, 0, 1, 1], ["a", "b"])
+    assert sorted(p.name for p in files) == ["routing_mass.json", "routing_mlp_up_proj.png"]
+    saved = json.loads((tmp_path / "routing_mass.json").read_text())
+    assert saved["tokens"]["model.layers.0.mlp.up_proj"] == {"a": 4, "<untyped>": 6}

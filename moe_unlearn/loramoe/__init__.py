@@ -10,6 +10,7 @@ the localized balancing constraint so that world knowledge survives fine-tuning.
 
 from moe_unlearn.loramoe.balance import RoutingContext, localized_balance_loss, routing_context
 from moe_unlearn.loramoe.config import LoRAMoEConfig
+from moe_unlearn.loramoe.finetune import FinetuneConfig, FinetuneResult, finetune
 from moe_unlearn.loramoe.layer import LoRAMoELinear
 from moe_unlearn.loramoe.model import (
     adapter_parameters,
@@ -21,7 +22,8 @@ from moe_unlearn.loramoe.model import (
     merge_loramoe,
     save_loramoe,
 )
+from moe_unlearn.loramoe.observe import RoutingMassObserver, observe_routing
 
-__all__ = ["LoRAMoEConfig", "LoRAMoELinear", "RoutingContext", "adapter_parameters", "add_loramoe", "find_targets",
+__all__ = ["FinetuneConfig", "FinetuneResult", "LoRAMoEConfig", "LoRAMoELinear", "RoutingContext", "adapter_parameters", "add_loramoe", "find_targets",
            "get_loramoe_config", "load_loramoe", "localized_balance_loss", "loramoe_layers", "merge_loramoe",
-           "routing_context", "save_loramoe"]
+           "observe_routing", "routing_context", "save_loramoe", "RoutingMassObserver", "finetune"]
