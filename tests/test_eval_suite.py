@@ -158,3 +158,15 @@ def test_cli_with_patch_writes_all_reports(model, tmp_path):
     assert routing["overlap"][0] == 1.0 and routing["overlap"][1] < 1.0
     assert routing["target"] == [1, 2]
     assert 0 <= rep["mcq"]["accuracy"] <= 1 and set(rep["mia"]["auc"]) == {"loss", "zlib", "min_k", "min_k_pp"}
+
+
+@pytest.mark.gpu
+def test_evaluate_on_cuda_matches_cpu(model):
+    tok = word_tokenizer()
+    cpu = evaluate(model, tok, forget=FORGET, holdout=HOLDOUT, original=model, generate=False, progress=False)
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu = evaluate(gpu_model, tok, forget=FORGET, holdout=HOLDOUT, original=gpu_model, max_new_tokens=4,
+                   progress=False)
+    assert gpu.splits["forget"].nll == pytest.approx(cpu.splits["forget"].nll, rel=1e-3)
+    assert gpu.routing["forget"].overlap == [1.0, 1.0]
+    assert gpu.mia.auc["loss"] == pytest.approx(cpu.mia.auc["loss"])

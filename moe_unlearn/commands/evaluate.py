@@ -49,7 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens for QA answers (ROUGE-L)")
     p.add_argument("--no-generate", action="store_true", help="skip ROUGE-L and VerbMem (no decoding)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (report.json, report.md, and "
+                                                "routing_overlap.png when --original or --patch gives routing)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -61,7 +62,7 @@ def _load_model(path: str, device: str):
         raise BadInputError(f"model directory {path} does not exist; pass a folder written by save_pretrained")
     try:
         model = AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         raise BadInputError(f"cannot load a causal LM from {path}: {exc}") from exc
     return model.to(device).eval()
 

@@ -1,4 +1,4 @@
-"""What the evaluation reads: `EvalItem` (a QA pair or a plain text) and `McqItem`, from lists or jsonl.
+"""What the evaluation reads: `EvalItem` (a QA pair, a plain text, or both) and `McqItem`.
 
 Accepted inputs for a split (see `as_items`):
 - a path to a `.jsonl` file, a `.txt` file (one text per non-empty line) or a datasets
