@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
-from moe_unlearn.arch.stack import DecoderStack
 from moe_unlearn.arch.discovery import adapter_for, decoder_layers
+from moe_unlearn.arch.stack import DecoderStack
 from moe_unlearn.errors import BadInputError, DataError, NotAnMoEModel, TrainingDiverged
 from moe_unlearn.training import TrainConfig, TrainHistory, TrainHooks, train
 from moe_unlearn.unlearn.anchor import anchor_target, retain_routing_kl, router_anchor_loss
