@@ -85,6 +85,34 @@ def _dbrx() -> dict:
                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))
 
 
+def _minimax() -> dict:
+    # hybrid: layer 0 lightning (linear) attention, layer 1 full attention
+    return dict(model_type="minimax", num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, head_dim=8,
+                layer_types=["linear_attention", "full_attention"], block_size=4)
+
+
+def _flex_olmo() -> dict:
+    return dict(model_type="flex_olmo", num_experts=4, num_experts_per_tok=2, intermediate_size=16,
+                norm_topk_prob=True, pad_token_id=1, eos_token_id=2)
+
+
+def _glm4_moe() -> dict:
+    return dict(model_type="glm4_moe", num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8,
+                num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1, n_group=2, topk_group=1,
+                routed_scaling_factor=1.8, norm_topk_prob=True, head_dim=8, pad_token_id=1, eos_token_id=2)
+
+
+def _dots1() -> dict:
+    return dict(model_type="dots1", num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8,
+                num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1, n_group=4, topk_group=2,
+                routed_scaling_factor=2.0, norm_topk_prob=False, head_dim=8)
+
+
+def _hunyuan_v1_moe() -> dict:
+    return dict(model_type="hunyuan_v1_moe", num_experts=4, moe_topk=2, intermediate_size=16, head_dim=8,
+                pad_token_id=1, eos_token_id=2, bos_token_id=3)
+
+
 # family name (= transformers model_type) -> function returning config kwargs (model_type included)
 TINY_FAMILIES: dict[str, Callable[[], dict]] = {
     "mixtral": _mixtral,
@@ -98,13 +126,19 @@ TINY_FAMILIES: dict[str, Callable[[], dict]] = {
     "granitemoe": _granitemoe,
     "qwen3_next": _qwen3_next,
     "dbrx": _dbrx,
+    "minimax": _minimax,
+    "flex_olmo": _flex_olmo,
+    "glm4_moe": _glm4_moe,
+    "dots1": _dots1,
+    "hunyuan_v1_moe": _hunyuan_v1_moe,
 }
 
 # Families whose full score distribution is a sigmoid (DeepSeek-V3 style); all others are softmax.
-SIGMOID_FAMILIES: tuple[str, ...] = ("deepseek_v3",)
+SIGMOID_FAMILIES: tuple[str, ...] = ("deepseek_v3", "glm4_moe", "dots1")
 SOFTMAX_FAMILIES: tuple[str, ...] = tuple(f for f in TINY_FAMILIES if f not in SIGMOID_FAMILIES)
 # Families with shared (always-on) experts beside the routed ones.
-SHARED_EXPERT_FAMILIES: tuple[str, ...] = ("qwen2_moe", "deepseek_v2", "deepseek_v3", "qwen3_next")
+SHARED_EXPERT_FAMILIES: tuple[str, ...] = ("qwen2_moe", "deepseek_v2", "deepseek_v3", "qwen3_next", "glm4_moe",
+                                           "dots1", "hunyuan_v1_moe")
 
 _DBRX_ONLY = {"d_model", "n_heads", "n_layers", "max_seq_len", "attn_config", "ffn_config"}
 
@@ -130,7 +164,7 @@ def _randomise_zero_init(model: PreTrainedModel, generator: torch.Generator) -> 
         if name.endswith(("gate_up_proj_bias", "down_proj_bias")):
             tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
         elif name.endswith("e_score_correction_bias"):
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.01)
 
 
 def tiny_model(family: str, seed: int = 0, **overrides) -> PreTrainedModel:

@@ -41,6 +41,16 @@ class MixtralLayer(SoftmaxTopKLayer):
         return True
 
 
+class HunyuanMoeLayer(SoftmaxTopKLayer):
+    """HunYuan-MoE-V1: softmax in fp32, top-K, always renormalised, weights cast to the logits' dtype;
+    router `gate.wg`; an ungated always-on `shared_mlp`."""
+
+    routing_rule = "softmax-topk-renorm"
+
+    def _renormalize(self) -> bool:
+        return True
+
+
 class LogitTopKLayer(FusedGateUpLayer):
     """GraniteMoE: fp32 logits, top-K of the logits, softmax over the K, cast to the hidden dtype.
     The full score distribution is the fp32 softmax over all experts."""
