@@ -287,3 +287,39 @@ def test_model_summary_works_on_the_meta_device():
         meta = AutoModelForCausalLM.from_config(tiny_config("gpt_oss"))
     real = model_summary(tiny_model("gpt_oss"))
     assert model_summary(meta) == real
+
+
+def test_capture_keeps_the_graph_when_asked():
+    model = tiny_model("deepseek_v3")
+    layers = find_moe_layers(model)
+    with RoutingCapture(model, layers, detach=False) as cap:
+        model(**_batch())
+    lay = layers[0]
+    scores = lay.scores_from_logits(cap.last.layers[lay.layer_idx].logits)
+    scores[:, 0].sum().backward()  # e.g. a router-anchor loss
+    (name, weight), = lay.router_parameters()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    assert lay.router.e_score_correction_bias.grad is None
+
+
+def test_capture_during_cached_decoding_marks_only_the_new_tokens():
+    model = tiny_model("qwen3_moe")
+    batch = _batch(pad=2)
+    with torch.no_grad(), RoutingCapture(model) as cap:
+        out = model(**batch, use_cache=True)
+        step = {"input_ids": torch.tensor([[5], [6]]),
+                "attention_mask": torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)}
+        model(**step, past_key_values=out.past_key_values, use_cache=True)
+    first, second = cap.records
+    assert first.shape == (2, 7) and second.shape == (2, 1)
+    assert torch.equal(second.mask, torch.ones(2, dtype=torch.bool))
+    assert second.layers[0].logits.shape == (2, 6)
+
+
+def test_routing_called_outside_a_forward_is_recorded_without_a_mask():
+    model = tiny_model("dbrx")
+    lay = find_moe_layers(model)[0]
+    with RoutingCapture(model, [lay]) as cap, torch.no_grad():
+        routing = lay.route(torch.randn(5, 32))
+    rec = cap.last
+    assert rec.mask is None and torch.equal(rec.layers[lay.layer_idx].topk_idx, routing.topk_idx)
