@@ -1,0 +1,115 @@
+"""Shared microbenchmark harness: timing, bandwidth reference, environment record, JSON output.
+
+Timing uses CUDA events on a GPU (per-run start/end events, after warm-up) and perf_counter on the
+CPU; the median of many runs is reported. Bandwidth fractions are taken against a large
+device-to-device copy measured in the same process, so they describe this device at this moment.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, runs: int = 50,
+            max_seconds: float = 10.0) -> Timing:
+    """Median time of fn() after warm-up; stops early (at >= 3 runs) once max_seconds is spent."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    budget_end = time.perf_counter() + max_seconds
+    for _ in range(runs):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 3 and time.perf_counter() > budget_end:
+            break
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return Timing(statistics.median(times), q[0], q[3], len(times))
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None) -> float:
+    """Achieved GB/s (bytes read + bytes written) of a large device-to-device copy."""
+    if nbytes is None:
+        nbytes = 2 << 30 if device.type == "cuda" else 64 << 20
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=3, runs=20)
+    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {platform.machine()} {os.cpu_count()} cores"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    """Atomic write (temp file + rename): a crash never leaves a half-written result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def timing_dict(t: Timing) -> dict:
+    return asdict(t)
