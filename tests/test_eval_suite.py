@@ -109,6 +109,21 @@ def test_batching_and_padding_do_not_change_results(model):
     assert together == [greedy_generate(model, tok, [p], 6, batch_size=1, progress=False)[0] for p in prompts]
 
 
+def test_greedy_generate_limits_and_eos_cut(model):
+    from types import SimpleNamespace
+
+    prompt = [6, 7, 8]
+    full = greedy_generate(model, SimpleNamespace(pad_token_id=0, eos_token_id=None), [prompt], 6, progress=False)[0]
+    assert len(full) == 6
+    short = greedy_generate(model, SimpleNamespace(pad_token_id=0, eos_token_id=None), [prompt, prompt], [2, 6],
+                            progress=False)
+    assert short == [full[:2], full]
+    stop = full[2]
+    assert stop not in full[:2]  # (seed 0) so the continuation must stop right before position 2
+    cut = greedy_generate(model, SimpleNamespace(pad_token_id=0, eos_token_id=stop), [prompt], 6, progress=False)
+    assert cut == [full[:2]]
+
+
 def test_bad_inputs_fail_before_any_work(model):
     tok = word_tokenizer()
     rec = record_routing(model, tok, RETAIN)

@@ -49,28 +49,28 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]
     if any(len(p) == 0 for p in prompts):
         raise BadInputError("greedy_generate: every prompt needs at least one token")
     device, pad, stops = model_device(model), pad_token_id(tokenizer), eos_ids(model, tokenizer)
-    outputs: list[list[int]] = []
+    # batches of similar length waste less compute on padding; results go back in the caller's order
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-            batch = prompts[start:start + batch_size]
-            limit = max(limits[start:start + batch_size])
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+            rows = order[start:start + batch_size]
+            limit = max(limits[i] for i in rows)
             if limit <= 0:
-                outputs.extend([] for _ in batch)
                 continue
-            ids, mask = left_pad(batch, pad, device)
+            ids, mask = left_pad([prompts[i] for i in rows], pad, device)
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=limit, min_new_tokens=0,
                                  do_sample=False, num_beams=1, pad_token_id=pad,
                                  eos_token_id=stops or None)
-            new = gen[:, ids.shape[1]:].cpu().tolist()
-            for j, seq in enumerate(new):
-                seq = seq[: limits[start + j]]
+            for i, seq in zip(rows, gen[:, ids.shape[1]:].cpu().tolist(), strict=True):
+                seq = seq[: limits[i]]
                 for pos, tok in enumerate(seq):
                     if tok in stops:
                         seq = seq[:pos]
                         break
-                outputs.append(seq)
+                outputs[i] = seq
     finally:
         model.train(was_training)
     return outputs
