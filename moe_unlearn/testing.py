@@ -113,6 +113,13 @@ def _hunyuan_v1_moe() -> dict:
                 pad_token_id=1, eos_token_id=2, bos_token_id=3)
 
 
+def _ernie4_5_moe() -> dict:
+    # layer 0 dense (moe_layer_start_index=1)
+    return dict(model_type="ernie4_5_moe", num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=16, moe_num_shared_experts=1, moe_layer_start_index=1, head_dim=8,
+                pad_token_id=1, eos_token_id=2, bos_token_id=3)
+
+
 # family name (= transformers model_type) -> function returning config kwargs (model_type included)
 TINY_FAMILIES: dict[str, Callable[[], dict]] = {
     "mixtral": _mixtral,
@@ -131,6 +138,7 @@ TINY_FAMILIES: dict[str, Callable[[], dict]] = {
     "glm4_moe": _glm4_moe,
     "dots1": _dots1,
     "hunyuan_v1_moe": _hunyuan_v1_moe,
+    "ernie4_5_moe": _ernie4_5_moe,
 }
 
 # Families whose full score distribution is a sigmoid (DeepSeek-V3 style); all others are softmax.
@@ -138,7 +146,7 @@ SIGMOID_FAMILIES: tuple[str, ...] = ("deepseek_v3", "glm4_moe", "dots1")
 SOFTMAX_FAMILIES: tuple[str, ...] = tuple(f for f in TINY_FAMILIES if f not in SIGMOID_FAMILIES)
 # Families with shared (always-on) experts beside the routed ones.
 SHARED_EXPERT_FAMILIES: tuple[str, ...] = ("qwen2_moe", "deepseek_v2", "deepseek_v3", "qwen3_next", "glm4_moe",
-                                           "dots1", "hunyuan_v1_moe")
+                                           "dots1", "hunyuan_v1_moe", "ernie4_5_moe")
 
 _DBRX_ONLY = {"d_model", "n_heads", "n_layers", "max_seq_len", "attn_config", "ffn_config"}
 

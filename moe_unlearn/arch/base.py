@@ -215,7 +215,8 @@ class MoELayer:
     def router_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The trainable parameters of this layer's router (weight, and bias where present; never
         buffers such as DeepSeek-V3's e_score_correction_bias)."""
-        return [(self.param_name(p), p) for p in self.router.parameters()]
+        named = [(self.param_name(p), p) for p in self.router.parameters()]
+        return [(n, p) for n, p in named if not n.endswith("e_score_correction_bias")]  # ERNIE keeps it as a Parameter
 
     def router_num_params(self) -> int:
         return sum(p.numel() for _, p in self.router_parameters())

@@ -5,7 +5,7 @@ that family. Adding a family = one small subclass (or reuse) + one registry line
 
 Families checked against transformers 5.23 (tests/test_arch.py runs each tiny model):
 mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss, phimoe,
-granitemoe, qwen3_next, dbrx; and minimax, flex_olmo, glm4_moe, dots1, hunyuan_v1_moe.
+granitemoe, qwen3_next, dbrx; and minimax, flex_olmo, glm4_moe, dots1, hunyuan_v1_moe, ernie4_5_moe.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ from moe_unlearn.arch.deepseek import DeepseekV2Layer, DeepseekV3Layer
 from moe_unlearn.arch.fused import FusedGateUpLayer
 from moe_unlearn.arch.gpt_oss import GptOssLayer
 from moe_unlearn.arch.phimoe import PhimoeLayer
-from moe_unlearn.arch.softmax_topk import HunyuanMoeLayer, LogitTopKLayer, MixtralLayer, SoftmaxTopKLayer
+from moe_unlearn.arch.softmax_topk import (
+                                           ErnieMoeLayer,
+                                           HunyuanMoeLayer,
+                                           LogitTopKLayer,
+                                           MixtralLayer,
+                                           SoftmaxTopKLayer,
+)
 
 # model_type -> adapter class
 ADAPTERS: dict[str, type[MoELayer]] = {
@@ -37,7 +43,8 @@ ADAPTERS: dict[str, type[MoELayer]] = {
     "glm4_moe": DeepseekV3Layer,
     "dots1": DeepseekV3Layer,
     "hunyuan_v1_moe": HunyuanMoeLayer,
+    "ernie4_5_moe": ErnieMoeLayer,
 }
 
-__all__ = ["ADAPTERS", "DbrxLayer", "DeepseekV2Layer", "DeepseekV3Layer", "FusedGateUpLayer", "GptOssLayer",
+__all__ = ["ADAPTERS", "DbrxLayer", "DeepseekV2Layer", "DeepseekV3Layer", "ErnieMoeLayer", "FusedGateUpLayer", "GptOssLayer",
            "HunyuanMoeLayer", "LogitTopKLayer", "MixtralLayer", "PhimoeLayer", "SoftmaxTopKLayer"]

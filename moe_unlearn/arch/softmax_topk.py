@@ -62,3 +62,18 @@ class LogitTopKLayer(FusedGateUpLayer):
         top, idx = logits.topk(self.top_k, dim=-1)
         weight = torch.softmax(top, dim=-1).to(self.router.weight.dtype)
         return Routing(scores=torch.softmax(logits, dim=-1), topk_idx=idx, topk_weight=weight.float())
+
+
+class ErnieMoeLayer(FusedGateUpLayer):
+    """ERNIE-4.5-MoE: fp32 softmax; selection on softmax + e_score_correction_bias (a frozen
+    parameter in `gate.moe_statics`); weights are the unbiased softmax scores divided by
+    max(sum, moe_norm_min), cast to the hidden dtype; optional ungated `shared_experts`."""
+
+    routing_rule = "softmax-biased-topk-renorm"
+
+    def route_from_logits(self, logits: torch.Tensor) -> Routing:
+        probs = torch.softmax(logits.float(), dim=1, dtype=torch.float32)
+        idx = torch.topk(self.router.moe_statics(probs), self.top_k, dim=-1)[1]
+        weight = torch.gather(probs, dim=-1, index=idx)
+        weight = weight / torch.clamp(weight.sum(dim=-1, keepdim=True), min=self.router.norm_min)
+        return Routing(scores=probs, topk_idx=idx, topk_weight=weight.to(self.experts.gate_up_proj.dtype).float())
