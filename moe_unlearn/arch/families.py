@@ -17,11 +17,11 @@ from moe_unlearn.arch.fused import FusedGateUpLayer
 from moe_unlearn.arch.gpt_oss import GptOssLayer
 from moe_unlearn.arch.phimoe import PhimoeLayer
 from moe_unlearn.arch.softmax_topk import (
-                                           ErnieMoeLayer,
-                                           HunyuanMoeLayer,
-                                           LogitTopKLayer,
-                                           MixtralLayer,
-                                           SoftmaxTopKLayer,
+    ErnieMoeLayer,
+    HunyuanMoeLayer,
+    LogitTopKLayer,
+    MixtralLayer,
+    SoftmaxTopKLayer,
 )
 
 # model_type -> adapter class
