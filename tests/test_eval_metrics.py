@@ -52,7 +52,9 @@ def test_nll_accuracy_exact_match_on_planted_model():
     forget = [{"question": "q", "answer": "b c"},  # both answer tokens are the argmax: nll 0.6, acc 1, EM 1
               {"question": "q", "answer": "a c"},  # a is not the argmax after q: nll 0.75, acc 0.5, EM 0
               "q b c"]                              # a text item: nll 0.6, acc 1
-    rep = evaluate(BigramStub(), word_tokenizer(), forget=forget, prompt_format=FMT, generate=False, progress=False)
+    stub = BigramStub().train()
+    rep = evaluate(stub, word_tokenizer(), forget=forget, prompt_format=FMT, generate=False, progress=False)
+    assert stub.training  # evaluation runs in eval mode and restores the caller's mode
     s = rep.splits["forget"]
     assert (s.n_items, s.n_qa, s.n_text) == (3, 2, 1)
     assert s.nll == pytest.approx((0.6 + 0.75 + 0.6) / 3, abs=1e-5)

@@ -73,6 +73,11 @@ def test_evaluate_against_itself(model, tmp_path):
     assert fr.n_tokens == sum(len(e.ids) for e in encode_items(tok, as_items(FORGET)))
     assert rep.examples["forget"][0]["question"] == "w1 w2 w3"
 
+    flat = rep.summary()
+    assert flat["forget.exact_match"] == f.exact_match and flat["routing.retain.overlap"] == 1.0
+    assert flat["mia.auc.min_k"] == rep.mia.auc["min_k"] and "holdout.exact_match" not in flat
+    assert flat["routing.forget.target_gate_mass"] == fr.target_gate_mass
+
     paths = rep.write_all(tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "report.md",
                                                                      "routing_overlap.png"]

@@ -92,6 +92,28 @@ class EvalReport:
     def from_json(cls, path: str | os.PathLike) -> EvalReport:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
+    def summary(self) -> dict[str, float]:
+        """Flat {"forget.exact_match": ..., "mia.auc.loss": ..., "routing.retain.overlap": ...} of every
+        number that is set (None skipped), for side-by-side tables of several reports."""
+        flat: dict[str, float] = {}
+        for name, s in self.splits.items():
+            for key, value in dataclasses.asdict(s).items():
+                if value is not None:
+                    flat[f"{name}.{key}"] = value
+        if self.mia:
+            for group in ("auc", "privleak"):
+                for attack, value in (getattr(self.mia, group) or {}).items():
+                    flat[f"mia.{group}.{attack}"] = value
+        if self.mcq:
+            flat["mcq.accuracy"], flat["mcq.accuracy_norm"] = self.mcq.accuracy, self.mcq.accuracy_norm
+        for name, r in self.routing.items():
+            flat[f"routing.{name}.overlap"], flat[f"routing.{name}.kl"] = r.overlap_mean, r.kl_mean
+            flat[f"routing.{name}.load_entropy"] = sum(r.load_entropy) / len(r.layers)
+            if r.target_gate_mass is not None:
+                flat[f"routing.{name}.target_gate_mass"] = r.target_gate_mass
+                flat[f"routing.{name}.target_gate_mass_original"] = r.target_gate_mass_original
+        return flat
+
     # -- markdown ----------------------------------------------------------
     def to_markdown(self) -> str:
         out = ["## Quality per split", "",
