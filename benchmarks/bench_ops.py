@@ -55,62 +55,72 @@ def lora_inputs(T, d_in, d_out, E, r, gating, dtype, device):
 
 
 def bench_lora(shapes, dtype_name, device, backends, runs, with_backward):
+    rows = []
+    for shape in shapes:
+        rows += _bench_lora_shape(*shape, dtype_name, device, backends, runs, with_backward)
+    return rows
+
+
+def _bench_lora_shape(T, d_in, d_out, E, r, gating, dtype_name, device, backends, runs, with_backward):
     dtype = DTYPES[dtype_name]
     rows = []
-    for T, d_in, d_out, E, r, gating in shapes:
-        x, A, B, dense, kw = lora_inputs(T, d_in, d_out, E, r, gating, dtype, device)
-        esize = x.element_size()
-        nbytes = (T * d_in + T * d_out + A.numel() + B.numel()) * esize + T * E * esize
-        shape = dict(T=T, d_in=d_in, d_out=d_out, E=E, r=r, gating=gating, dtype=dtype_name)
-        fns = {"torch_loop": lambda: loramoe_delta_loop(x, A, B, dense, scale=2.0)}
-        for b in backends:
-            fns[b] = (lambda b=b: loramoe_delta(x, A, B, scale=2.0, backend=b, **kw))
-        times = {}
-        with torch.no_grad():
-            for name, fn in fns.items():
-                t = time_fn(fn, device, runs=runs)
-                times[name] = t
-                rows.append({"op": "loramoe_delta_fwd", "backend": name, **shape, **timing_dict(t),
-                             "bytes": nbytes, "gbs": nbytes / (t.median_ms * 1e-3) / 1e9})
-        if with_backward:
-            dout = torch.randn(T, d_out, device=device, dtype=dtype)
-            for name in [b for b in backends if b != "cuda"]:
-                leaves = [t.clone().requires_grad_() for t in (x, A, B)]
-                gl = {k: (v.clone().requires_grad_() if v.is_floating_point() else v) for k, v in kw.items()}
+    x, A, B, dense, kw = lora_inputs(T, d_in, d_out, E, r, gating, dtype, device)
+    esize = x.element_size()
+    nbytes = (T * d_in + T * d_out + A.numel() + B.numel()) * esize + T * E * esize
+    shape = dict(T=T, d_in=d_in, d_out=d_out, E=E, r=r, gating=gating, dtype=dtype_name)
+    fns = {"torch_loop": lambda: loramoe_delta_loop(x, A, B, dense, scale=2.0)}
+    for b in backends:
+        fns[b] = (lambda b=b: loramoe_delta(x, A, B, scale=2.0, backend=b, **kw))
+    times = {}
+    with torch.no_grad():
+        for name, fn in fns.items():
+            t = time_fn(fn, device, runs=runs)
+            times[name] = t
+            rows.append({"op": "loramoe_delta_fwd", "backend": name, **shape, **timing_dict(t),
+                         "bytes": nbytes, "gbs": nbytes / (t.median_ms * 1e-3) / 1e9})
+    if with_backward:
+        dout = torch.randn(T, d_out, device=device, dtype=dtype)
+        for name in [b for b in backends if b != "cuda"]:
+            leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+            gl = {k: (v.clone().requires_grad_() if v.is_floating_point() else v) for k, v in kw.items()}
 
-                def step(name=name, leaves=leaves, gl=gl):
-                    out = loramoe_delta(*leaves, scale=2.0, backend=name, **gl)
-                    torch.autograd.grad(out, [*leaves, *[v for v in gl.values() if v.requires_grad]], dout)
+            def step(name=name, leaves=leaves, gl=gl):
+                out = loramoe_delta(*leaves, scale=2.0, backend=name, **gl)
+                torch.autograd.grad(out, [*leaves, *[v for v in gl.values() if v.requires_grad]], dout)
 
-                t = time_fn(step, device, runs=max(5, runs // 2))
-                rows.append({"op": "loramoe_delta_fwd_bwd", "backend": name, **shape, **timing_dict(t)})
-        loop_t, stacked_t = times["torch_loop"].median_ms, times.get("torch", times["torch_loop"]).median_ms
-        for row in rows:
-            if row["op"] == "loramoe_delta_fwd" and all(row[k] == v for k, v in shape.items()):
-                row["speedup_vs_loop"] = loop_t / row["median_ms"]
-                row["speedup_vs_stacked_torch"] = stacked_t / row["median_ms"]
-        del x, A, B, dense, kw
+            t = time_fn(step, device, runs=max(5, runs // 2))
+            rows.append({"op": "loramoe_delta_fwd_bwd", "backend": name, **shape, **timing_dict(t)})
+    loop_t, stacked_t = times["torch_loop"].median_ms, times.get("torch", times["torch_loop"]).median_ms
+    for row in rows:
+        if row["op"] == "loramoe_delta_fwd" and all(row[k] == v for k, v in shape.items()):
+            row["speedup_vs_loop"] = loop_t / row["median_ms"]
+            row["speedup_vs_stacked_torch"] = stacked_t / row["median_ms"]
     return rows
 
 
 def bench_routing(shapes, dtype_name, device, backends, runs):
+    rows = []
+    for shape in shapes:
+        rows += _bench_routing_shape(*shape, dtype_name, device, backends, runs)
+    return rows
+
+
+def _bench_routing_shape(T, E, K, S, dtype_name, device, backends, runs):
     dtype = DTYPES[dtype_name]
     rows = []
-    for T, E, K, S in shapes:
-        g = torch.Generator(device=device).manual_seed(1)
-        logits = torch.randn(T, E, device=device, generator=g).to(dtype)
-        seq = torch.arange(T, device=device) * S // T  # sorted, equal-length sequences
-        mask = torch.ones(T, dtype=torch.bool, device=device)
-        nbytes = T * E * logits.element_size() + T * seq.element_size() + T
-        shape = dict(T=T, E=E, K=K, sequences=S, dtype=dtype_name)
-        base = None
-        for b in backends:
-            t = time_fn(lambda b=b: routing_stats(logits, top_k=K, seq_ids=seq, num_seqs=S, mask=mask, backend=b),
-                        device, runs=runs)
-            base = base or t.median_ms
-            rows.append({"op": "routing_stats", "backend": b, **shape, **timing_dict(t), "bytes": nbytes,
-                         "gbs": nbytes / (t.median_ms * 1e-3) / 1e9, "speedup_vs_torch": base / t.median_ms})
-        del logits, seq, mask
+    g = torch.Generator(device=device).manual_seed(1)
+    logits = torch.randn(T, E, device=device, generator=g).to(dtype)
+    seq = torch.arange(T, device=device) * S // T  # sorted, equal-length sequences
+    mask = torch.ones(T, dtype=torch.bool, device=device)
+    nbytes = T * E * logits.element_size() + T * seq.element_size() + T
+    shape = dict(T=T, E=E, K=K, sequences=S, dtype=dtype_name)
+    base = None
+    for b in backends:
+        t = time_fn(lambda b=b: routing_stats(logits, top_k=K, seq_ids=seq, num_seqs=S, mask=mask, backend=b),
+                    device, runs=runs)
+        base = base or t.median_ms
+        rows.append({"op": "routing_stats", "backend": b, **shape, **timing_dict(t), "bytes": nbytes,
+                     "gbs": nbytes / (t.median_ms * 1e-3) / 1e9, "speedup_vs_torch": base / t.median_ms})
     return rows
 
 

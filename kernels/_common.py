@@ -32,7 +32,7 @@ def dot_in_fp32(*dtypes: torch.dtype) -> bool:
     return first == torch.bfloat16 and interpreting()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
 from moe_unlearn.kernels._common import dot_in_fp32, interpreting, new_empty, sm_count
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

@@ -5,10 +5,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import moe_unlearn.kernels.loramoe_delta as ld_kernel  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import moe_unlearn.kernels.loramoe_delta as ld_kernel  # noqa: E402
 from moe_unlearn.errors import BackendUnavailable, BadInputError  # noqa: E402
 from moe_unlearn.ops import dense_gates, loramoe_delta, loramoe_delta_loop, loramoe_delta_torch  # noqa: E402
 
@@ -44,12 +44,12 @@ def assert_matches_reference(got, x, A, B, g, dout, scale, dtype):
     ref32 = run_with_grads(loramoe_delta_torch, x.float(), A.float(), B.float(), up, dout.float(), scale=scale)
     names = ["out", "dx", "dA", "dB", "dgate"]
     if dtype == torch.float32:
-        for name, a, b in zip(names, got, ref32):
+        for name, a, b in zip(names, got, ref32, strict=True):
             assert a.dtype == torch.float32
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-6, msg=name)
         return
     ref16 = run_with_grads(loramoe_delta_torch, x, A, B, g, dout, scale=scale)
-    for name, a, b16, b in zip(names, got, ref16, ref32):
+    for name, a, b16, b in zip(names, got, ref16, ref32, strict=True):
         assert a.dtype == dtype, name
         assert torch.isfinite(a).all(), name
         err = (a.float() - b).abs().max().item()
@@ -87,7 +87,7 @@ def test_small_blocks_split_reduction_and_poisoned_buffers(monkeypatch):
     dout = torch.randn(T, d_out)
     grads = ld_kernel.loramoe_delta_backward(dout, x, A, B, gates, h, 0.5, config=cfg)
     ref = run_with_grads(loramoe_delta_torch, x, A, B, g, dout, scale=0.5)
-    for a, b in zip([out, *grads], ref):
+    for a, b in zip([out, *grads], ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -107,7 +107,7 @@ def test_accumulates_into_out_with_gradients():
         results.append([res.detach(), *grads])
     expected = x @ w0.t() + loramoe_delta_torch(x, A, B, topk_idx=g["topk_idx"], topk_weight=g["topk_weight"], scale=3.0)
     torch.testing.assert_close(results[0][0], expected, rtol=1e-4, atol=1e-5)
-    for a, b in zip(results[0], results[1]):
+    for a, b in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -129,7 +129,7 @@ def test_empty_batch_and_non_contiguous_inputs():
     got = run_with_grads(loramoe_delta, x, A, B, {"gates": gates}, dout, scale=1.5, backend="triton")
     ref = run_with_grads(loramoe_delta_torch, x.contiguous(), A.contiguous(), B.contiguous(),
                          {"gates": gates.contiguous()}, dout.contiguous(), scale=1.5)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -188,7 +188,7 @@ def test_gpu_triton_matches_torch(dtype, r):
     ref = run_with_grads(loramoe_delta_torch, x.cuda().float(), A.cuda().float(), B.cuda().float(), up,
                          dout.float(), scale=2.0)
     low = run_with_grads(loramoe_delta_torch, x.cuda(), A.cuda(), B.cuda(), dev, dout, scale=2.0)
-    for a, b, c in zip(got, ref, low):
+    for a, b, c in zip(got, ref, low, strict=True):
         err = (a.float() - b).abs().max().item()
         base_err = (c.float() - b).abs().max().item()
         assert err <= 2 * base_err + 1e-4 * b.abs().max().item(), (err, base_err)

@@ -4,10 +4,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import moe_unlearn.kernels.routing_stats as rs_kernel  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import moe_unlearn.kernels.routing_stats as rs_kernel  # noqa: E402
 from moe_unlearn.errors import BackendUnavailable, BadInputError  # noqa: E402
 from moe_unlearn.ops import choose_backend, routing_stats, routing_stats_torch  # noqa: E402
 

@@ -42,7 +42,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     try:
         importlib.import_module("triton")
@@ -51,7 +51,7 @@ def triton_importable() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_extension():
     """The compiled moe_unlearn._C module, or None where it was not built (CPU torch, no nvcc)."""
     try:
