@@ -89,7 +89,7 @@ def _routing_stats_kernel(
             valid = in_b & (tl.load(mask_ptr + rows, mask=in_b, other=0) != 0)
         else:
             valid = in_b
-        selected = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int1)
+        selected = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int32) != 0
         if GIVEN_TOPK:
             for k in tl.static_range(K):
                 ik = tl.load(idx_in_ptr + rows * stride_it + k * stride_ik, mask=in_b, other=-1)
