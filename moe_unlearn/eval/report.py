@@ -169,12 +169,13 @@ class EvalReport:
         try:
             for name, r in self.routing.items():
                 ax.plot(r.layers, r.overlap, marker="o", label=f"{name} (mean {r.overlap_mean:.3f})")
+            ax.set_xticks(sorted({layer for r in self.routing.values() for layer in r.layers}))
             ax.set_xlabel("MoE layer")
             ax.set_ylabel("expert-selection overlap")
             ax.set_ylim(-0.02, 1.02)
             ax.set_title("Top-K routing kept vs the original model")
             ax.grid(alpha=0.3)
-            ax.legend()
+            ax.legend(loc="lower left")
             fig.tight_layout()
             return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
         finally:
