@@ -19,7 +19,13 @@ from moe_unlearn.attribution import (
     split_halves,
 )
 from moe_unlearn.errors import BadInputError, DataError, NotAnMoEModel
-from moe_unlearn.testing import tiny_dense_model, tiny_model
+from moe_unlearn.testing import (
+    SHARED_EXPERT_FAMILIES,
+    SIGMOID_FAMILIES,
+    TINY_FAMILIES,
+    tiny_dense_model,
+    tiny_model,
+)
 
 needs_deepseek_v3 = pytest.mark.skipif("deepseek_v3" not in ADAPTERS, reason="no deepseek_v3 adapter (yet)")
 
@@ -267,3 +273,24 @@ def test_bad_inputs(tmp_path, tok):
     with pytest.raises(BadInputError, match="tokenizer"):
         attribute_experts(model, ["w1"], progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.jsonl"]
+
+
+# -- every family ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_every_family(family, tok):
+    """Each token selects exactly K experts (frequency rows sum to K), gate mass stays in [0, 1] per
+    token for softmax routers, the score kind and shared experts are those of the family."""
+    if family not in ADAPTERS:
+        pytest.skip(f"no {family} adapter")
+    model = tiny_model(family)
+    attr = attribute_experts(model, random_texts(4, seed=3), tokenizer=tok, batch_size=3, progress=False)
+    k = torch.tensor(attr.top_k, dtype=torch.float32)
+    torch.testing.assert_close(attr.frequency.sum(1), k)
+    assert torch.equal(attr.counts.sum(1), k.long() * attr.num_tokens)
+    assert attr.score_fns == ["sigmoid" if family in SIGMOID_FAMILIES else "softmax"] * len(attr.layers)
+    assert bool(attr.shared_layers) == (family in SHARED_EXPERT_FAMILIES)
+    assert (attr.affinity >= 0).all() and attr.num_sequences == 4
+    if family not in SIGMOID_FAMILIES:
+        torch.testing.assert_close(attr.mean_score.sum(1), torch.ones(len(attr.layers)))
+        assert (attr.affinity.sum(1) <= 1 + 1e-6).all()
