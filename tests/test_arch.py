@@ -323,3 +323,13 @@ def test_routing_called_outside_a_forward_is_recorded_without_a_mask():
         routing = lay.route(torch.randn(5, 32))
     rec = cap.last
     assert rec.mask is None and torch.equal(rec.layers[lay.layer_idx].topk_idx, routing.topk_idx)
+
+
+def test_known_unsupported_family_says_why():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("granitemoeshared", vocab_size=128, hidden_size=32, intermediate_size=16,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                  num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=16)
+    with pytest.raises(UnsupportedFamily, match="shared MLP hangs off the decoder layer"):
+        find_moe_layers(AutoModelForCausalLM.from_config(config))

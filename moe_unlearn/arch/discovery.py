@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from moe_unlearn.arch.base import MoELayer
-from moe_unlearn.arch.families import ADAPTERS
+from moe_unlearn.arch.families import ADAPTERS, NOT_SUPPORTED
 from moe_unlearn.errors import NotAnMoEModel, UnsupportedFamily
 
 
@@ -34,9 +34,10 @@ def adapter_for(model: nn.Module) -> type[MoELayer]:
     adapter = ADAPTERS.get(mtype)
     if adapter is None:
         has_experts = any(hasattr(m, "experts") for m in model.modules())
-        if has_experts:
+        if has_experts or mtype in NOT_SUPPORTED:
+            why = NOT_SUPPORTED.get(mtype, "no adapter exists for it")
             raise UnsupportedFamily(f"{type(model).__name__} (model_type={mtype!r}) looks like an MoE model "
-                                    f"but no adapter exists for it; supported families: {_supported()}")
+                                    f"but {why}; supported families: {_supported()}")
         raise NotAnMoEModel(f"{type(model).__name__} (model_type={mtype!r}) is not a supported MoE model; "
                             f"supported families: {_supported()}")
     return adapter

@@ -46,5 +46,13 @@ ADAPTERS: dict[str, type[MoELayer]] = {
     "ernie4_5_moe": ErnieMoeLayer,
 }
 
-__all__ = ["ADAPTERS", "DbrxLayer", "DeepseekV2Layer", "DeepseekV3Layer", "ErnieMoeLayer", "FusedGateUpLayer", "GptOssLayer",
+# MoE families seen in transformers 5.23 but without an adapter, and why (shown in UnsupportedFamily errors)
+NOT_SUPPORTED: dict[str, str] = {
+    "granitemoeshared": "its shared MLP hangs off the decoder layer, outside the MoE block, which the "
+                        "MoELayer interface does not model yet",
+    "granitemoehybrid": "its shared MLP hangs off the decoder layer, outside the MoE block, which the "
+                        "MoELayer interface does not model yet",
+}
+
+__all__ = ["NOT_SUPPORTED", "ADAPTERS", "DbrxLayer", "DeepseekV2Layer", "DeepseekV3Layer", "ErnieMoeLayer", "FusedGateUpLayer", "GptOssLayer",
            "HunyuanMoeLayer", "LogitTopKLayer", "MixtralLayer", "PhimoeLayer", "SoftmaxTopKLayer"]
