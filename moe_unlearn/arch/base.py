@@ -145,11 +145,17 @@ class MoELayer:
         """Build the adapter of one MoE block found by discovery (the common HF layout:
         `block.gate|router`, `block.experts`, optional `block.shared_expert(s)`)."""
         router_name, router = _first_attr(block, cls.router_names)
+        if router is None or not hasattr(router, "num_experts") or not hasattr(router, "top_k"):
+            from moe_unlearn.errors import UnsupportedFamily
+
+            raise UnsupportedFamily(f"{path}: no router ({'/'.join(cls.router_names)}) with num_experts and top_k; "
+                                    f"this transformers version lays the block out differently than {cls.__name__} "
+                                    "expects")
         _, shared = _first_attr(block, cls.shared_names)
         return cls(model=model, layer_idx=layer_idx, path=path, block=block, router=router, experts=block.experts,
                    num_experts=int(router.num_experts), top_k=int(router.top_k), shared_experts=shared,
-                   shared_expert_gate=getattr(block, "shared_expert_gate", None),
-                   router_path=f"{path}.{router_name}", family=getattr(model.config, "model_type", None))
+                   shared_expert_gate=getattr(block, "shared_expert_gate", None), router_path=f"{path}.{router_name}",
+                   family=getattr(getattr(model, "config", None), "model_type", None))
 
     @classmethod
     def is_moe_block(cls, block: nn.Module) -> bool:
