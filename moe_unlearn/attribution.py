@@ -267,6 +267,9 @@ class _LayerAccumulator:
         self.half_sums = torch.zeros(2, num_experts, dtype=torch.float64, device=device)
 
     def add(self, stats, seq_valid: torch.Tensor, halves: torch.Tensor | None) -> None:
+        device = self.counts.device
+        if stats.gate_sum.device != device:  # a layer on another device: its stats are tiny, move them
+            stats = type(stats)(*(None if t is None else t.to(device) for t in vars(stats).values()))
         n = stats.tokens_per_seq.clamp(min=1).double()
         per_seq = (stats.gate_sum.double() / n[:, None]) * seq_valid[:, None]  # [S, E], 0 for empty sequences
         self.affinity_sum += per_seq.sum(0)
@@ -274,6 +277,19 @@ class _LayerAccumulator:
         self.counts += stats.select_count
         if halves is not None:
             self.half_sums.index_add_(0, halves, per_seq)
+
+
+class _PerDevice:
+    """The batch's index tensors, copied once to each device that holds some MoE layer."""
+
+    def __init__(self, keep: torch.Tensor | None, seq_ids: torch.Tensor) -> None:
+        self._cache = {seq_ids.device: (keep, seq_ids)}
+
+    def __call__(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if device not in self._cache:
+            keep, seq_ids = next(iter(self._cache.values()))
+            self._cache[device] = (None if keep is None else keep.to(device), seq_ids.to(device))
+        return self._cache[device]
 
 
 def _topk_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
@@ -322,6 +338,7 @@ def attribute_experts(
 
     One forward pass per batch under no_grad, in eval mode (the model's mode is restored).
     Position ids come from the attention mask, so left and right padding give the same result.
+    `device` is where the inputs go (default: the input embedding's device); the model is not moved.
     stability=True also ranks the experts of two random halves of the sequences (split with
     `seed`) and stores the per-layer top-k overlap; below 0.5 on average an
     AttributionStabilityWarning says the data is too small to choose a target.
@@ -344,8 +361,9 @@ def attribute_experts(
     if batches.num_tokens == 0:
         raise DataError("the data has no tokens after tokenization")
 
-    if device is None:
-        device = next(model.parameters()).device
+    if device is None:  # where the inputs go: the input embedding's device
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        device = embeddings.weight.device if embeddings is not None else next(model.parameters()).device
     device = torch.device(device)
     halves = None
     if stability:
@@ -382,12 +400,14 @@ def attribute_experts(
                 keep = None if valid.numel() == B * S else valid
                 seq_ids = torch.arange(B, device=device).repeat_interleave(seq_len)
                 batch_halves = None if halves is None else halves[seq_offset:seq_offset + B]
+                on_device = _PerDevice(keep, seq_ids)  # layers of a device_map model live on several devices
                 for layer, fn in zip(moe_layers, score_fns, strict=True):
                     r = rec.layers[layer.layer_idx]
+                    keep_d, seq_ids_d = on_device(r.logits.device)
                     logits, topk_idx = r.logits, r.topk_idx
-                    if keep is not None:
-                        logits, topk_idx = logits.index_select(0, keep), topk_idx.index_select(0, keep)
-                    stats = ops.routing_stats(logits, top_k=layer.top_k, seq_ids=seq_ids, num_seqs=B,
+                    if keep_d is not None:
+                        logits, topk_idx = logits.index_select(0, keep_d), topk_idx.index_select(0, keep_d)
+                    stats = ops.routing_stats(logits, top_k=layer.top_k, seq_ids=seq_ids_d, num_seqs=B,
                                               topk_idx=topk_idx, score_fn=fn)
                     accs[layer.layer_idx].add(stats, seq_valid, batch_halves)
                 num_seqs += int((seq_len > 0).sum())

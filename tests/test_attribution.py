@@ -294,3 +294,15 @@ def test_every_family(family, tok):
     if family not in SIGMOID_FAMILIES:
         torch.testing.assert_close(attr.mean_score.sum(1), torch.ones(len(attr.layers)))
         assert (attr.affinity.sum(1) <= 1 + 1e-6).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_cuda_matches_cpu(family, tok):
+    """On CUDA the op dispatches to a compiled backend; the attribution must not change."""
+    texts = random_texts(10, seed=9)
+    cpu = attribute_experts(tiny_model(family), texts, tokenizer=tok, batch_size=4, progress=False)
+    gpu = attribute_experts(tiny_model(family).cuda(), texts, tokenizer=tok, batch_size=4, progress=False)
+    assert torch.equal(gpu.counts, cpu.counts)
+    for name in ("affinity", "frequency", "mean_score"):
+        torch.testing.assert_close(getattr(gpu, name), getattr(cpu, name), atol=1e-5, rtol=1e-4)
