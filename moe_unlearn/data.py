@@ -288,8 +288,9 @@ def tokenize_batches(texts: Sequence[str], tokenizer: Any, *, batch_size: int, m
     truncated = 0
     chunk = 1024  # tokenizer batch calls are much faster than one call per text
     for start in range(0, len(texts), chunk):
+        # verbose=False: the "longer than the model maximum" warning is moot, we truncate below
         enc = tokenizer(texts[start:start + chunk], add_special_tokens=add_special_tokens, truncation=False,
-                        padding=False, return_attention_mask=False)
+                        padding=False, return_attention_mask=False, verbose=False)
         for ids in enc["input_ids"]:
             if len(ids) > max_length:
                 truncated += 1
