@@ -1,0 +1,298 @@
+"""Build (train) or load the built-in benchmark MoE that knows the fictitious facts.
+
+    bench = load_or_build(BenchModelConfig())      # trains once, then loads from the cache
+    bench.model, bench.tokenizer, bench.facts.forget, bench.path
+
+The cache entry is one directory, `<cache>/<name>-<config hash>`, holding the model and
+tokenizer (`save_pretrained`, so `--model DIR` of every CLI command accepts it), the splits
+as `data/<split>.jsonl` and `bench_meta.json` (generator and model parameters, training
+time, the measured exact match). It is written to a temporary directory and renamed into
+place, so an interrupted build leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from moe_unlearn.bench_model.facts import Fact, FactsConfig, FactSet, generate_facts
+from moe_unlearn.bench_model.tokenizer import train_tokenizer
+from moe_unlearn.errors import BadInputError
+
+FORMAT_VERSION = 1  # bump when the layout or the training recipe changes: old cache entries are ignored
+META_FILE = "bench_meta.json"
+
+
+@dataclass
+class BenchModelConfig:
+    """Everything that determines the benchmark model; its hash names the cache entry.
+
+    The model is a Qwen3-MoE (softmax router, top-k, fused experts). Training runs `steps`
+    AdamW steps (cosine schedule) on every statement and QA form of the trained facts; if the
+    answer exact match is then below `target_em`, up to `extra_rounds` rounds of `extra_steps`
+    more steps follow at a lower learning rate, and a warning reports the final number.
+    """
+
+    name: str = "facts-moe"
+    facts: FactsConfig = field(default_factory=FactsConfig)
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    num_experts: int = 8
+    top_k: int = 2
+    moe_intermediate_size: int = 128
+    router_aux_loss_coef: float = 0.01
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    extra_steps: int = 300
+    extra_rounds: int = 2
+    target_em: float = 0.95
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["facts"] = self.facts.to_dict()
+        return d
+
+    def digest(self) -> str:
+        blob = json.dumps({"v": FORMAT_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @classmethod
+    def quick(cls) -> BenchModelConfig:
+        """A tiny world and model for tests: trains in a few seconds on two CPU cores
+        (it does not reach target_em; the warning says so)."""
+        return cls(name="facts-moe-quick",
+                   facts=FactsConfig(entities_per_domain=6, neighbor_entities=3, holdout_entities=4),
+                   vocab_size=384, hidden_size=48, num_layers=2, num_heads=2, num_kv_heads=1, num_experts=4,
+                   moe_intermediate_size=32, steps=300, batch_size=16, lr=4e-3, warmup_steps=10, extra_rounds=0)
+
+
+@dataclass
+class BenchModel:
+    """A loaded benchmark model: the model (eval mode, fp32), its tokenizer, the facts and the metadata."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    facts: FactSet
+    path: Path
+    meta: dict
+    built: bool  # True when this call trained it, False when it came from the cache
+
+    def split_path(self, split: str) -> Path:
+        return self.path / "data" / f"{split}.jsonl"
+
+
+# -- cache location ----------------------------------------------------------------------------
+
+def default_cache_root() -> Path:
+    """$MOE_UNLEARN_CACHE, else ~/.cache/moe-unlearn."""
+    env = os.environ.get("MOE_UNLEARN_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moe-unlearn"
+
+
+def cache_path(config: BenchModelConfig, cache_root: str | os.PathLike | None = None) -> Path:
+    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    return root / f"{config.name}-{config.digest()}"
+
+
+# -- training ----------------------------------------------------------------------------------
+
+def _model_config(config: BenchModelConfig, tokenizer: PreTrainedTokenizerBase):
+    head_dim = config.hidden_size // config.num_heads
+    return AutoConfig.for_model(
+        "qwen3_moe", vocab_size=len(tokenizer), hidden_size=config.hidden_size,
+        intermediate_size=config.moe_intermediate_size * 2, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads, head_dim=head_dim,
+        num_experts=config.num_experts, num_experts_per_tok=config.top_k,
+        moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], max_position_embeddings=128, router_aux_loss_coef=config.router_aux_loss_coef,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id)
+
+
+def encode_with_eos(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[torch.Tensor]:
+    """Token ids of each text followed by eos, so the model learns where an answer stops."""
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [torch.tensor([*ids, tokenizer.eos_token_id], dtype=torch.long) for ids in enc]
+
+
+def _epoch_batches(sequences: list[torch.Tensor], batch_size: int, seed: int, pad_id: int):
+    from moe_unlearn.data import pad_batch
+
+    def batches(epoch: int):
+        order = list(range(len(sequences)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield pad_batch([sequences[i] for i in order[start:start + batch_size]], pad_token_id=pad_id)
+
+    return batches
+
+
+def _lm_loss(model: PreTrainedModel):
+    def loss_fn(batch: dict) -> dict:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_router_logits=True)
+        logits = out.logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                ignore_index=-100)
+        aux = out.aux_loss if out.aux_loss is not None else torch.zeros(())
+        # a load-balancing term as in real MoE pretraining; computed apart from the LM loss
+        return {"loss": nll + model.config.router_aux_loss_coef * aux, "nll": nll.detach(), "aux": aux.detach()}
+
+    return loss_fn
+
+
+@torch.no_grad()
+def answer_exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: list[Fact],
+                       batch_size: int = 64) -> float:
+    """Fraction of facts whose answer greedy decoding reproduces exactly, answer then eos.
+
+    Computed by teacher forcing in one forward pass per batch: greedy decoding from the QA
+    prompt yields exactly the answer tokens and eos iff the argmax at every answer position
+    (given the true prefix) is the true token; by induction over the positions.
+    """
+    from moe_unlearn.data import pad_batch
+
+    if not facts:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    prompts = tokenizer([f.prompt for f in facts], add_special_tokens=False)["input_ids"]
+    full = encode_with_eos([f.qa for f in facts], tokenizer)
+    hits = 0
+    for start in range(0, len(facts), batch_size):
+        seqs = full[start:start + batch_size]
+        batch = pad_batch(seqs, pad_token_id=tokenizer.pad_token_id)
+        pred = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+        for row, seq in enumerate(seqs):
+            p = len(prompts[start + row])
+            # position t predicts token t+1: answer tokens are seq[p:], predicted at p-1 .. n-2
+            hits += bool(torch.equal(pred[row, p - 1:len(seq) - 1], seq[p:]))
+    model.train(was_training)
+    return hits / len(facts)
+
+
+def train_bench_model(config: BenchModelConfig, facts: FactSet, tokenizer: PreTrainedTokenizerBase,
+                      *, progress: bool = True) -> tuple[PreTrainedModel, dict]:
+    """Train a fresh model on `facts.training_texts()` (never holdout); returns it and training stats."""
+    from moe_unlearn.training import TrainConfig, train
+
+    torch.manual_seed(config.seed)
+    model = AutoModelForCausalLM.from_config(_model_config(config, tokenizer))
+    seqs = encode_with_eos(facts.training_texts(), tokenizer)
+    batches = _epoch_batches(seqs, config.batch_size, config.seed, tokenizer.pad_token_id)
+    loss_fn = _lm_loss(model)
+    model.train()
+    start = time.perf_counter()
+    steps_run = 0
+    history = train(model.parameters(), loss_fn, batches, TrainConfig(
+        steps=config.steps, batch_size=config.batch_size, lr=config.lr, lr_schedule="cosine",
+        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, seed=config.seed,
+        progress=progress, desc="train benchmark model", log_every=10))
+    steps_run += config.steps
+    em = answer_exact_match(model, tokenizer, facts.trained)
+    rounds = 0
+    while em < config.target_em and rounds < config.extra_rounds:
+        rounds += 1
+        history = train(model.parameters(), loss_fn, lambda e, r=rounds: batches(1000 * r + e), TrainConfig(
+            steps=config.extra_steps, batch_size=config.batch_size, lr=config.lr / 4, lr_schedule="cosine",
+            weight_decay=config.weight_decay, seed=config.seed + rounds, progress=progress,
+            desc=f"train benchmark model (extra round {rounds})", log_every=10))
+        steps_run += config.extra_steps
+        em = answer_exact_match(model, tokenizer, facts.trained)
+    model.eval()
+    stats = {"train_seconds": round(time.perf_counter() - start, 2), "steps": steps_run, "extra_rounds": rounds,
+             "final_terms": history.final(), "num_training_texts": len(seqs),
+             "num_parameters": sum(p.numel() for p in model.parameters()),
+             "exact_match": {"trained": em,
+                             **{s: answer_exact_match(model, tokenizer, facts.splits[s]) for s in facts.splits}}}
+    return model, stats
+
+
+# -- build / load ------------------------------------------------------------------------------
+
+def _is_complete(path: Path) -> bool:
+    return (path / META_FILE).is_file() and (path / "config.json").is_file()
+
+
+def load_bench_model(path: str | os.PathLike) -> BenchModel:
+    """Load a finished cache entry written by `build_bench_model`."""
+    path = Path(path)
+    if not _is_complete(path):
+        raise BadInputError(f"{path} is not a benchmark model directory (no {META_FILE}); build one with "
+                            "`moe-unlearn demo` or moe_unlearn.bench_model.load_or_build")
+    meta = json.loads((path / META_FILE).read_text())
+    facts = FactSet.read_jsonl(path / "data", FactsConfig(**{**meta["config"]["facts"],
+                                                             "domains": tuple(meta["config"]["facts"]["domains"])}))
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return BenchModel(model=model, tokenizer=tokenizer, facts=facts, path=path, meta=meta, built=False)
+
+
+def build_bench_model(config: BenchModelConfig, path: str | os.PathLike, *, progress: bool = True) -> BenchModel:
+    """Generate the facts, train tokenizer and model, and write everything to `path` atomically."""
+    path = Path(path)
+    facts = generate_facts(config.facts)
+    tokenizer = train_tokenizer(facts.all_texts(), config.vocab_size)
+    model, stats = train_bench_model(config, facts, tokenizer, progress=progress)
+    em = stats["exact_match"]["trained"]
+    if em < config.target_em:
+        warnings.warn(f"benchmark model {config.name} knows only {em:.1%} of its trained facts (answer exact "
+                      f"match), below the target {config.target_em:.0%}; results on it are less meaningful. "
+                      "Raise `steps` in BenchModelConfig.", stacklevel=2)
+    meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "digest": config.digest(),
+            "split_sizes": {s: len(v) for s, v in facts.splits.items()}, "target_em": config.target_em,
+            "reached_target": em >= config.target_em, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "torch": torch.__version__, **stats}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        facts.write_jsonl(tmp / "data")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        if path.exists():  # an unfinished or stale entry (rebuild): replace it
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BenchModel(model=model, tokenizer=tokenizer, facts=facts, path=path, meta=meta, built=True)
+
+
+def load_or_build(config: BenchModelConfig | None = None, *, cache_root: str | os.PathLike | None = None,
+                  rebuild: bool = False, progress: bool = True) -> BenchModel:
+    """The benchmark model of `config` from the cache, trained and cached first if needed (or if `rebuild`)."""
+    config = config or BenchModelConfig()
+    path = cache_path(config, cache_root)
+    if not rebuild and _is_complete(path):
+        return load_bench_model(path)
+    return build_bench_model(config, path, progress=progress)
+
+
+__all__ = ["BenchModel", "BenchModelConfig", "answer_exact_match", "build_bench_model", "cache_path",
+           "default_cache_root", "encode_with_eos", "load_bench_model", "load_or_build", "train_bench_model"]

@@ -1,0 +1,385 @@
+"""The end-to-end demo: a model that knows fictitious facts, then forgets one domain of them.
+
+    result = run_demo("demo-output")      # what `moe-unlearn demo` (and `make demo`) runs
+    print(result.table)
+
+Steps (each a call into the library):
+1. `load_or_build` the benchmark MoE (trained once, cached);
+2. `attribute_experts` on the forget split: the SEUF target (layer, expert);
+3. for every method x scope: `unlearn` from the original weights, `evaluate` against the
+   original routing, `revert_patch` (checked bit-exact against a copy of the weights);
+4. one side-by-side table, printed and written with the per-run reports under `out_dir`.
+
+Full and uoe runs of one method share every hyperparameter (steps, batch, learning rate);
+nothing is tuned per scope.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_unlearn.bench_model import BenchModelConfig, Fact, load_or_build
+from moe_unlearn.errors import BadInputError
+
+REPORT_JSON, REPORT_MD = "demo_report.json", "demo_report.md"
+
+
+@dataclass
+class DemoConfig:
+    """What the demo runs. lr maps each method to the learning rate used for all its scopes."""
+
+    bench: BenchModelConfig = field(default_factory=BenchModelConfig)
+    methods: tuple[str, ...] = ("ga", "npo")
+    scopes: tuple[str, ...] = ("full", "uoe")
+    steps: int = 40
+    batch_size: int = 16
+    lr: dict[str, float] = field(default_factory=lambda: {"ga": 1e-4, "npo": 1e-4})
+    eval_retain: int = 160  # retain facts evaluated (a seeded sample; all of them if fewer)
+    eval_batch_size: int = 64
+    generate: bool = True  # QA ROUGE-L and VerbMem by greedy decoding (exact match needs none)
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> DemoConfig:
+        """The CI configuration: tiny world, tiny model, a few steps, no generation."""
+        return cls(bench=BenchModelConfig.quick(), steps=6, batch_size=8, lr={"ga": 5e-4, "npo": 5e-4},
+                   eval_retain=32, eval_batch_size=32, generate=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bench"] = self.bench.to_dict()
+        return d
+
+
+@dataclass
+class DemoRow:
+    """One line of the table: the original model or one unlearning run (method/scope)."""
+
+    name: str
+    method: str | None
+    scope: str | None
+    lr: float | None
+    steps: int
+    forget_em: float
+    retain_em: float
+    neighbor_em: float
+    holdout_em: float
+    forget_nll: float
+    retain_nll: float
+    mia_auc: float  # LOSS attack, forget (members) vs holdout; 0.5 = indistinguishable
+    overlap_forget: float
+    overlap_retain: float
+    trainable_params: int
+    unlearn_seconds: float
+    eval_seconds: float
+    targets: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DemoResult:
+    rows: list[DemoRow]
+    table: str
+    out_dir: Path
+    model_path: Path
+    model_built: bool
+    target: tuple[int, int]
+    target_near_tie: bool
+    model_exact_match: float
+    seconds: dict[str, float]
+
+    def row(self, name: str) -> DemoRow:
+        return next(r for r in self.rows if r.name == name)
+
+
+# -- data --------------------------------------------------------------------------------------
+
+def _records(facts: Sequence[Fact]) -> list[dict[str, str]]:
+    return [{"question": f.question, "answer": f.answer, "text": f.text} for f in facts]
+
+
+def _texts(facts: Sequence[Fact]) -> list[str]:
+    """What unlearning trains on: every form of each fact the model was trained on."""
+    return [t for f in facts for t in f.training_texts()]
+
+
+# -- table -------------------------------------------------------------------------------------
+
+_COLUMNS = [("run", "name", "{}"), ("forget EM", "forget_em", "{:.3f}"), ("retain EM", "retain_em", "{:.3f}"),
+            ("neighbor EM", "neighbor_em", "{:.3f}"), ("forget NLL", "forget_nll", "{:.2f}"),
+            ("MIA AUC", "mia_auc", "{:.3f}"), ("overlap F/R", None, None), ("params trained", "trainable_params", "{:,}"),
+            ("lr", "lr", "{:.0e}"), ("time s", "unlearn_seconds", "{:.1f}")]
+
+
+def _cells(row: DemoRow) -> list[str]:
+    out = []
+    for _, attr, fmt in _COLUMNS:
+        if attr is None:
+            out.append(f"{row.overlap_forget:.3f}/{row.overlap_retain:.3f}")
+            continue
+        value = getattr(row, attr)
+        out.append("-" if value is None else fmt.format(value))
+    return out
+
+
+def format_table(rows: Sequence[DemoRow], markdown: bool = False) -> str:
+    head = [c[0] for c in _COLUMNS]
+    body = [_cells(r) for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body])
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body)])
+
+
+# -- plots -------------------------------------------------------------------------------------
+
+def _plot_summary(rows: Sequence[DemoRow], reports: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    try:
+        names = [r.name for r in rows]
+        width = 0.27
+        for k, (label, attr) in enumerate((("forget", "forget_em"), ("retain", "retain_em"),
+                                           ("neighbor", "neighbor_em"))):
+            ax1.bar([i + (k - 1) * width for i in range(len(rows))], [getattr(r, attr) for r in rows], width,
+                    label=label)
+        ax1.set_xticks(range(len(rows)), names, rotation=20)
+        ax1.set_ylim(0, 1.05)
+        ax1.set_ylabel("answer exact match")
+        ax1.set_title("What the model still knows")
+        ax1.legend()
+        for i, (name, rep) in enumerate(reports.items()):
+            if name == "original" or not rep.routing:
+                continue
+            color = f"C{i}"
+            for split, style in (("forget", "-"), ("retain", "--")):
+                r = rep.routing.get(split)
+                if r is not None:
+                    ax2.plot(r.layers, r.overlap, style, marker="o", color=color, label=f"{name} {split}")
+        ax2.set_ylim(-0.02, 1.02)
+        ax2.set_xlabel("MoE layer")
+        ax2.set_ylabel("expert-selection overlap")
+        ax2.set_title("Routing kept vs the original (solid forget, dashed retain)")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+
+
+# -- output directory --------------------------------------------------------------------------
+
+def _check_out_dir(out: Path) -> None:
+    """The demo replaces its own previous output, never anything else."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_JSON).exists())):
+        raise BadInputError(f"{out} exists and is not an earlier demo output (no {REPORT_JSON}); "
+                            "choose another --out or remove it")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+# -- the pipeline ------------------------------------------------------------------------------
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _restore_checked(model: torch.nn.Module, snapshot: dict[str, torch.Tensor], run: str) -> None:
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, snapshot[k])]
+    if changed:
+        warnings.warn(f"{run}: reverting the patch left {len(changed)} tensors different from the original "
+                      f"(e.g. {changed[0]}); restoring them from a copy", stacklevel=2)
+        model.load_state_dict(snapshot)
+
+
+def _row_from_report(name: str, report: Any, *, method=None, scope=None, lr=None, steps=0, params=0,
+                     unlearn_seconds=0.0, eval_seconds=0.0, targets=()) -> DemoRow:
+    s = report.splits
+    routing = report.routing
+    return DemoRow(
+        name=name, method=method, scope=scope, lr=lr, steps=steps,
+        forget_em=s["forget"].exact_match, retain_em=s["retain"].exact_match,
+        neighbor_em=s["neighbor"].exact_match, holdout_em=s["holdout"].exact_match,
+        forget_nll=s["forget"].nll, retain_nll=s["retain"].nll, mia_auc=report.mia.auc["loss"],
+        overlap_forget=routing["forget"].overlap_mean, overlap_retain=routing["retain"].overlap_mean,
+        trainable_params=int(params), unlearn_seconds=round(unlearn_seconds, 2),
+        eval_seconds=round(eval_seconds, 2), targets=list(targets))
+
+
+def run_demo(out_dir: str | os.PathLike = "demo-output", quick: bool = False, rebuild: bool = False, *,
+             cache_dir: str | os.PathLike | None = None, config: DemoConfig | None = None,
+             progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
+    """Build or load the benchmark model, attribute, unlearn (methods x scopes), evaluate, report.
+
+    Writes under `out_dir` (replacing an earlier demo output there, all at once at the end):
+    demo_report.json / .md (the table and every number), demo_summary.png, attribution.json/.png,
+    runs/<name>/report.{json,md} + routing_overlap.png, patches/<method>-<scope>/ (apply them
+    with `moe-unlearn evaluate --patch`). `cache_dir` overrides $MOE_UNLEARN_CACHE.
+    """
+    from moe_unlearn.attribution import attribute_experts
+    from moe_unlearn.eval import evaluate, record_routing
+    from moe_unlearn.unlearn import revert_patch, unlearn
+
+    config = config or (DemoConfig.quick() if quick else DemoConfig())
+    out = Path(out_dir).expanduser().resolve()
+    _check_out_dir(out)
+    missing_lr = [m for m in config.methods if m not in config.lr]
+    if missing_lr:
+        raise BadInputError(f"DemoConfig.lr has no learning rate for {missing_lr}")
+    t_start = time.perf_counter()
+
+    log("[1/4] benchmark model: loading from the cache or training it")
+    bench = load_or_build(config.bench, cache_root=cache_dir, rebuild=rebuild, progress=progress)
+    t_model = time.perf_counter() - t_start
+    model, tok, facts = bench.model, bench.tokenizer, bench.facts
+    em = bench.meta["exact_match"]["trained"]
+    log(f"      {'trained' if bench.built else 'loaded'} {bench.path} in {t_model:.1f} s: "
+        f"{bench.meta['num_parameters']:,} parameters, knows {em:.1%} of {len(facts.trained)} trained facts "
+        f"(forget {len(facts.forget)}, retain {len(facts.retain)}, neighbor {len(facts.neighbor)}, "
+        f"holdout {len(facts.holdout)} never trained)")
+    if em < config.bench.target_em:
+        log(f"      WARNING: the model knows only {em:.1%} of its facts (target {config.bench.target_em:.0%})")
+
+    retain_eval = list(facts.retain)
+    if len(retain_eval) > config.eval_retain:
+        retain_eval = random.Random(config.seed).sample(retain_eval, config.eval_retain)
+    eval_data = {"forget": _records(facts.forget), "retain": _records(retain_eval),
+                 "neighbor": _records(facts.neighbor), "holdout": _records(facts.holdout)}
+    forget_texts, retain_texts = _texts(facts.forget), _texts(facts.retain)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        log("[2/4] expert attribution on the forget split")
+        t0 = time.perf_counter()
+        attribution = attribute_experts(model, forget_texts, tokenizer=tok, batch_size=config.eval_batch_size,
+                                         progress=progress)
+        top = attribution.top(2)
+        target = (top[0].layer, top[0].expert)
+        attribution.to_json(tmp / "attribution.json")
+        attribution.plot(tmp / "attribution.png")
+        t_attr = time.perf_counter() - t0
+        log(f"      target expert: layer {target[0]}, expert {target[1]} (affinity {top[0].score:.3f}; runner-up "
+            f"layer {top[1].layer} expert {top[1].expert} {top[1].score:.3f}"
+            f"{', NEAR TIE' if top[0].near_tie else ''}) in {t_attr:.1f} s")
+
+        log("[3/4] evaluating the original model")
+        t0 = time.perf_counter()
+        original_routing = {name: record_routing(model, tok, eval_data[name], batch_size=config.eval_batch_size)
+                            for name in ("forget", "retain", "neighbor")}
+        common = dict(forget=eval_data["forget"], retain=eval_data["retain"], holdout=eval_data["holdout"],
+                      extra_splits={"neighbor": eval_data["neighbor"]}, original_routing=original_routing,
+                      target=target, batch_size=config.eval_batch_size, generate=config.generate,
+                      progress=progress)
+        reports = {"original": evaluate(model, tok, **common)}
+        rows = [_row_from_report("original", reports["original"], eval_seconds=time.perf_counter() - t0)]
+        snapshot = _snapshot(model)
+
+        log(f"[4/4] unlearning: {len(config.methods)} methods x {len(config.scopes)} scopes, {config.steps} steps "
+            f"each, batch {config.batch_size}, from the original weights every time")
+        for method in config.methods:
+            for scope in config.scopes:
+                name = f"{method}/{scope}"
+                lr = config.lr[method]
+                res = unlearn(model, forget_texts, retain_texts, tokenizer=tok, method=method, scope=scope,
+                              target=target if scope in ("uoe", "topm") else None, steps=config.steps, lr=lr,
+                              batch_size=config.batch_size, seed=config.seed, progress=progress,
+                              out_dir=tmp / "patches" / f"{method}-{scope}")
+                t0 = time.perf_counter()
+                reports[name] = evaluate(model, tok, **common)
+                t_eval = time.perf_counter() - t0
+                revert_patch(model, res.patch_path)
+                _restore_checked(model, snapshot, name)
+                rows.append(_row_from_report(name, reports[name], method=method, scope=scope, lr=lr,
+                                             steps=config.steps, params=res.trainable_params,
+                                             unlearn_seconds=res.wall_time, eval_seconds=t_eval,
+                                             targets=res.targets))
+                r = rows[-1]
+                log(f"      {name:10s} forget EM {r.forget_em:.3f}  retain EM {r.retain_em:.3f}  neighbor EM "
+                    f"{r.neighbor_em:.3f}  ({r.trainable_params:,} params, {r.unlearn_seconds:.1f} s)")
+
+        table = format_table(rows)
+        seconds = {"model": round(t_model, 2), "attribution": round(t_attr, 2),
+                   "total": round(time.perf_counter() - t_start, 2)}
+        for name, rep in reports.items():
+            rep.write_all(tmp / "runs" / name.replace("/", "-"))
+        _plot_summary(rows, reports, tmp / "demo_summary.png")
+        summary = {
+            "rows": [asdict(r) for r in rows], "target": list(target), "target_near_tie": top[0].near_tie,
+            "model_path": str(bench.path), "model_built": bench.built, "model_meta": bench.meta,
+            "config": config.to_dict(), "seconds": seconds, "device": _device_name(),
+            "notes": {"mia_auc": "LOSS attack on the answer tokens, forget (members) vs holdout (never trained); "
+                                 "0.5 = indistinguishable",
+                      "overlap": "mean over MoE layers and tokens of the fraction of each token's top-k experts "
+                                 "kept vs the original model (forget / retain)",
+                      "lr": "one learning rate per method, the same for every scope"},
+        }
+        (tmp / REPORT_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / REPORT_MD).write_text(_markdown(rows, target, bench, config, seconds))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds["total"] = round(time.perf_counter() - t_start, 2)
+    log("")
+    log(table)
+    log(f"\nreports in {out} ({seconds['total']:.1f} s in all)")
+    return DemoResult(rows=rows, table=table, out_dir=out, model_path=bench.path, model_built=bench.built,
+                      target=target, target_near_tie=top[0].near_tie, model_exact_match=em, seconds=seconds)
+
+
+def _device_name() -> str:
+    import platform
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads " \
+           f"{torch.get_num_threads()})"
+
+
+def _markdown(rows: Sequence[DemoRow], target: tuple[int, int], bench: Any, config: DemoConfig,
+              seconds: dict[str, float]) -> str:
+    facts = bench.facts
+    lines = [
+        "# moe-unlearn demo", "",
+        f"Model: {bench.path.name} ({bench.meta['num_parameters']:,} parameters, Qwen3-MoE, "
+        f"{config.bench.num_experts} experts top-{config.bench.top_k}, {config.bench.num_layers} layers), "
+        f"knows {bench.meta['exact_match']['trained']:.1%} of its {len(facts.trained)} trained facts.",
+        f"Forget: domain `{config.bench.facts.forget_domain}` ({len(facts.forget)} facts); retain "
+        f"{len(facts.retain)} facts (evaluated on {min(len(facts.retain), config.eval_retain)}); "
+        f"neighbor {len(facts.neighbor)}; holdout {len(facts.holdout)} (never trained).",
+        f"SEUF target expert: layer {target[0]}, expert {target[1]}.",
+        f"Every run: {config.steps} steps, batch {config.batch_size}, from the original weights; "
+        "one learning rate per method for all scopes.", "",
+        format_table(rows, markdown=True), "",
+        "EM = answer exact match (greedy); MIA AUC = LOSS attack, forget vs holdout (0.5 = indistinguishable); "
+        "overlap F/R = expert-selection overlap with the original model on forget / retain tokens.", "",
+        f"Time: model {seconds['model']:.1f} s ({'trained' if bench.built else 'cached'}), "
+        f"attribution {seconds['attribution']:.1f} s, total {seconds['total']:.1f} s.", "",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["DemoConfig", "DemoResult", "DemoRow", "format_table", "run_demo"]
