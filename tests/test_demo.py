@@ -1,0 +1,90 @@
+"""`moe-unlearn demo --quick` end to end, through the CLI entry point."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+
+from moe_unlearn.cli import main
+from moe_unlearn.demo import DemoRow, format_table
+
+RUNS = ["original", "ga/full", "ga/uoe", "npo/full", "npo/uoe"]
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    out, cache = root / "out", root / "cache"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the quick model is below the 95% target on purpose
+        rc = main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress"])
+    return rc, out, cache
+
+
+def test_quick_demo_writes_a_report_with_valid_numbers(quick_demo):
+    rc, out, cache = quick_demo
+    assert rc == 0
+    report = json.loads((out / "demo_report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == RUNS
+    for name, r in rows.items():
+        for key in ("forget_em", "retain_em", "neighbor_em", "holdout_em", "mia_auc", "overlap_forget",
+                    "overlap_retain"):
+            assert 0.0 <= r[key] <= 1.0, (name, key, r[key])
+        assert math.isfinite(r["forget_nll"]) and r["forget_nll"] > 0
+        assert r["unlearn_seconds"] >= 0
+    original = rows["original"]
+    assert original["overlap_forget"] == 1.0 and original["overlap_retain"] == 1.0
+    assert original["trainable_params"] == 0
+    n_params = report["model_meta"]["num_parameters"]
+    layer, expert = report["target"]
+    for method in ("ga", "npo"):
+        full, uoe = rows[f"{method}/full"], rows[f"{method}/uoe"]
+        assert full["trainable_params"] == n_params
+        assert 0 < uoe["trainable_params"] < n_params / 5
+        assert uoe["targets"] == [f"{layer}:{expert}"]
+        assert full["lr"] == uoe["lr"] and full["steps"] == uoe["steps"]  # same hyperparameters per method
+    # full-model gradient ascent must move the forget loss up
+    assert rows["ga/full"]["forget_nll"] > original["forget_nll"]
+
+
+def test_quick_demo_writes_every_report_file(quick_demo):
+    _, out, cache = quick_demo
+    for name in ("demo_report.md", "demo_summary.png", "attribution.json", "attribution.png"):
+        assert (out / name).stat().st_size > 0, name
+    for run in RUNS:
+        d = out / "runs" / run.replace("/", "-")
+        assert (d / "report.json").is_file() and (d / "routing_overlap.png").is_file(), run
+    for run in RUNS[1:]:
+        assert any((out / "patches" / run.replace("/", "-")).iterdir()), run
+    md = (out / "demo_report.md").read_text()
+    assert all(f"| {run} |" in md for run in RUNS)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp")]
+    # the model is cached for the next run
+    assert len([p for p in cache.iterdir() if (p / "bench_meta.json").is_file()]) == 1
+
+
+def test_demo_refuses_an_out_dir_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    rc = main(["demo", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    assert rc == 2
+    assert "not an earlier demo output" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_table_has_one_line_per_run():
+    row = DemoRow(name="ga/uoe", method="ga", scope="uoe", lr=1e-4, steps=3, forget_em=0.25, retain_em=1.0,
+                  neighbor_em=0.5, holdout_em=0.0, forget_nll=2.5, retain_nll=0.1, mia_auc=0.75,
+                  overlap_forget=0.9, overlap_retain=0.99, trainable_params=12345, unlearn_seconds=1.25,
+                  eval_seconds=0.5)
+    text = format_table([row]).splitlines()
+    assert len(text) == 3 and text[2].split()[:6] == ["ga/uoe", "0.250", "1.000", "0.500", "2.50", "0.750"]
+    assert "0.900/0.990" in text[2] and "12,345" in text[2]
+    md = format_table([row], markdown=True).splitlines()
+    assert md[2].startswith("| ga/uoe | 0.250 | 1.000 |")
