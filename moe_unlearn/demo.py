@@ -16,6 +16,7 @@ nothing is tuned per scope.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -34,6 +35,7 @@ from moe_unlearn.bench_model import BenchModelConfig, Fact, load_or_build
 from moe_unlearn.errors import BadInputError
 
 REPORT_JSON, REPORT_MD = "demo_report.json", "demo_report.md"
+SWEEP_LRS = (3e-4, 1e-3, 1e-2)  # `--sweep`: extra learning rates, the same for every method and scope
 
 
 @dataclass
@@ -45,7 +47,8 @@ class DemoConfig:
     scopes: tuple[str, ...] = ("full", "uoe")
     steps: int = 40
     batch_size: int = 16
-    lr: dict[str, float] = field(default_factory=lambda: {"ga": 1e-4, "npo": 1e-4})
+    lr: dict[str, float] = field(default_factory=lambda: {"ga": 3e-3, "npo": 3e-3})
+    sweep_lrs: tuple[float, ...] = ()  # extra runs of every method x scope at these learning rates
     eval_retain: int = 160  # retain facts evaluated (a seeded sample; all of them if fewer)
     eval_batch_size: int = 64
     generate: bool = True  # QA ROUGE-L and VerbMem by greedy decoding (exact match needs none)
@@ -107,6 +110,11 @@ class DemoResult:
 
 def _records(facts: Sequence[Fact]) -> list[dict[str, str]]:
     return [{"question": f.question, "answer": f.answer, "text": f.text} for f in facts]
+
+
+def _slug(run_name: str) -> str:
+    """A directory name for a run: "npo/uoe@0.01" -> "npo-uoe-lr0.01"."""
+    return run_name.replace("/", "-").replace("@", "-lr")
 
 
 def _texts(facts: Sequence[Fact]) -> list[str]:
@@ -185,6 +193,40 @@ def _plot_summary(rows: Sequence[DemoRow], reports: dict[str, Any], path: Path) 
         plt.close(fig)
 
 
+def _plot_tradeoff(rows: Sequence[DemoRow], path: Path) -> None:
+    """Retain vs forget exact match of every run, one line per method/scope across learning rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+    try:
+        groups: dict[str, list[DemoRow]] = {}
+        for r in rows:
+            if r.method is not None:
+                groups.setdefault(f"{r.method}/{r.scope}", []).append(r)
+        for name, rs in groups.items():
+            rs = sorted(rs, key=lambda r: r.lr)
+            ax.plot([r.forget_em for r in rs], [r.retain_em for r in rs], marker="o", label=name)
+            for r in rs:
+                ax.annotate(f"{r.lr:g}", (r.forget_em, r.retain_em), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        orig = rows[0]
+        ax.scatter([orig.forget_em], [orig.retain_em], marker="*", s=120, color="k", label="original")
+        ax.set_xlabel("forget exact match (lower = more forgotten)")
+        ax.set_ylabel("retain exact match (higher = more kept)")
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title("Forgetting vs keeping, across learning rates")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+
+
 # -- output directory --------------------------------------------------------------------------
 
 def _check_out_dir(out: Path) -> None:
@@ -230,19 +272,24 @@ def _row_from_report(name: str, report: Any, *, method=None, scope=None, lr=None
 
 def run_demo(out_dir: str | os.PathLike = "demo-output", quick: bool = False, rebuild: bool = False, *,
              cache_dir: str | os.PathLike | None = None, config: DemoConfig | None = None,
-             progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
+             sweep: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
     """Build or load the benchmark model, attribute, unlearn (methods x scopes), evaluate, report.
 
     Writes under `out_dir` (replacing an earlier demo output there, all at once at the end):
     demo_report.json / .md (the table and every number), demo_summary.png, attribution.json/.png,
     runs/<name>/report.{json,md} + routing_overlap.png, patches/<method>-<scope>/ (apply them
     with `moe-unlearn evaluate --patch`). `cache_dir` overrides $MOE_UNLEARN_CACHE.
+    `sweep` adds runs at SWEEP_LRS (rows "method/scope@lr", patches not kept) and demo_tradeoff.png:
+    forget vs retain exact match across learning rates, which compares the scopes at similar
+    forgetting rather than at one learning rate.
     """
     from moe_unlearn.attribution import attribute_experts
     from moe_unlearn.eval import evaluate, record_routing
     from moe_unlearn.unlearn import revert_patch, unlearn
 
     config = config or (DemoConfig.quick() if quick else DemoConfig())
+    if sweep and not config.sweep_lrs:
+        config = dataclasses.replace(config, sweep_lrs=SWEEP_LRS)
     out = Path(out_dir).expanduser().resolve()
     _check_out_dir(out)
     missing_lr = [m for m in config.methods if m not in config.lr]
@@ -297,35 +344,40 @@ def run_demo(out_dir: str | os.PathLike = "demo-output", quick: bool = False, re
         rows = [_row_from_report("original", reports["original"], eval_seconds=time.perf_counter() - t0)]
         snapshot = _snapshot(model)
 
-        log(f"[4/4] unlearning: {len(config.methods)} methods x {len(config.scopes)} scopes, {config.steps} steps "
-            f"each, batch {config.batch_size}, from the original weights every time")
-        for method in config.methods:
-            for scope in config.scopes:
-                name = f"{method}/{scope}"
-                lr = config.lr[method]
-                res = unlearn(model, forget_texts, retain_texts, tokenizer=tok, method=method, scope=scope,
-                              target=target if scope in ("uoe", "topm") else None, steps=config.steps, lr=lr,
-                              batch_size=config.batch_size, seed=config.seed, progress=progress,
-                              out_dir=tmp / "patches" / f"{method}-{scope}")
-                t0 = time.perf_counter()
-                reports[name] = evaluate(model, tok, **common)
-                t_eval = time.perf_counter() - t0
-                revert_patch(model, res.patch_path)
-                _restore_checked(model, snapshot, name)
-                rows.append(_row_from_report(name, reports[name], method=method, scope=scope, lr=lr,
-                                             steps=config.steps, params=res.trainable_params,
-                                             unlearn_seconds=res.wall_time, eval_seconds=t_eval,
-                                             targets=res.targets))
-                r = rows[-1]
-                log(f"      {name:10s} forget EM {r.forget_em:.3f}  retain EM {r.retain_em:.3f}  neighbor EM "
-                    f"{r.neighbor_em:.3f}  ({r.trainable_params:,} params, {r.unlearn_seconds:.1f} s)")
+        runs = [(m, s, config.lr[m], f"{m}/{s}") for m in config.methods for s in config.scopes]
+        runs += [(m, s, lr, f"{m}/{s}@{lr:g}") for lr in config.sweep_lrs for m in config.methods
+                 for s in config.scopes if lr != config.lr[m]]
+        log(f"[4/4] unlearning: {len(runs)} runs ({len(config.methods)} methods x {len(config.scopes)} scopes"
+            f"{' + lr sweep' if config.sweep_lrs else ''}), {config.steps} steps each, batch {config.batch_size}, "
+            "from the original weights every time")
+        for method, scope, lr, name in runs:
+            res = unlearn(model, forget_texts, retain_texts, tokenizer=tok, method=method, scope=scope,
+                          target=target if scope in ("uoe", "topm") else None, steps=config.steps, lr=lr,
+                          batch_size=config.batch_size, seed=config.seed, progress=progress,
+                          out_dir=tmp / "patches" / _slug(name))
+            t0 = time.perf_counter()
+            reports[name] = evaluate(model, tok, **common)
+            t_eval = time.perf_counter() - t0
+            revert_patch(model, res.patch_path)
+            _restore_checked(model, snapshot, name)
+            if "@" in name:  # keep the patches of the main runs only (a full-model patch is large)
+                shutil.rmtree(res.patch_path, ignore_errors=True)
+            rows.append(_row_from_report(name, reports[name], method=method, scope=scope, lr=lr,
+                                         steps=config.steps, params=res.trainable_params,
+                                         unlearn_seconds=res.wall_time, eval_seconds=t_eval,
+                                         targets=res.targets))
+            r = rows[-1]
+            log(f"      {name:10s} forget EM {r.forget_em:.3f}  retain EM {r.retain_em:.3f}  neighbor EM "
+                f"{r.neighbor_em:.3f}  ({r.trainable_params:,} params, {r.unlearn_seconds:.1f} s)")
 
         table = format_table(rows)
         seconds = {"model": round(t_model, 2), "attribution": round(t_attr, 2),
                    "total": round(time.perf_counter() - t_start, 2)}
         for name, rep in reports.items():
-            rep.write_all(tmp / "runs" / name.replace("/", "-"))
-        _plot_summary(rows, reports, tmp / "demo_summary.png")
+            rep.write_all(tmp / "runs" / _slug(name))
+        _plot_summary([r for r in rows if "@" not in r.name], reports, tmp / "demo_summary.png")
+        if config.sweep_lrs:
+            _plot_tradeoff(rows, tmp / "demo_tradeoff.png")
         summary = {
             "rows": [asdict(r) for r in rows], "target": list(target), "target_near_tie": top[0].near_tie,
             "model_path": str(bench.path), "model_built": bench.built, "model_meta": bench.meta,

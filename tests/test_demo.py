@@ -88,3 +88,18 @@ def test_table_has_one_line_per_run():
     assert "0.900/0.990" in text[2] and "12,345" in text[2]
     md = format_table([row], markdown=True).splitlines()
     assert md[2].startswith("| ga/uoe | 0.250 | 1.000 |")
+
+
+def test_tradeoff_plot_is_written(tmp_path):
+    from moe_unlearn.demo import _plot_tradeoff
+
+    def row(name, method, scope, lr, f, r):
+        return DemoRow(name=name, method=method, scope=scope, lr=lr, steps=1, forget_em=f, retain_em=r,
+                       neighbor_em=r, holdout_em=0.0, forget_nll=1.0, retain_nll=1.0, mia_auc=0.5,
+                       overlap_forget=1.0, overlap_retain=1.0, trainable_params=1, unlearn_seconds=0.0,
+                       eval_seconds=0.0)
+
+    rows = [row("original", None, None, None, 1.0, 1.0), row("ga/full", "ga", "full", 1e-3, 0.1, 0.5),
+            row("ga/full@0.01", "ga", "full", 1e-2, 0.0, 0.0), row("ga/uoe", "ga", "uoe", 1e-3, 0.9, 1.0)]
+    _plot_tradeoff(rows, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -36,7 +36,7 @@ from moe_unlearn.bench_model.facts import Fact, FactsConfig, FactSet, generate_f
 from moe_unlearn.bench_model.tokenizer import train_tokenizer
 from moe_unlearn.errors import BadInputError
 
-FORMAT_VERSION = 1  # bump when the layout or the training recipe changes: old cache entries are ignored
+FORMAT_VERSION = 2  # bump when the layout or the training recipe changes: old cache entries are ignored
 META_FILE = "bench_meta.json"
 
 

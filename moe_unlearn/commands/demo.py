@@ -19,6 +19,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="train the benchmark model again even if cached")
     p.add_argument("--cache-dir", default=None,
                    help="where benchmark models are cached (default: $MOE_UNLEARN_CACHE or ~/.cache/moe-unlearn)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also run every method and scope at a few more learning rates and plot forget vs retain "
+                        "exact match (demo_tradeoff.png), to compare the scopes at similar forgetting")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -27,5 +30,5 @@ def run(args: argparse.Namespace) -> int:
     from moe_unlearn.demo import run_demo
 
     run_demo(args.out, quick=args.quick, rebuild=args.rebuild, cache_dir=args.cache_dir,
-             progress=not args.no_progress)
+             sweep=args.sweep, progress=not args.no_progress)
     return 0
