@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from moe_unlearn import atomic
 from moe_unlearn.attribution import attribute_experts
 from moe_unlearn.data import TokenizedBatches
 from moe_unlearn.testing import tiny_model
@@ -142,10 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "goal": "overhead_vs_decoder_forward <= 0.05",
     }
     out = Path(args.out) if args.out else RESULTS / f"attribution_{args.family}_h{model.config.hidden_size}_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
+    atomic.write_json(out, result, indent=1)
     print(json.dumps({k: result[k] for k in ("device", "family", "tokens", "median_s",
                                               "overhead_vs_decoder_forward", "ratio_vs_causal_lm_forward")},
                      indent=1))

@@ -8,17 +8,17 @@ device-to-device copy measured in the same process, so they describe this device
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from moe_unlearn import atomic
 
 
 @dataclass
@@ -97,18 +97,7 @@ def environment(device: torch.device) -> dict:
 
 def write_json(path: Path, payload: dict) -> Path:
     """Atomic write (temp file + rename): a crash never leaves a half-written result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic.write_json(path, payload, indent=2)
 
 
 def timing_dict(t: Timing) -> dict:

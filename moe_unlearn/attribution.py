@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_unlearn import atomic
 from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
 from moe_unlearn.data import DataSource, TokenizedBatches, load_texts, tokenize_batches
 from moe_unlearn.errors import BadInputError, DataError
@@ -141,7 +141,7 @@ class Attribution:
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write the attribution as JSON (atomically: a temp file renamed into place)."""
-        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+        atomic.write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Attribution:
@@ -193,7 +193,8 @@ class Attribution:
             ax.set_title(f"{stat}: target layer {best.layer}, expert {best.expert} = {best.score:.4f}{tie}\n"
                          f"{self.num_sequences} sequences, {self.num_tokens} tokens", fontsize=9)
             fig.tight_layout()
-            _atomic_write(Path(path), lambda fh: fig.savefig(fh, format="png", dpi=100))
+            with atomic.atomic_path(path) as tmp:
+                fig.savefig(tmp, format="png", dpi=100)
         finally:
             plt.close(fig)
 
@@ -214,22 +215,6 @@ class Attribution:
 
 def _near(best: float, runner_up: float) -> bool:
     return math.isfinite(runner_up) and best - runner_up <= NEAR_TIE_REL * abs(best)
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 # -- computing it --------------------------------------------------------------

@@ -24,7 +24,6 @@ import glob
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from moe_unlearn.atomic import atomic_path
 from moe_unlearn.errors import BadInputError, TrainingDiverged
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -258,16 +258,8 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
 def _save_checkpoint(config: TrainConfig, state: dict[str, Any], step: int) -> None:
     """Atomic: write to a temp file in the same folder, then rename; then prune old ones."""
     d = os.fspath(config.checkpoint_dir)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_ckpt_", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, os.path.join(d, f"step_{step:08d}.pt"))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(os.path.join(d, f"step_{step:08d}.pt")) as tmp:
+        torch.save(state, tmp)
     paths = sorted(glob.glob(os.path.join(d, _CKPT_PATTERN)), key=lambda p: int(os.path.basename(p)[5:-3]))
     for old in paths[: max(0, len(paths) - max(1, config.keep_checkpoints))]:
         os.unlink(old)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from moe_unlearn.atomic import staged_files
 from moe_unlearn.errors import BadInputError
 
 OUTPUT_FILES = ("attribution.json", "attribution.png")
@@ -62,20 +61,11 @@ def _check_out(out: Path) -> None:
 
 
 def write_outputs(attribution, out: Path) -> None:
-    """Both files or neither: they are written into a temp dir beside `out`, then moved in."""
+    """Both files or neither: they are written into a staging dir first, then moved in."""
     _check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_files(out) as tmp:
         attribution.to_json(tmp / OUTPUT_FILES[0])
         attribution.plot(tmp / OUTPUT_FILES[1])
-        if not out.exists():
-            os.replace(tmp, out)
-            return
-        for name in OUTPUT_FILES:
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,33 +6,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moe_unlearn.atomic import atomic_path, staged_files, write_text
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.eval.mcq import McqResult
 from moe_unlearn.eval.metrics import SplitMetrics
 from moe_unlearn.eval.mia import MIA_ATTACKS, MIAResult
 from moe_unlearn.eval.routing import RoutingComparison
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call write(tmp_path) on a temporary file in the destination folder, then rename it to `path`."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=dest.suffix, dir=dest.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return dest
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -86,7 +69,7 @@ class EvalReport:
 
     def to_json(self, path: str | os.PathLike) -> Path:
         text = json.dumps(self.to_dict(), indent=2, allow_nan=True)
-        return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+        return write_text(path, text + "\n")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> EvalReport:
@@ -153,7 +136,7 @@ class EvalReport:
 
     def write_markdown(self, path: str | os.PathLike) -> Path:
         text = self.to_markdown()
-        return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return write_text(path, text)
 
     # -- plot --------------------------------------------------------------
     def plot_routing(self, path: str | os.PathLike) -> Path:
@@ -177,7 +160,9 @@ class EvalReport:
             ax.grid(alpha=0.3)
             ax.legend(loc="lower left")
             fig.tight_layout()
-            return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format="png")
+            return Path(path)
         finally:
             plt.close(fig)
 
@@ -185,16 +170,12 @@ class EvalReport:
         """report.json, report.md and (with routing) routing_overlap.png in `out_dir`, all or nothing:
         everything is rendered into a temporary folder first, then moved in."""
         out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
         names = {"json": "report.json", "markdown": "report.md"}
         if self.routing:
             names["plot"] = "routing_overlap.png"
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-            self.to_json(Path(tmp) / names["json"])
-            self.write_markdown(Path(tmp) / names["markdown"])
+        with staged_files(out) as tmp:
+            self.to_json(tmp / names["json"])
+            self.write_markdown(tmp / names["markdown"])
             if "plot" in names:
-                self.plot_routing(Path(tmp) / names["plot"])
-            out.mkdir(parents=True, exist_ok=True)
-            for fname in names.values():
-                os.replace(Path(tmp) / fname, out / fname)
+                self.plot_routing(tmp / names["plot"])
         return {k: out / v for k, v in names.items()}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_unlearn.atomic import staged_files
 from moe_unlearn.data import load_records, pad_batch, pad_token_id
 from moe_unlearn.errors import BadInputError, DataError
 from moe_unlearn.loramoe.balance import routing_context
@@ -265,9 +265,7 @@ def finetune(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]]
 
 def _write_run(out: Path, model: nn.Module, tokenizer: Any, config: FinetuneConfig, adapter: LoRAMoEConfig | None,
                result: FinetuneResult) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".staging_", dir=out))
-    try:
+    with staged_files(out, last="finetune_config.json") as stage:  # the summary goes in last
         if adapter is None:
             model.save_pretrained(stage / "model")
             if hasattr(tokenizer, "save_pretrained"):
@@ -280,10 +278,3 @@ def _write_run(out: Path, model: nn.Module, tokenizer: Any, config: FinetuneConf
         summary = {"config": asdict(config), "trainable_params": result.trainable_params,
                    "final": result.history.final(), "routing_group_mass_after_training": result.routing}
         (stage / "finetune_config.json").write_text(json.dumps(summary, indent=2) + "\n")
-        for entry in sorted(stage.iterdir(), key=lambda p: p.name == "finetune_config.json"):  # summary last
-            target = out / entry.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(entry, target)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)

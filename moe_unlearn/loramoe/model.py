@@ -7,15 +7,13 @@ an unmodified model of the same architecture.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moe_unlearn.atomic import atomic_dir
 from moe_unlearn.errors import BadInputError, PatchError
 from moe_unlearn.loramoe.config import ATTENTION_TARGETS, LoRAMoEConfig
 from moe_unlearn.loramoe.layer import LoRAMoELinear
@@ -86,22 +84,9 @@ def save_loramoe(model: nn.Module, path: str | Path) -> Path:
     config = get_loramoe_config(model)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_parameters(model).items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path, replace=True) as tmp:
         save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "moe_unlearn.loramoe"})
         config.save(tmp / CONFIG_FILE)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

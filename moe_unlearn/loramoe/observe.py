@@ -10,12 +10,11 @@ for every type, with the expert groups marked.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from moe_unlearn.atomic import atomic_path, write_text
 from moe_unlearn.loramoe.balance import RoutingContext
 
 UNTYPED = "<untyped>"
@@ -79,8 +78,8 @@ class RoutingMassObserver:
         """Write routing_mass.json (+ routing_<group>.png per layer group) into out_dir, each file atomically."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        written = [_atomic_write_text(out_dir / JSON_FILE,
-                                      json.dumps(self.to_dict(expert_group, group_types), indent=1) + "\n")]
+        written = [write_text(out_dir / JSON_FILE,
+                              json.dumps(self.to_dict(expert_group, group_types), indent=1) + "\n")]
         if plots and self.mass:
             for kind, layers in _layer_groups(list(self.mass)).items():
                 written.append(self._plot(out_dir / f"routing_{kind}.png", kind, layers, expert_group))
@@ -109,15 +108,11 @@ class RoutingMassObserver:
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.suptitle(f"mean router gate, {kind}", fontsize=10)
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-        os.close(fd)
         try:
-            fig.savefig(tmp, dpi=90)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=90)
         finally:
             plt.close(fig)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
 
@@ -134,19 +129,6 @@ def _layer_groups(layers: list[str]) -> dict[str, list[str]]:
 def _short(name: str) -> str:
     digits = [p for p in name.split(".") if p.isdigit()]
     return f"layer {digits[0]}" if digits else name
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 @torch.no_grad()

@@ -16,7 +16,6 @@ import contextlib
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from torch import nn
 from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
 from moe_unlearn.arch.discovery import adapter_for, decoder_layers
 from moe_unlearn.arch.stack import DecoderStack
+from moe_unlearn.atomic import atomic_dir
 from moe_unlearn.errors import BadInputError, DataError, NotAnMoEModel, TrainingDiverged
 from moe_unlearn.training import TrainConfig, TrainHistory, TrainHooks, train
 from moe_unlearn.unlearn.anchor import anchor_target, retain_routing_kl, router_anchor_loss
@@ -474,15 +474,7 @@ def unlearn(
 
 def _save_merged(model: nn.Module, out_dir: Path) -> Path:
     """save_pretrained into a temp dir beside out_dir, then rename (no half-written model)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # an existing out_dir can only be empty here (checked by the caller)
         model.save_pretrained(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moe_unlearn.atomic import atomic_dir
 from moe_unlearn.errors import BadInputError, PatchError
 
 FORMAT = "moe-unlearn-patch"
@@ -89,20 +88,6 @@ def snapshot(model: nn.Module, entries: list[PatchEntry]) -> list[torch.Tensor]:
     return [e.view(params).detach().cpu().clone() for e in entries]
 
 
-def _atomic_dir(out_dir: Path, fill) -> None:
-    """Create `out_dir` by filling a temp dir beside it and renaming it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-    try:
-        fill(tmp)
-        if out_dir.exists():  # only an empty dir can be here (checked by the caller)
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_patch(out_dir: str | os.PathLike, model: nn.Module, entries: list[PatchEntry],
                 originals: list[torch.Tensor], info: dict[str, Any]) -> Path:
     """Write the patch of `entries` (current model values vs `originals`) into `out_dir`, atomically.
@@ -120,12 +105,10 @@ def write_patch(out_dir: str | os.PathLike, model: nn.Module, entries: list[Patc
     meta = {"format": FORMAT, "version": VERSION, "base_model": model_identity(model), "entries": meta_entries,
             **info}
 
-    def fill(tmp: Path) -> None:
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:  # an existing out_dir can only be empty here (checked by the caller)
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-
-    out = Path(out_dir)
-    _atomic_dir(out, fill)
     return out
 
 
