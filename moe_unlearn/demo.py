@@ -17,11 +17,9 @@ nothing is tuned per scope.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,6 +29,7 @@ from typing import Any
 
 import torch
 
+from moe_unlearn.atomic import atomic_dir, write_json, write_text
 from moe_unlearn.bench_model import BenchModelConfig, Fact, load_or_build
 from moe_unlearn.errors import BadInputError
 
@@ -236,12 +235,6 @@ def _check_out_dir(out: Path) -> None:
                             "choose another --out or remove it")
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 # -- the pipeline ------------------------------------------------------------------------------
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -317,8 +310,7 @@ def run_demo(out_dir: str | os.PathLike = "demo-output", quick: bool = False, re
     forget_texts, retain_texts = _texts(facts.forget), _texts(facts.retain)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True) as tmp:  # the whole report appears at once, or not at all
         log("[2/4] expert attribution on the forget split")
         t0 = time.perf_counter()
         attribution = attribute_experts(model, forget_texts, tokenizer=tok, batch_size=config.eval_batch_size,
@@ -388,12 +380,8 @@ def run_demo(out_dir: str | os.PathLike = "demo-output", quick: bool = False, re
                                  "kept vs the original model (forget / retain)",
                       "lr": "one learning rate per method, the same for every scope"},
         }
-        (tmp / REPORT_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-        (tmp / REPORT_MD).write_text(_markdown(rows, target, bench, config, seconds))
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / REPORT_JSON, summary)
+        write_text(tmp / REPORT_MD, _markdown(rows, target, bench, config, seconds))
     seconds["total"] = round(time.perf_counter() - t_start, 2)
     log("")
     log(table)

@@ -102,7 +102,7 @@ def test_jsonl_round_trip_and_readable_by_data_loader(tmp_path):
     assert back.splits == fs.splits
     recs = load_records(paths["forget"], required=("question", "answer", "text"))
     assert [r["answer"] for r in recs] == [f.answer for f in fs.forget]
-    assert not list(tmp_path.glob(".tmp_*"))
+    assert not list(tmp_path.glob(".*"))
 
 
 def test_tokenizer_round_trips_the_corpus(tmp_path):
@@ -147,7 +147,7 @@ def test_build_writes_a_complete_cache_entry_and_reuses_it(quick_bench):
     assert meta["digest"] == cfg.digest() and meta["config"]["facts"]["seed"] == cfg.facts.seed
     assert meta["split_sizes"] == {s: len(v) for s, v in bench.facts.splits.items()}
     assert 0.0 <= meta["exact_match"]["trained"] <= 1.0 and meta["train_seconds"] > 0
-    assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
     again = load_or_build(cfg, cache_root=root)
     assert not again.built
     assert again.facts.splits == bench.facts.splits

@@ -62,7 +62,7 @@ def test_quick_demo_writes_every_report_file(quick_demo):
         assert any((out / "patches" / run.replace("/", "-")).iterdir()), run
     md = (out / "demo_report.md").read_text()
     assert all(f"| {run} |" in md for run in RUNS)
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
     # the model is cached for the next run
     assert len([p for p in cache.iterdir() if (p / "bench_meta.json").is_file()]) == 1
 

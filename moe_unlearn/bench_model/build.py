@@ -16,8 +16,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -32,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from moe_unlearn.atomic import atomic_dir, write_json
 from moe_unlearn.bench_model.facts import Fact, FactsConfig, FactSet, generate_facts
 from moe_unlearn.bench_model.tokenizer import train_tokenizer
 from moe_unlearn.errors import BadInputError
@@ -269,18 +268,11 @@ def build_bench_model(config: BenchModelConfig, path: str | os.PathLike, *, prog
             "reached_target": em >= config.target_em, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "torch": torch.__version__, **stats}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
-    try:
+    with atomic_dir(path, replace=True) as tmp:  # a stale entry (rebuild) is replaced only when complete
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         facts.write_jsonl(tmp / "data")
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if path.exists():  # an unfinished or stale entry (rebuild): replace it
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / META_FILE, meta)
     return BenchModel(model=model, tokenizer=tokenizer, facts=facts, path=path, meta=meta, built=True)
 
 

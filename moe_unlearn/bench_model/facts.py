@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from moe_unlearn.atomic import write_text
 from moe_unlearn.errors import BadInputError
 
 DOMAINS = ("people", "places", "compounds", "species")
@@ -245,18 +245,8 @@ def _fact_from_record(rec: dict) -> Fact:
 
 def write_records(facts: Iterable[Fact], path: str | os.PathLike) -> str:
     """Atomically write facts as jsonl records (question, answer, text, ...)."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for f in facts:
-                fh.write(json.dumps(f.to_record(), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    text = "".join(json.dumps(f.to_record(), ensure_ascii=False) + "\n" for f in facts)
+    return str(write_text(path, text))
 
 
 def invent_names(rng: random.Random, n: int, taken: set[str]) -> list[str]:
