@@ -48,7 +48,7 @@ class DemoConfig:
     batch_size: int = 16
     lr: dict[str, float] = field(default_factory=lambda: {"ga": 3e-3, "npo": 3e-3})
     sweep_lrs: tuple[float, ...] = ()  # extra runs of every method x scope at these learning rates
-    eval_retain: int = 160  # retain facts evaluated (a seeded sample; all of them if fewer)
+    eval_retain: int | None = None  # retain facts evaluated: None = all, n = a seeded sample of n
     eval_batch_size: int = 64
     generate: bool = True  # QA ROUGE-L and VerbMem by greedy decoding (exact match needs none)
     seed: int = 0
@@ -303,7 +303,7 @@ def run_demo(out_dir: str | os.PathLike = "demo-output", quick: bool = False, re
         log(f"      WARNING: the model knows only {em:.1%} of its facts (target {config.bench.target_em:.0%})")
 
     retain_eval = list(facts.retain)
-    if len(retain_eval) > config.eval_retain:
+    if config.eval_retain is not None and len(retain_eval) > config.eval_retain:
         retain_eval = random.Random(config.seed).sample(retain_eval, config.eval_retain)
     eval_data = {"forget": _records(facts.forget), "retain": _records(retain_eval),
                  "neighbor": _records(facts.neighbor), "holdout": _records(facts.holdout)}
@@ -408,7 +408,7 @@ def _markdown(rows: Sequence[DemoRow], target: tuple[int, int], bench: Any, conf
         f"{config.bench.num_experts} experts top-{config.bench.top_k}, {config.bench.num_layers} layers), "
         f"knows {bench.meta['exact_match']['trained']:.1%} of its {len(facts.trained)} trained facts.",
         f"Forget: domain `{config.bench.facts.forget_domain}` ({len(facts.forget)} facts); retain "
-        f"{len(facts.retain)} facts (evaluated on {min(len(facts.retain), config.eval_retain)}); "
+        f"{len(facts.retain)} facts (evaluated on {min(len(facts.retain), config.eval_retain or len(facts.retain))}); "
         f"neighbor {len(facts.neighbor)}; holdout {len(facts.holdout)} (never trained).",
         f"SEUF target expert: layer {target[0]}, expert {target[1]}.",
         f"Every run: {config.steps} steps, batch {config.batch_size}, from the original weights; "
