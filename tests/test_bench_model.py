@@ -186,3 +186,22 @@ def test_quick_model_learns_something(quick_bench):
     _, bench = quick_bench
     em = bench.meta["exact_match"]
     assert em["trained"] > em["holdout"] + 0.2
+
+
+def test_rebuild_retrains_to_the_same_weights(quick_bench):
+    root, bench = quick_bench
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = load_or_build(BenchModelConfig.quick(), cache_root=root, rebuild=True, progress=False)
+    assert again.built and again.path == bench.path
+    for (n, p), (_, q) in zip(bench.model.named_parameters(), again.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), n  # training is deterministic for the config's seed
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_undertrained_model_warns_with_the_number(tmp_path):
+    cfg = BenchModelConfig.quick()
+    cfg.steps = 3
+    with pytest.warns(UserWarning, match=r"knows only \d+\.\d% of its trained facts"):
+        bench = load_or_build(cfg, cache_root=tmp_path, progress=False)
+    assert not bench.meta["reached_target"] and bench.meta["exact_match"]["trained"] < cfg.target_em
