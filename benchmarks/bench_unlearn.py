@@ -22,7 +22,7 @@ import torch
 
 from moe_unlearn.data import TokenizedBatches
 from moe_unlearn.testing import tiny_model
-from moe_unlearn.unlearn import unlearn
+from moe_unlearn.unlearning import unlearn
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -24,6 +24,8 @@ _EXPORTS: dict[str, str] = {
     "Routing": "moe_unlearn.arch",
     "ExpertSlice": "moe_unlearn.arch",
     "RoutingCapture": "moe_unlearn.arch",
+    "model_summary": "moe_unlearn.arch",
+    "SUPPORTED_FAMILIES": "moe_unlearn.arch",
     # errors
     "MoEUnlearnError": "moe_unlearn.errors",
     "NotAnMoEModel": "moe_unlearn.errors",
@@ -31,16 +33,33 @@ _EXPORTS: dict[str, str] = {
     # attribution
     "attribute_experts": "moe_unlearn.attribution",
     "Attribution": "moe_unlearn.attribution",
+    # data
+    "load_texts": "moe_unlearn.data",
+    "load_records": "moe_unlearn.data",
+    "tokenize_batches": "moe_unlearn.data",
     # unlearning
-    "unlearn": "moe_unlearn.unlearn",
-    "UnlearnResult": "moe_unlearn.unlearn",
-    "apply_patch": "moe_unlearn.unlearn",
-    "revert_patch": "moe_unlearn.unlearn",
+    "unlearn": "moe_unlearn.unlearning",
+    "UnlearnResult": "moe_unlearn.unlearning",
+    "apply_patch": "moe_unlearn.unlearning",
+    "revert_patch": "moe_unlearn.unlearning",
+    "OBJECTIVES": "moe_unlearn.unlearning",
+    "SCOPES": "moe_unlearn.unlearning",
+    # training loop (shared by unlearning, LoRAMoE fine-tuning and the benchmark model)
+    "TrainConfig": "moe_unlearn.training",
+    "train": "moe_unlearn.training",
     # evaluation
     "evaluate": "moe_unlearn.eval",
+    "EvalReport": "moe_unlearn.eval",
+    "record_routing": "moe_unlearn.eval",
+    "compare_routing": "moe_unlearn.eval",
     # LoRAMoE
     "LoRAMoEConfig": "moe_unlearn.loramoe",
     "add_loramoe": "moe_unlearn.loramoe",
+    "load_loramoe": "moe_unlearn.loramoe",
+    "save_loramoe": "moe_unlearn.loramoe",
+    # the built-in benchmark model and the demo
+    "load_or_build": "moe_unlearn.bench_model",
+    "run_demo": "moe_unlearn.demo",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

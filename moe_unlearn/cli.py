@@ -9,7 +9,8 @@ import sys
 
 from moe_unlearn.errors import MoEUnlearnError
 
-# name -> module; imported lazily so `moe-unlearn inspect` does not pay for the others.
+# name -> module. Command modules import their heavy dependencies inside run(), so building the
+# parser stays cheap.
 COMMANDS: dict[str, str] = {
     "inspect": "moe_unlearn.commands.inspect",
     "attribute": "moe_unlearn.commands.attribute",
@@ -23,13 +24,8 @@ COMMANDS: dict[str, str] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-unlearn", description="Unlearning for Mixture-of-Experts LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in COMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:  # command not built yet
-                continue
-            raise
+    for module in COMMANDS.values():
+        mod = importlib.import_module(module)
         p = mod.add_parser(sub)
         p.set_defaults(_run=mod.run)
     return parser

@@ -278,7 +278,7 @@ def run_demo(out_dir: str | os.PathLike = "demo-output", quick: bool = False, re
     """
     from moe_unlearn.attribution import attribute_experts
     from moe_unlearn.eval import evaluate, record_routing
-    from moe_unlearn.unlearn import revert_patch, unlearn
+    from moe_unlearn.unlearning import revert_patch, unlearn
 
     config = config or (DemoConfig.quick() if quick else DemoConfig())
     if sweep and not config.sweep_lrs:

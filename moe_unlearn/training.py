@@ -15,7 +15,7 @@
 
 Training slices of tensors (e.g. one expert inside a fused `[E, ...]` parameter): give the
 loop small leaf tensors that own the optimizer state plus `TrainHooks` that move gradients
-into them and write them back after each step (see `moe_unlearn.unlearn.scopes.SliceParams`).
+into them and write them back after each step (see `moe_unlearn.unlearning.scopes.SliceParams`).
 """
 
 from __future__ import annotations

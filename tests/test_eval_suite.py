@@ -150,7 +150,7 @@ def _write_jsonl(path, records):
 
 
 def test_cli_with_patch_writes_all_reports(model, tmp_path):
-    from moe_unlearn.unlearn.patch import PatchEntry, snapshot, write_patch
+    from moe_unlearn.unlearning.patch import PatchEntry, snapshot, write_patch
 
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)

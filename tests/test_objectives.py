@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from moe_unlearn.errors import BadInputError
-from moe_unlearn.unlearn.anchor import anchor_target, retain_routing_kl, router_anchor_loss
-from moe_unlearn.unlearn.objectives import OBJECTIVES, ObjectiveInputs, get_objective
+from moe_unlearn.unlearning.anchor import anchor_target, retain_routing_kl, router_anchor_loss
+from moe_unlearn.unlearning.objectives import OBJECTIVES, ObjectiveInputs, get_objective
 
 # B=2 sequences, S=3 positions, V=3 tokens; the second sequence has one padded position.
 LOGITS = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.2, 0.1], [0.0, 0.0, 0.0]],

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from moe_unlearn.errors import PatchError
 from moe_unlearn.testing import tiny_model
-from moe_unlearn.unlearn import apply_patch, revert_patch, unlearn
+from moe_unlearn.unlearning import apply_patch, revert_patch, unlearn
 from tests._tiny_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()

@@ -8,7 +8,7 @@ import torch
 
 from moe_unlearn.cli import main
 from moe_unlearn.testing import tiny_model
-from moe_unlearn.unlearn import apply_patch
+from moe_unlearn.unlearning import apply_patch
 from tests._tiny_tokenizer import word_tokenizer
 
 

@@ -11,7 +11,7 @@ from moe_unlearn.errors import BadInputError, DataError, TrainingDiverged
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.training import TrainHooks
 from moe_unlearn.training import train as real_train
-from moe_unlearn.unlearn import engine, unlearn
+from moe_unlearn.unlearning import engine, unlearn
 from tests._tiny_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()

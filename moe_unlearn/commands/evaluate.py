@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.original:
         original = _load_model(args.original, device)
     if args.patch:
-        from moe_unlearn.unlearn import apply_patch  # lazy: the unlearning package is optional here
+        from moe_unlearn.unlearning import apply_patch  # lazy: the unlearning package is optional here
 
         if original is None:  # the model before the patch is the original: record its routing first
             original_routing = {name: record_routing(model, tokenizer, items, batch_size=args.batch_size, fmt=fmt,

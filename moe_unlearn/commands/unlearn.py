@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from moe_unlearn.unlearn.objectives import OBJECTIVES
-from moe_unlearn.unlearn.scopes import SCOPES
+from moe_unlearn.unlearning.objectives import OBJECTIVES
+from moe_unlearn.unlearning.scopes import SCOPES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -71,7 +71,7 @@ def _parse_sets(items: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from moe_unlearn.commands.attribute import load_model_and_tokenizer
-    from moe_unlearn.unlearn import unlearn
+    from moe_unlearn.unlearning import unlearn
 
     target = args.target
     if target is None and args.attribution:

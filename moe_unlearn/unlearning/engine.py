@@ -31,11 +31,11 @@ from moe_unlearn.arch.stack import DecoderStack
 from moe_unlearn.atomic import atomic_dir
 from moe_unlearn.errors import BadInputError, DataError, NotAnMoEModel, TrainingDiverged
 from moe_unlearn.training import TrainConfig, TrainHistory, TrainHooks, train
-from moe_unlearn.unlearn.anchor import anchor_target, retain_routing_kl, router_anchor_loss
-from moe_unlearn.unlearn.objectives import ObjectiveInputs, get_objective, rmu_steering, sequence_nll
-from moe_unlearn.unlearn.patch import PatchEntry, snapshot, write_patch
-from moe_unlearn.unlearn.prefix_cache import PrefixCache
-from moe_unlearn.unlearn.scopes import SCOPES, ExpertTarget, ScopePlan, SliceParams, resolve_scope
+from moe_unlearn.unlearning.anchor import anchor_target, retain_routing_kl, router_anchor_loss
+from moe_unlearn.unlearning.objectives import ObjectiveInputs, get_objective, rmu_steering, sequence_nll
+from moe_unlearn.unlearning.patch import PatchEntry, snapshot, write_patch
+from moe_unlearn.unlearning.prefix_cache import PrefixCache
+from moe_unlearn.unlearning.scopes import SCOPES, ExpertTarget, ScopePlan, SliceParams, resolve_scope
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

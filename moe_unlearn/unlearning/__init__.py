@@ -1,0 +1,15 @@
+"""Unlearning: objectives (a registry of loss functions), scopes, router anchor, reversible patches.
+
+    result = unlearn(model, forget, retain, tokenizer=tok, method="npo", scope="uoe", out_dir="patch/")
+    revert_patch(model, result.patch_path)
+"""
+
+from moe_unlearn.unlearning.engine import UnlearnResult, unlearn
+from moe_unlearn.unlearning.objectives import OBJECTIVES, Objective, ObjectiveInputs, get_objective
+from moe_unlearn.unlearning.patch import apply_patch, read_patch_meta, revert_patch
+from moe_unlearn.unlearning.scopes import SCOPES, ExpertTarget, ScopePlan, SliceParams, resolve_scope
+
+__all__ = ["OBJECTIVES", "SCOPES", "ExpertTarget", "Objective", "ObjectiveInputs", "ScopePlan", "SliceParams",
+           "UnlearnResult", "apply_patch", "get_objective", "read_patch_meta", "resolve_scope", "revert_patch",
+           "unlearn"]
+
