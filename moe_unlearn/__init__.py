@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "Routing": "moe_unlearn.arch",
     "ExpertSlice": "moe_unlearn.arch",
     "RoutingCapture": "moe_unlearn.arch",
+    "ExpertTarget": "moe_unlearn.arch",
     "model_summary": "moe_unlearn.arch",
     "SUPPORTED_FAMILIES": "moe_unlearn.arch",
     # errors

@@ -5,8 +5,9 @@ from moe_unlearn.arch.capture import ForwardRecord, RouterRecord, RoutingCapture
 from moe_unlearn.arch.discovery import adapter_for, find_moe_layers
 from moe_unlearn.arch.families import ADAPTERS
 from moe_unlearn.arch.summary import model_summary
+from moe_unlearn.arch.target import SHARED, ExpertTarget
 
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(sorted(ADAPTERS))
 
-__all__ = ["ADAPTERS", "SUPPORTED_FAMILIES", "ExpertSlice", "ForwardRecord", "MoELayer", "RouterRecord", "Routing",
+__all__ = ["ADAPTERS", "SHARED", "SUPPORTED_FAMILIES", "ExpertSlice", "ExpertTarget", "ForwardRecord", "MoELayer", "RouterRecord", "Routing",
            "RoutingCapture", "adapter_for", "find_moe_layers", "model_summary"]

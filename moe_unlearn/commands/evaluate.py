@@ -12,11 +12,14 @@ from moe_unlearn.errors import BadInputError
 DESCRIPTION = __doc__
 
 
-def _target(text: str) -> tuple[int, int]:
-    parts = text.replace(",", ":").split(":")
-    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"target must be LAYER:EXPERT (e.g. 3:12), got {text!r}")
-    return int(parts[0]), int(parts[1])
+def _target(text: str):
+    from moe_unlearn.arch.target import ExpertTarget
+    from moe_unlearn.errors import BadInputError
+
+    try:
+        return ExpertTarget.parse(text)
+    except BadInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _named_split(text: str) -> tuple[str, str]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moe_unlearn.arch.target import ExpertTarget
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.eval.items import ItemsLike, as_items
 from moe_unlearn.eval.scoring import PromptFormat, RoutingRecording, encode_items, score_encoded
@@ -110,8 +111,9 @@ def check_comparable(new: RoutingRecording, original: RoutingRecording) -> None:
 
 
 def compare_routing(new: RoutingRecording, original: RoutingRecording,
-                    target: Sequence[int] | None = None) -> RoutingComparison:
-    """Routing metrics of `new` against `original` (same tokens); `target` = (layer, expert) adds its gate mass."""
+                    target: ExpertTarget | str | Sequence[int] | None = None) -> RoutingComparison:
+    """Routing metrics of `new` against `original` (same tokens); a `target` ((layer, expert), "L:E" or an
+    ExpertTarget) adds its gate mass."""
     check_comparable(new, original)
     overlap, kl, ent, ent_orig, ent_max = [], [], [], [], []
     for layer in new.layers:
@@ -124,7 +126,10 @@ def compare_routing(new: RoutingRecording, original: RoutingRecording,
         ent_max.append(math.log(e))
     result = RoutingComparison(new.layers, new.num_tokens, overlap, kl, ent, ent_orig, ent_max)
     if target is not None:
-        layer, expert = (int(x) for x in target)
+        t = ExpertTarget.coerce(target)
+        if t.shared:
+            raise BadInputError("gate mass is defined for routed experts only, not for shared experts")
+        layer, expert = t.layer, int(t.expert)
         if layer not in new.topk_idx:
             raise BadInputError(f"target layer {layer} is not an MoE layer; MoE layers: {new.layers}")
         if not 0 <= expert < new.num_experts[layer]:

@@ -1,10 +1,16 @@
-"""A new task for the demo model, and how well a model does it: for the LoRAMoE example and benchmark.
+"""New tasks for the demo model, and how well a model does them: for the LoRAMoE example and benchmark.
 
-The demo model (moe_unlearn.bench_model) knows fictitious facts. The new task is one it was
-never trained on: reverse the order of a few words ("Reverse: teal marsh salt" -> "salt marsh
-teal"), with words from the facts' value pools, so the tokenizer knows them. It is a rule
-(held-out word lists test it), not more facts to memorise, so the comparison measures how
-much fine-tuning on it costs the old knowledge.
+The demo model (moe_unlearn.bench_model) knows fictitious facts. Two new tasks it was never
+trained on:
+
+- `new_domain_facts`: a new knowledge domain, ships, with invented names that no original
+  entity has, four attributes and question templates the model has never seen ("What cargo
+  does the ship Braelux carry?" -> "marble"); answers come from the facts' value pools, so the
+  tokenizer knows them. Learnable in a few hundred steps by every fine-tuning method; scored
+  by exact match on its questions (knowledge injection: the questions are the trained ones).
+- `word_reversal_records`: a rule ("Reverse: teal marsh salt" -> "salt marsh teal"), scored
+  on held-out word lists. The small demo model does not learn it in a few hundred steps with
+  any method, so the benchmark uses the new domain.
 """
 
 from __future__ import annotations
@@ -16,7 +22,36 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_unlearn.bench_model.facts import POOLS, Attribute, Fact, invent_names
 from moe_unlearn.data import pad_batch
+
+NEW_DOMAIN = "ships"
+NEW_DOMAIN_SCHEMA: tuple[Attribute, ...] = (
+    Attribute("cargo", "export", ("The ship {e} carries {a}.",), ("What cargo does the ship {e} carry?",)),
+    Attribute("flag", "color", ("The flag of the ship {e} is {a}.",), ("What color is the flag of the ship {e}?",)),
+    Attribute("stores", "diet", ("The crew of the ship {e} stores {a}.",),
+              ("What food does the crew of the ship {e} store?",)),
+    Attribute("music", "instrument", ("On the ship {e} the crew plays the {a}.",),
+              ("Which instrument does the crew of the ship {e} play?",)),
+)
+
+
+def new_domain_facts(existing: Sequence[Fact], entities: int, *, seed: int = 1) -> list[Fact]:
+    """Facts about `entities` new ships (4 each) whose names differ from every entity in `existing`.
+
+    Deterministic for the same `existing` names and seed; the answers are drawn from POOLS.
+    """
+    rng = random.Random(f"new-domain-{seed}")
+    names = invent_names(rng, entities, {f.entity for f in existing})
+    out = []
+    for name in names:
+        for attr in NEW_DOMAIN_SCHEMA:
+            answer = rng.choice(POOLS[attr.pool])
+            out.append(Fact(id=f"{NEW_DOMAIN}/{name}/{attr.name}", domain=NEW_DOMAIN, entity=name,
+                            attribute=attr.name, question=attr.questions[0].format(e=name), answer=answer,
+                            text=attr.statements[0].format(e=name, a=answer), paraphrases=(),
+                            question_paraphrases=()))
+    return out
 
 
 def word_reversal_records(words: Sequence[str], n: int, *, length: int = 3, seed: int = 0,

@@ -95,20 +95,9 @@ def _parse_targets(target: Any, scope: str, *, model: nn.Module, forget_source: 
         m = 1 if scope == "uoe" else top_m
         entries = target.ranking(layer=topm_layer)[:m] if topm_layer is not None else target.top(m)
         return [ExpertTarget(e.layer, e.expert) for e in entries]
-    items = [target] if isinstance(target, (str, ExpertTarget)) or (
-        isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], int)) else list(target)
-    out = []
-    for t in items:
-        if isinstance(t, ExpertTarget):
-            out.append(t)
-        elif isinstance(t, str):
-            out.append(ExpertTarget.parse(t))
-        elif hasattr(t, "layer") and hasattr(t, "expert"):
-            out.append(ExpertTarget(int(t.layer), t.expert))
-        else:
-            layer, expert = t
-            out.append(ExpertTarget(int(layer), expert))
-    return out
+    single = isinstance(target, (str, ExpertTarget)) or hasattr(target, "layer") or (
+        isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], int))
+    return [ExpertTarget.coerce(t) for t in ([target] if single else list(target))]
 
 
 def _model_dir(model: nn.Module, model_dir: str | os.PathLike | None) -> Path | None:

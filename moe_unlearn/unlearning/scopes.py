@@ -16,41 +16,11 @@ import torch
 from torch import nn
 
 from moe_unlearn.arch.base import ExpertSlice, MoELayer
+from moe_unlearn.arch.target import ExpertTarget
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.training import TrainHooks
 
 SCOPES = ("full", "experts", "routers", "uoe", "topm")
-SHARED = "shared"  # the expert id of a layer's shared expert(s) in a target
-
-
-@dataclass(frozen=True)
-class ExpertTarget:
-    """One expert to unlearn: routed expert index, or SHARED for the layer's shared expert(s)."""
-
-    layer: int
-    expert: int | str
-
-    @property
-    def shared(self) -> bool:
-        return self.expert == SHARED
-
-    def __str__(self) -> str:
-        return f"{self.layer}:{self.expert}"
-
-    @classmethod
-    def parse(cls, text: str) -> ExpertTarget:
-        """"L:E" (e.g. "1:3") or "L:shared"."""
-        parts = str(text).split(":")
-        try:
-            if len(parts) != 2:
-                raise ValueError
-            layer = int(parts[0])
-            expert: int | str = SHARED if parts[1].strip().lower() == SHARED else int(parts[1])
-        except ValueError:
-            raise BadInputError(f"target {text!r} is not LAYER:EXPERT (e.g. '1:3', or '1:shared')") from None
-        return cls(layer, expert)
-
-
 @dataclass
 class ScopePlan:
     """The outcome of resolving a scope on a model.
