@@ -7,11 +7,18 @@ Steps (each a call into the library):
 1. `load_or_build` the benchmark MoE (trained once, cached);
 2. `attribute_experts` on the forget split: the SEUF target (layer, expert);
 3. for every method x scope: `unlearn` from the original weights, `evaluate` against the
-   original routing, `revert_patch` (checked bit-exact against a copy of the weights);
+   original routing, `revert_patch` (checked bit-exact against a copy of the weights); plus, per
+   method, `uoe+kpb`: uoe with knowledge-preserving expert balancing (`retain_routing_weight`);
 4. one side-by-side table, printed and written with the per-run reports under `out_dir`.
 
-Full and uoe runs of one method share every hyperparameter (steps, batch, learning rate);
-nothing is tuned per scope.
+Full, uoe and uoe+kpb runs of one method share every hyperparameter (steps, batch, learning
+rate); nothing is tuned per scope.
+
+Retain data in training: every run gets the retain split's training texts (shuffled once with
+the seed, see `_retain_train_texts`). GA ignores them unless the kpb term is on; NPO's default
+objective adds alpha * NLL(retain) (alpha = 1) in every NPO run; the `+kpb` rows add
+retain_routing_weight * KL(original || current routing) on retain tokens at the trained router
+(uoe: the target layer only). So `npo/uoe` vs `npo/uoe+kpb` differ in exactly the routing term.
 """
 
 from __future__ import annotations
@@ -48,6 +55,12 @@ class DemoConfig:
     batch_size: int = 16
     lr: dict[str, float] = field(default_factory=lambda: {"ga": 3e-3, "npo": 3e-3})
     sweep_lrs: tuple[float, ...] = ()  # extra runs of every method x scope at these learning rates
+    # knowledge-preserving expert balancing: extra "<method>/<scope>+kpb" rows for these scopes with
+    # unlearn(retain_routing_weight=kpb_weight). 1.0 = the same weight as the SEUF router anchor
+    # (anchor_weight, alpha = 1 in the paper), so the router's forget-side pull (anchor) and its
+    # retain-side hold (KL) count equally; not tuned. 0 (or no scopes) = no kpb rows.
+    kpb_weight: float = 1.0
+    kpb_scopes: tuple[str, ...] = ("uoe",)
     eval_retain: int | None = None  # retain facts evaluated: None = all, n = a seeded sample of n
     eval_batch_size: int = 64
     generate: bool = True  # QA ROUGE-L and VerbMem by greedy decoding (exact match needs none)
@@ -87,6 +100,9 @@ class DemoRow:
     unlearn_seconds: float
     eval_seconds: float
     targets: list[str] = field(default_factory=list)
+    retain_routing_weight: float = 0.0  # > 0: a "+kpb" run (knowledge-preserving expert balancing)
+    overlap_retain_target_layer: float | None = None  # retain overlap at the SEUF target layer only
+    final_terms: dict[str, float] = field(default_factory=dict)  # loss terms of the last training step
 
 
 @dataclass
@@ -112,13 +128,23 @@ def _records(facts: Sequence[Fact]) -> list[dict[str, str]]:
 
 
 def _slug(run_name: str) -> str:
-    """A directory name for a run: "npo/uoe@0.01" -> "npo-uoe-lr0.01"."""
-    return run_name.replace("/", "-").replace("@", "-lr")
+    """A directory name for a run: "npo/uoe@0.01" -> "npo-uoe-lr0.01", "ga/uoe+kpb" -> "ga-uoe-kpb"."""
+    return run_name.replace("/", "-").replace("+", "-").replace("@", "-lr")
 
 
 def _texts(facts: Sequence[Fact]) -> list[str]:
     """What unlearning trains on: every form of each fact the model was trained on."""
     return [t for f in facts for t in f.training_texts()]
+
+
+def _retain_train_texts(facts: Sequence[Fact], seed: int) -> list[str]:
+    """The retain split's training texts in a seeded random order. `unlearn` pairs forget batch k
+    with retain batch k mod (number of retain batches), so with more retain than forget batches
+    only the first ones are ever used; the split is ordered by domain, so unshuffled those would
+    be (almost) one domain."""
+    texts = _texts(facts)
+    random.Random(seed).shuffle(texts)
+    return texts
 
 
 # -- table -------------------------------------------------------------------------------------
@@ -204,7 +230,7 @@ def _plot_tradeoff(rows: Sequence[DemoRow], path: Path) -> None:
         groups: dict[str, list[DemoRow]] = {}
         for r in rows:
             if r.method is not None:
-                groups.setdefault(f"{r.method}/{r.scope}", []).append(r)
+                groups.setdefault(r.name.split("@")[0], []).append(r)
         for name, rs in groups.items():
             rs = sorted(rs, key=lambda r: r.lr)
             ax.plot([r.forget_em for r in rs], [r.retain_em for r in rs], marker="o", label=name)
@@ -250,9 +276,13 @@ def _restore_checked(model: torch.nn.Module, snapshot: dict[str, torch.Tensor], 
 
 
 def _row_from_report(name: str, report: Any, *, method=None, scope=None, lr=None, steps=0, params=0,
-                     unlearn_seconds=0.0, eval_seconds=0.0, targets=()) -> DemoRow:
+                     unlearn_seconds=0.0, eval_seconds=0.0, targets=(), target_layer=None,
+                     retain_routing_weight=0.0, final_terms=None) -> DemoRow:
     s = report.splits
     routing = report.routing
+    rr = routing["retain"]
+    at_target = (rr.overlap[rr.layers.index(target_layer)] if target_layer is not None
+                 and target_layer in rr.layers else None)
     return DemoRow(
         name=name, method=method, scope=scope, lr=lr, steps=steps,
         forget_em=s["forget"].exact_match, retain_em=s["retain"].exact_match,
@@ -260,7 +290,8 @@ def _row_from_report(name: str, report: Any, *, method=None, scope=None, lr=None
         forget_nll=s["forget"].nll, retain_nll=s["retain"].nll, mia_auc=report.mia.auc["loss"],
         overlap_forget=routing["forget"].overlap_mean, overlap_retain=routing["retain"].overlap_mean,
         trainable_params=int(params), unlearn_seconds=round(unlearn_seconds, 2),
-        eval_seconds=round(eval_seconds, 2), targets=list(targets))
+        eval_seconds=round(eval_seconds, 2), targets=list(targets), retain_routing_weight=retain_routing_weight,
+        overlap_retain_target_layer=at_target, final_terms=dict(final_terms or {}))
 
 
 def run_demo(out_dir: str | os.PathLike = "demo-output", quick: bool = False, rebuild: bool = False, *,
@@ -307,7 +338,9 @@ def run_demo(out_dir: str | os.PathLike = "demo-output", quick: bool = False, re
         retain_eval = random.Random(config.seed).sample(retain_eval, config.eval_retain)
     eval_data = {"forget": _records(facts.forget), "retain": _records(retain_eval),
                  "neighbor": _records(facts.neighbor), "holdout": _records(facts.holdout)}
-    forget_texts, retain_texts = _texts(facts.forget), _texts(facts.retain)
+    # training data: the forget and retain SPLITS (every trained form of each fact), never the
+    # evaluation sample `retain_eval` (a subset when eval_retain is set)
+    forget_texts, retain_texts = _texts(facts.forget), _retain_train_texts(facts.retain, config.seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out, replace=True) as tmp:  # the whole report appears at once, or not at all
@@ -333,20 +366,25 @@ def run_demo(out_dir: str | os.PathLike = "demo-output", quick: bool = False, re
                       target=target, batch_size=config.eval_batch_size, generate=config.generate,
                       progress=progress)
         reports = {"original": evaluate(model, tok, **common)}
-        rows = [_row_from_report("original", reports["original"], eval_seconds=time.perf_counter() - t0)]
+        rows = [_row_from_report("original", reports["original"], eval_seconds=time.perf_counter() - t0,
+                                 target_layer=target[0])]
         snapshot = _snapshot(model)
 
-        runs = [(m, s, config.lr[m], f"{m}/{s}") for m in config.methods for s in config.scopes]
-        runs += [(m, s, lr, f"{m}/{s}@{lr:g}") for lr in config.sweep_lrs for m in config.methods
-                 for s in config.scopes if lr != config.lr[m]]
+        kpb_scopes = [s for s in config.kpb_scopes if s in config.scopes] if config.kpb_weight else []
+        variants = [(m, s, 0.0, f"{m}/{s}") for m in config.methods for s in config.scopes
+                    ] + [(m, s, config.kpb_weight, f"{m}/{s}+kpb") for m in config.methods for s in kpb_scopes]
+        variants.sort(key=lambda v: config.methods.index(v[0]))  # each method's rows together
+        runs = [(m, s, config.lr[m], rrw, name) for m, s, rrw, name in variants]
+        runs += [(m, s, lr, rrw, f"{name}@{lr:g}") for lr in config.sweep_lrs for m, s, rrw, name in variants
+                 if lr != config.lr[m]]
         log(f"[4/4] unlearning: {len(runs)} runs ({len(config.methods)} methods x {len(config.scopes)} scopes"
-            f"{' + lr sweep' if config.sweep_lrs else ''}), {config.steps} steps each, batch {config.batch_size}, "
-            "from the original weights every time")
-        for method, scope, lr, name in runs:
+            f"{f' + {len(kpb_scopes)} kpb' if kpb_scopes else ''}{' + lr sweep' if config.sweep_lrs else ''}), "
+            f"{config.steps} steps each, batch {config.batch_size}, from the original weights every time")
+        for method, scope, lr, rrw, name in runs:
             res = unlearn(model, forget_texts, retain_texts, tokenizer=tok, method=method, scope=scope,
                           target=target if scope in ("uoe", "topm") else None, steps=config.steps, lr=lr,
                           batch_size=config.batch_size, seed=config.seed, progress=progress,
-                          out_dir=tmp / "patches" / _slug(name))
+                          retain_routing_weight=rrw, out_dir=tmp / "patches" / _slug(name))
             t0 = time.perf_counter()
             reports[name] = evaluate(model, tok, **common)
             t_eval = time.perf_counter() - t0
@@ -357,9 +395,10 @@ def run_demo(out_dir: str | os.PathLike = "demo-output", quick: bool = False, re
             rows.append(_row_from_report(name, reports[name], method=method, scope=scope, lr=lr,
                                          steps=config.steps, params=res.trainable_params,
                                          unlearn_seconds=res.wall_time, eval_seconds=t_eval,
-                                         targets=res.targets))
+                                         targets=res.targets, target_layer=target[0],
+                                         retain_routing_weight=rrw, final_terms=res.final_terms))
             r = rows[-1]
-            log(f"      {name:10s} forget EM {r.forget_em:.3f}  retain EM {r.retain_em:.3f}  neighbor EM "
+            log(f"      {name:12s} forget EM {r.forget_em:.3f}  retain EM {r.retain_em:.3f}  neighbor EM "
                 f"{r.neighbor_em:.3f}  ({r.trainable_params:,} params, {r.unlearn_seconds:.1f} s)")
 
         table = format_table(rows)
@@ -378,7 +417,14 @@ def run_demo(out_dir: str | os.PathLike = "demo-output", quick: bool = False, re
                                  "0.5 = indistinguishable",
                       "overlap": "mean over MoE layers and tokens of the fraction of each token's top-k experts "
                                  "kept vs the original model (forget / retain)",
-                      "lr": "one learning rate per method, the same for every scope"},
+                      "lr": "one learning rate per method, the same for every scope",
+                      "kpb": "+kpb rows: uoe plus knowledge-preserving expert balancing, i.e. "
+                             f"retain_routing_weight={config.kpb_weight:g} x KL(original || current routing) "
+                             "on retain tokens at the trained router; otherwise identical to the uoe row",
+                      "retain_data": "every run gets the retain split's training texts (seeded shuffle); GA "
+                                     "uses them only for the kpb term, NPO adds alpha=1 x retain NLL in every run",
+                      "overlap_retain_target_layer": "retain overlap at the SEUF target layer alone (where "
+                                                     "the uoe router trains and the kpb term acts)"},
         }
         write_json(tmp / REPORT_JSON, summary)
         write_text(tmp / REPORT_MD, _markdown(rows, target, bench, config, seconds))
@@ -415,7 +461,11 @@ def _markdown(rows: Sequence[DemoRow], target: tuple[int, int], bench: Any, conf
         "one learning rate per method for all scopes.", "",
         format_table(rows, markdown=True), "",
         "EM = answer exact match (greedy); MIA AUC = LOSS attack, forget vs holdout (0.5 = indistinguishable); "
-        "overlap F/R = expert-selection overlap with the original model on forget / retain tokens.", "",
+        "overlap F/R = expert-selection overlap with the original model on forget / retain tokens.",
+        (f"`+kpb` = uoe with knowledge-preserving expert balancing: retain_routing_weight {config.kpb_weight:g} "
+         "x KL(original || current routing) on retain tokens at the target layer's router. "
+         if any(r.retain_routing_weight for r in rows) else "")
+        + "NPO runs carry NPO's retain NLL term (alpha 1); GA runs use retain data only for a kpb term.", "",
         f"Time: model {seconds['model']:.1f} s ({'trained' if bench.built else 'cached'}), "
         f"attribution {seconds['attribution']:.1f} s, total {seconds['total']:.1f} s.", "",
     ]

@@ -9,9 +9,9 @@ import warnings
 import pytest
 
 from moe_unlearn.cli import main
-from moe_unlearn.demo import DemoRow, format_table
+from moe_unlearn.demo import DemoConfig, DemoRow, _slug, format_table
 
-RUNS = ["original", "ga/full", "ga/uoe", "npo/full", "npo/uoe"]
+RUNS = ["original", "ga/full", "ga/uoe", "ga/uoe+kpb", "npo/full", "npo/uoe", "npo/uoe+kpb"]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,24 @@ def test_quick_demo_writes_a_report_with_valid_numbers(quick_demo):
         assert 0 < uoe["trainable_params"] < n_params / 5
         assert uoe["targets"] == [f"{layer}:{expert}"]
         assert full["lr"] == uoe["lr"] and full["steps"] == uoe["steps"]  # same hyperparameters per method
+        # uoe + knowledge-preserving expert balancing: the same run plus the retain-routing term
+        kpb = rows[f"{method}/uoe+kpb"]
+        assert kpb["retain_routing_weight"] == DemoConfig.quick().kpb_weight > 0
+        assert full["retain_routing_weight"] == uoe["retain_routing_weight"] == 0
+        assert (kpb["lr"], kpb["steps"], kpb["trainable_params"], kpb["targets"]) == \
+            (uoe["lr"], uoe["steps"], uoe["trainable_params"], uoe["targets"])
+        assert "retain_routing" in kpb["final_terms"] and "retain_routing" not in uoe["final_terms"]
+        assert math.isfinite(kpb["final_terms"]["retain_routing"]) and kpb["final_terms"]["retain_routing"] >= 0
+        # its retain routing overlap is reported: all layers and the target layer where the term acts
+        for r in (kpb, uoe):
+            assert 0.0 <= r["overlap_retain_target_layer"] <= 1.0
+        run_report = json.loads((out / "runs" / _slug(f"{method}/uoe+kpb") / "report.json").read_text())
+        overlap = run_report["routing"]["retain"]["overlap"]
+        assert len(overlap) == report["config"]["bench"]["num_layers"]
+        assert sum(overlap) / len(overlap) == pytest.approx(kpb["overlap_retain"])
+        patch_meta = json.loads((out / "patches" / _slug(f"{method}/uoe+kpb") / "patch.json").read_text())
+        assert patch_meta["hyperparameters"]["retain_routing_weight"] == kpb["retain_routing_weight"]
+    assert original["overlap_retain_target_layer"] == 1.0
     # full-model gradient ascent must move the forget loss up
     assert rows["ga/full"]["forget_nll"] > original["forget_nll"]
 
@@ -56,12 +74,13 @@ def test_quick_demo_writes_every_report_file(quick_demo):
     for name in ("demo_report.md", "demo_summary.png", "attribution.json", "attribution.png"):
         assert (out / name).stat().st_size > 0, name
     for run in RUNS:
-        d = out / "runs" / run.replace("/", "-")
+        d = out / "runs" / _slug(run)
         assert (d / "report.json").is_file() and (d / "routing_overlap.png").is_file(), run
     for run in RUNS[1:]:
-        assert any((out / "patches" / run.replace("/", "-")).iterdir()), run
+        assert any((out / "patches" / _slug(run)).iterdir()), run
     md = (out / "demo_report.md").read_text()
     assert all(f"| {run} |" in md for run in RUNS)
+    assert "`+kpb`" in md
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
     # the model is cached for the next run
     assert len([p for p in cache.iterdir() if (p / "bench_meta.json").is_file()]) == 1

@@ -1,5 +1,7 @@
 """`moe-unlearn demo`: train (once) a small MoE that knows fictitious facts, make it forget one
-domain with GA and NPO under the `full` and `uoe` scopes, and compare the runs side by side.
+domain with GA and NPO under the `full` and `uoe` scopes, plus `uoe+kpb` (uoe with
+knowledge-preserving expert balancing: a retain-routing KL term at the trained router), and
+compare the runs side by side.
 
 The model is cached under --cache-dir (default $MOE_UNLEARN_CACHE or ~/.cache/moe-unlearn)
 and reused; --rebuild trains it again. Reports go to --out (replacing an earlier demo output).
