@@ -4,8 +4,8 @@
     .venv/bin/python examples/loramoe_finetune.py --bench default --steps 400
 
 1. load (or build once, cached) the demo model that knows fictitious facts;
-2. write a jsonl of the new task (reverse the order of three words, type "task") mixed with
-   QA replay of some known facts (type "world");
+2. write a jsonl of the new task (facts about a new domain, ships with invented names, type
+   "task"; `demo_task.new_domain_facts`) mixed with QA replay of some known facts (type "world");
 3. run `moe-unlearn loramoe train` on it: 6 LoRA experts per attention projection in two
    groups (world, task), LBC weight 0.1 (the demo model's FFNs are fused routed experts, so
    the adapters go on q/k/v/o_proj);
@@ -23,23 +23,20 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from moe_unlearn.bench_model import BenchModelConfig, load_or_build
-from moe_unlearn.bench_model.facts import POOLS
 from moe_unlearn.cli import main as cli
 from moe_unlearn.loramoe import load_loramoe
-from moe_unlearn.loramoe.demo_task import fact_records, prompt_response_exact_match, word_reversal_records
+from moe_unlearn.loramoe.demo_task import fact_records, new_domain_facts, prompt_response_exact_match
 
 
 def run(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", choices=("quick", "default"), default="quick")
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default="demo-output/loramoe")
     args = ap.parse_args(argv)
 
     bench = load_or_build(BenchModelConfig.quick() if args.bench == "quick" else BenchModelConfig())
-    words = sorted({w for pool in POOLS.values() for w in pool})
-    task = word_reversal_records(words, 1500, seed=0)
-    held_out = word_reversal_records(words, 100, seed=1, exclude={tuple(r["words"]) for r in task})
+    task = fact_records(new_domain_facts(bench.facts.trained + bench.facts.holdout, 24), type_label="task")
     world = fact_records(random.Random(0).sample(bench.facts.retain, len(bench.facts.retain) // 4))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,21 +48,21 @@ def run(argv: list[str] | None = None) -> int:
     rc = cli(["loramoe", "train", "--model", str(bench.path), "--data", str(data), "--out", str(run_dir),
               "--targets", "q_proj,k_proj,v_proj,o_proj", "--experts", "6", "--rank", "4",
               "--groups", "3,3", "--group-types", "world,task", "--lbc-weight", "0.1",
-              "--steps", str(args.steps), "--lr", "2e-3", "--batch-size", "16", "--max-length", "64",
+              "--steps", str(args.steps), "--lr", "5e-4", "--batch-size", "16", "--max-length", "64",
               "--checkpoint-every", "50", "--resume"])
     if rc:
         return rc
 
     stock = AutoModelForCausalLM.from_pretrained(bench.path).eval()
     facts = fact_records(bench.facts.trained)
-    before = (prompt_response_exact_match(stock, bench.tokenizer, held_out),
+    before = (prompt_response_exact_match(stock, bench.tokenizer, task),
               prompt_response_exact_match(stock, bench.tokenizer, facts))
     tuned = load_loramoe(stock, run_dir / "adapter")
-    after = (prompt_response_exact_match(tuned, bench.tokenizer, held_out),
+    after = (prompt_response_exact_match(tuned, bench.tokenizer, task),
              prompt_response_exact_match(tuned, bench.tokenizer, facts))
-    print(f"new task exact match  {before[0]:.3f} -> {after[0]:.3f}  (held-out word triples)")
+    print(f"new task exact match  {before[0]:.3f} -> {after[0]:.3f}  (the new domain's questions)")
     print(f"fact exact match      {before[1]:.3f} -> {after[1]:.3f}  (all trained facts)")
-    prompt = held_out[0]["prompt"]
+    prompt = task[0]["prompt"]
     ids = bench.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     gen = tuned.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=bench.tokenizer.pad_token_id)
     print(repr(prompt), "->", repr(bench.tokenizer.decode(gen[0, ids["input_ids"].shape[1]:],
