@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM
 
 import moe_unlearn
 from moe_unlearn.bench_model import BenchModelConfig, FactsConfig, load_or_build
+from moe_unlearn.loramoe.config import LoRAMoEConfig
 from moe_unlearn.loramoe.demo_task import fact_records, new_domain_facts, prompt_response_hits
 from moe_unlearn.loramoe.finetune import FinetuneConfig, finetune
 
@@ -72,16 +73,16 @@ def device_name(device: torch.device) -> str:
 
 
 def method_config(method: str, lr: float, seed: int, args: argparse.Namespace) -> FinetuneConfig:
-    common = dict(steps=args.steps, batch_size=args.batch_size, max_length=64, seed=seed, target_modules=ATTENTION,
-                  rank=args.rank, alpha=args.alpha, dropout=0.05, progress=False, lr=lr)
+    common = dict(steps=args.steps, batch_size=args.batch_size, max_length=64, seed=seed, progress=False, lr=lr)
+    adapter = dict(target_modules=ATTENTION, rank=args.rank, alpha=args.alpha, dropout=0.05)
     if method in ("loramoe", "loramoe_nolbc"):
         half = args.experts // 2
-        return FinetuneConfig(**common, method="loramoe", num_experts=args.experts, groups=[half, args.experts - half],
-                              group_types=["world", "task"], lbc_delta=0.1, lbc_convention=args.convention,
-                              lbc_weight=args.lbc_weight if method == "loramoe" else 0.0)
+        return FinetuneConfig(**common, method="loramoe", adapter=LoRAMoEConfig(
+            **adapter, num_experts=args.experts, groups=[half, args.experts - half], group_types=["world", "task"],
+            lbc_delta=0.1, lbc_convention=args.convention, lbc_weight=args.lbc_weight if method == "loramoe" else 0.0))
     if method == "lora_wide":
-        return FinetuneConfig(**{**common, "rank": args.rank * args.experts}, method="lora")
-    return FinetuneConfig(**common, method=method)
+        return FinetuneConfig(**common, method="lora", adapter=LoRAMoEConfig(**{**adapter, "rank": args.rank * args.experts}))
+    return FinetuneConfig(**common, method=method, adapter=LoRAMoEConfig(**adapter))
 
 
 def select(per_lr: dict[str, dict], floor: float, tie: float) -> str:

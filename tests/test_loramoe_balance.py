@@ -134,9 +134,10 @@ def test_short_training_separates_groups_in_predicted_direction(convention, matc
     recs = two_type_records()
     tok = byte_tokenizer([r.get("text", "") + r.get("prompt", "") + r.get("response", "") for r in recs])
     model = tiny_llama()
-    cfg = FinetuneConfig(method="loramoe", num_experts=4, rank=2, groups=[2, 2], group_types=["world", "task"],
-                         lbc_weight=1.0, lbc_convention=convention, steps=30, lr=2e-2, batch_size=8,
-                         max_length=32, progress=False)
+    adapter = LoRAMoEConfig(num_experts=4, rank=2, dropout=0.05, groups=[2, 2], group_types=["world", "task"],
+                            lbc_weight=1.0, lbc_convention=convention)
+    cfg = FinetuneConfig(method="loramoe", adapter=adapter, steps=30, lr=2e-2, batch_size=8, max_length=32,
+                         progress=False)
     result = finetune(model, tok, recs, cfg, out_dir=tmp_path / "run")
     share = result.routing  # type -> [mass of group 0 ("world"), mass of group 1 ("task")]
     world_on_world, task_on_task = share["world"][0], share["task"][1]

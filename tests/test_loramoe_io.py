@@ -69,7 +69,8 @@ def test_baselines_share_the_path(method, tmp_path):
     tok = byte_tokenizer([r.get("text", "") + r.get("prompt", "") + r.get("response", "") for r in recs])
     model = tiny_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = FinetuneConfig(method=method, rank=2, steps=4, lr=1e-2, batch_size=8, max_length=32, progress=False)
+    cfg = FinetuneConfig(method=method, adapter=LoRAMoEConfig(rank=2, dropout=0.05), steps=4, lr=1e-2, batch_size=8,
+                         max_length=32, progress=False)
     res = finetune(model, tok, recs, cfg, out_dir=tmp_path / "run")
     assert res.history.terms["nll"][-1] < res.history.terms["nll"][0]
     changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
@@ -124,7 +125,8 @@ def test_cli_train_resume_and_bad_input(saved_model, tmp_path, capsys):
         p.name for p in out.iterdir()}
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
     run_cfg = json.loads((out / "finetune_config.json").read_text())
-    assert run_cfg["config"]["lbc_weight"] == 0.1 and run_cfg["config"]["groups"] == [2, 2]
+    assert run_cfg["config"]["adapter"]["lbc_weight"] == 0.1 and run_cfg["config"]["adapter"]["groups"] == [2, 2]
+    assert FinetuneConfig.from_dict(run_cfg["config"]).to_dict() == run_cfg["config"]  # JSON round trip
 
     # an uninterrupted 6-step run equals 4 steps + resume to 6
     assert main([*common, "--out", str(out), "--steps", "6", "--checkpoint-every", "2", "--resume"]) == 0

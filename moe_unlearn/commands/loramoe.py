@@ -63,14 +63,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.loramoe_command != "train":  # argparse enforces it; kept for clarity
         raise BadInputError(f"unknown loramoe command {args.loramoe_command!r}")
+    from moe_unlearn.loramoe.config import LoRAMoEConfig
     from moe_unlearn.loramoe.finetune import FinetuneConfig, finetune, load_finetune_records
 
     lbc_weight = args.lbc_weight if args.lbc_weight is not None else (0.1 if args.groups else 0.0)
-    config = FinetuneConfig(
-        method=args.method, num_experts=args.experts, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+    adapter = LoRAMoEConfig(
+        num_experts=args.experts, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
         target_modules=args.targets, router=args.router, top_k=args.top_k, groups=args.groups,
         group_types=args.group_types, lbc_delta=args.lbc_delta, lbc_weight=lbc_weight,
-        lbc_convention=args.lbc_convention, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        lbc_convention=args.lbc_convention)
+    config = FinetuneConfig(
+        method=args.method, adapter=adapter, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         max_length=args.max_length, seed=args.seed, checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress)
     config.adapter_config()  # bad knobs fail here, before the model is read

@@ -4,6 +4,7 @@ The three methods share one path: records -> examples -> batches -> `moe_unlearn
 "lora" is LoRAMoE with one expert and no router; "full" trains every weight and wraps nothing.
 
     result = finetune(model, tokenizer, records, FinetuneConfig(method="loramoe", steps=200), out_dir="run/")
+    # adapter knobs: FinetuneConfig(adapter=LoRAMoEConfig(num_experts=6, groups=[3, 3], ...), ...)
 
 Records: {"text": ...} (loss on every token) or {"prompt": ..., "response": ...} (loss on the
 response only), each with an optional "type" (the sample type of the balancing constraint).
@@ -19,7 +20,7 @@ import os
 import random
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from moe_unlearn.atomic import staged_files
 from moe_unlearn.data import load_records, pad_batch, pad_token_id
 from moe_unlearn.errors import BadInputError, DataError
 from moe_unlearn.loramoe.balance import routing_context
-from moe_unlearn.loramoe.config import FFN_TARGETS, LoRAMoEConfig
+from moe_unlearn.loramoe.config import LoRAMoEConfig
 from moe_unlearn.loramoe.model import adapter_parameters, add_loramoe, save_loramoe
 from moe_unlearn.loramoe.observe import RoutingMassObserver, observe_routing
 from moe_unlearn.training import TrainConfig, TrainHistory, train
@@ -39,56 +40,78 @@ from moe_unlearn.training import TrainConfig, TrainHistory, train
 METHODS = ("loramoe", "lora", "full")
 
 
+# knobs FinetuneConfig passes straight to TrainConfig; their defaults (except steps and lr) are TrainConfig's
+TRAIN_KNOBS = ("steps", "lr", "lr_schedule", "warmup_steps", "weight_decay", "batch_size", "seed",
+               "checkpoint_every", "resume", "progress")
+_TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def _default_adapter() -> LoRAMoEConfig:
+    return LoRAMoEConfig(dropout=0.05)  # fine-tuning default; the plugin's own default is 0.0
+
+
 @dataclass
 class FinetuneConfig:
-    """Knobs of one fine-tuning run. Adapter knobs are ignored by method="full"; method="lora"
-    forces one expert, no router and no LBC."""
+    """Knobs of one fine-tuning run: the method, the adapter (a LoRAMoEConfig, validated there) and
+    the training knobs (passed to `moe_unlearn.training.TrainConfig`, see `train_config`).
+    The adapter is ignored by method="full"; method="lora" keeps its rank, alpha, dropout and
+    target_modules and forces one expert, no router and no LBC."""
 
     method: str = "loramoe"
-    num_experts: int = 6
-    rank: int = 4
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(FFN_TARGETS))
-    router: str = "dense"
-    top_k: int = 2
-    groups: list[int] | None = None
-    group_types: list[str] | None = None
-    lbc_delta: float = 0.1
-    lbc_weight: float = 0.0
-    lbc_convention: str = "divide"
+    adapter: LoRAMoEConfig = field(default_factory=_default_adapter)
     steps: int = 100
     lr: float = 2e-4
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    batch_size: int = 8
+    lr_schedule: str = _TRAIN_DEFAULTS["lr_schedule"]
+    warmup_steps: int = _TRAIN_DEFAULTS["warmup_steps"]
+    weight_decay: float = _TRAIN_DEFAULTS["weight_decay"]
+    batch_size: int = _TRAIN_DEFAULTS["batch_size"]
     max_length: int = 256
-    seed: int = 0
-    checkpoint_every: int = 0
-    resume: bool = False
-    progress: bool = True
+    seed: int = _TRAIN_DEFAULTS["seed"]
+    checkpoint_every: int = _TRAIN_DEFAULTS["checkpoint_every"]
+    resume: bool = _TRAIN_DEFAULTS["resume"]
+    progress: bool = _TRAIN_DEFAULTS["progress"]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.adapter, LoRAMoEConfig):
+            raise BadInputError(f"adapter must be a LoRAMoEConfig, got {type(self.adapter).__name__}")
 
     def adapter_config(self) -> LoRAMoEConfig | None:
-        """The LoRAMoEConfig this run injects (None for full fine-tuning); validates the knobs."""
+        """The LoRAMoEConfig this run injects (None for full fine-tuning); validates the method."""
         if self.method not in METHODS:
             raise BadInputError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.method == "full":
             return None
         if self.method == "lora":
-            return LoRAMoEConfig(num_experts=1, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                                 target_modules=self.target_modules, router="none")
-        return LoRAMoEConfig(num_experts=self.num_experts, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                             target_modules=self.target_modules, router=self.router, top_k=self.top_k,
-                             groups=self.groups, group_types=self.group_types, lbc_delta=self.lbc_delta,
-                             lbc_weight=self.lbc_weight, lbc_convention=self.lbc_convention)
+            a = self.adapter
+            return LoRAMoEConfig(num_experts=1, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
+                                 target_modules=a.target_modules, router="none")
+        return self.adapter
 
     def train_config(self, checkpoint_dir: str | None) -> TrainConfig:
-        return TrainConfig(steps=self.steps, lr=self.lr, lr_schedule=self.lr_schedule, warmup_steps=self.warmup_steps,
-                           weight_decay=self.weight_decay, batch_size=self.batch_size, seed=self.seed,
-                           checkpoint_every=self.checkpoint_every if checkpoint_dir else 0,
-                           checkpoint_dir=checkpoint_dir, resume=self.resume and checkpoint_dir is not None,
-                           progress=self.progress, desc=f"finetune {self.method}", bf16="auto")
+        """The TrainConfig of this run: the training knobs, checkpointing only with a folder."""
+        knobs = {name: getattr(self, name) for name in TRAIN_KNOBS}
+        knobs["checkpoint_every"] = self.checkpoint_every if checkpoint_dir else 0
+        knobs["resume"] = self.resume and checkpoint_dir is not None
+        return TrainConfig(**knobs, checkpoint_dir=checkpoint_dir, desc=f"finetune {self.method}", bf16="auto")
+
+    # -- JSON (the adapter nested, through LoRAMoEConfig's own dict form) ---------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["adapter"] = self.adapter.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise BadInputError(f"unknown fine-tuning config keys {sorted(unknown)}; known: {sorted(known)}")
+        data = dict(data)
+        if "adapter" in data:
+            if not isinstance(data["adapter"], dict):
+                raise BadInputError(f"fine-tuning config 'adapter' must be an object, got {data['adapter']!r}")
+            data["adapter"] = LoRAMoEConfig.from_dict(data["adapter"])
+        return cls(**data)
 
 
 @dataclass
@@ -275,6 +298,6 @@ def _write_run(out: Path, model: nn.Module, tokenizer: Any, config: FinetuneConf
         if result.observer is not None and result.observer.mass:
             result.observer.save(stage, adapter.expert_group(), adapter.group_types)
         (stage / "history.json").write_text(json.dumps(result.history.to_dict(), indent=1) + "\n")
-        summary = {"config": asdict(config), "trainable_params": result.trainable_params,
+        summary = {"config": config.to_dict(), "trainable_params": result.trainable_params,
                    "final": result.history.final(), "routing_group_mass_after_training": result.routing}
         (stage / "finetune_config.json").write_text(json.dumps(summary, indent=2) + "\n")
