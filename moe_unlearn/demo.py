@@ -378,7 +378,7 @@ def run_demo(out_dir: str | os.PathLike = "demo-output", quick: bool = False, re
         runs += [(m, s, lr, rrw, f"{name}@{lr:g}") for lr in config.sweep_lrs for m, s, rrw, name in variants
                  if lr != config.lr[m]]
         log(f"[4/4] unlearning: {len(runs)} runs ({len(config.methods)} methods x {len(config.scopes)} scopes"
-            f"{f' + {len(kpb_scopes)} kpb' if kpb_scopes else ''}{' + lr sweep' if config.sweep_lrs else ''}), "
+            f"{f' + {len(config.methods) * len(kpb_scopes)} kpb' if kpb_scopes else ''}{' + lr sweep' if config.sweep_lrs else ''}), "
             f"{config.steps} steps each, batch {config.batch_size}, from the original weights every time")
         for method, scope, lr, rrw, name in runs:
             res = unlearn(model, forget_texts, retain_texts, tokenizer=tok, method=method, scope=scope,
