@@ -5,7 +5,8 @@
 - `loss_fn(batch) -> {"loss": scalar, "nll": ..., ...}`: "loss" is what is minimised; every
   other entry is a named term, shown in the progress bar and recorded in the history
   (tensors are detached and averaged over the micro-batches of a step).
-- `batches`: a re-iterable (list, DataLoader, ...) or a callable `batches(epoch) -> iterable`.
+- `batches`: a re-iterable (list, DataLoader, ...) or a callable `batches(epoch) -> iterable`
+  (give the callable a `__len__` when every epoch has the same number of micro-batches).
   One element = one micro-batch. It must yield the same sequence for the same epoch (and
   seed) every time, so that a resumed run sees the same data as an uninterrupted one.
 - One *step* = one optimizer update = `grad_accum` micro-batches (fewer at the end of an
@@ -210,7 +211,8 @@ def _epoch_iter(batches: Any, epoch: int) -> Iterator[Any]:
 
 
 def _epoch_len(batches: Any) -> int | None:
-    if callable(batches):
+    """Micro-batches per epoch, where known (a callable may say so with __len__)."""
+    if callable(batches) and not hasattr(batches, "__len__"):
         return None
     try:
         return len(batches)

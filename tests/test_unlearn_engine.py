@@ -204,3 +204,18 @@ def test_merge_saves_a_loadable_model(tmp_path):
     for n, p in model.named_parameters():
         assert torch.equal(p, dict(loaded.named_parameters())[n]), n
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_retain_batches_cycle_independently_of_forget_batches():
+    """A retain set larger than the forget set is used in full across epochs, and every epoch
+    has the forget set's length (so the loop knows its total steps)."""
+    from moe_unlearn.training import _epoch_len
+    from moe_unlearn.unlearning.engine import _ForgetRetainPairs
+
+    pairs = _ForgetRetainPairs(n_forget=3, n_retain=7)
+    assert _epoch_len(pairs) == 3
+    seen = [item["rk"] for epoch in range(3) for item in pairs(epoch)]
+    assert seen == [0, 1, 2, 3, 4, 5, 6, 0, 1]
+    assert [item["k"] for item in pairs(1)] == [0, 1, 2]
+    assert pairs(2) == pairs(2)  # deterministic per epoch (resume sees the same pairs)
+    assert all(item["rk"] is None for item in _ForgetRetainPairs(2, 0)(0))

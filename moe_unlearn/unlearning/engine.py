@@ -100,6 +100,24 @@ def _parse_targets(target: Any, scope: str, *, model: nn.Module, forget_source: 
     return [ExpertTarget.coerce(t) for t in ([target] if single else list(target))]
 
 
+class _ForgetRetainPairs:
+    """The training items of one epoch: forget batch k paired with a retain batch.
+
+    Retain batches cycle on their own counter across epochs ((epoch * n_forget + k) mod n_retain),
+    so a retain set larger than the forget set is used in full rather than only its first
+    n_forget batches. Deterministic per epoch, so resumed runs see the same pairs."""
+
+    def __init__(self, n_forget: int, n_retain: int) -> None:
+        self.n_forget, self.n_retain = n_forget, n_retain
+
+    def __len__(self) -> int:
+        return self.n_forget
+
+    def __call__(self, epoch: int) -> list[dict[str, int | None]]:
+        return [{"k": k, "rk": (epoch * self.n_forget + k) % self.n_retain if self.n_retain else None}
+                for k in range(self.n_forget)]
+
+
 def _model_dir(model: nn.Module, model_dir: str | os.PathLike | None) -> Path | None:
     cand = model_dir or getattr(getattr(model, "config", None), "_name_or_path", None)
     if cand and Path(cand).is_dir():
@@ -354,8 +372,7 @@ def unlearn(
     steering = (rmu_steering(model.config.hidden_size, hp["steering_coeff"], seed=seed, device=device)
                 if method == "rmu" else None)
 
-    items = [{"k": k, "rk": (k % len(retain_batches)) if retain_batches else None}
-             for k in range(len(forget_batches))]
+    items = _ForgetRetainPairs(len(forget_batches), len(retain_batches) if retain_batches else 0)
     need_retain_pass = retain_batches is not None and (
         objective.name == "rmu" or objective.requires_retain or hp.get("alpha", 0) or rr_layers)
 
