@@ -6,6 +6,7 @@ from torch import nn
 
 from moe_unlearn.arch.base import MoELayer
 from moe_unlearn.arch.families import ADAPTERS, NOT_SUPPORTED
+from moe_unlearn.arch.megablocks import MegablocksLayer, has_megablocks_blocks
 from moe_unlearn.errors import NotAnMoEModel, UnsupportedFamily
 
 
@@ -29,10 +30,13 @@ def model_type(model: nn.Module) -> str:
 
 
 def adapter_for(model: nn.Module) -> type[MoELayer]:
-    """The adapter class of `model`'s family; NotAnMoEModel / UnsupportedFamily otherwise."""
+    """The adapter class of `model`'s family (MegablocksLayer for a model of no transformers MoE
+    family that contains megablocks blocks); NotAnMoEModel / UnsupportedFamily otherwise."""
     mtype = model_type(model)
     adapter = ADAPTERS.get(mtype)
     if adapter is None:
+        if has_megablocks_blocks(model):  # a custom model built from megablocks MoE / dMoE blocks
+            return MegablocksLayer
         has_experts = any(hasattr(m, "experts") for m in model.modules())
         if has_experts or mtype in NOT_SUPPORTED:
             why = NOT_SUPPORTED.get(mtype, "no adapter exists for it")
@@ -47,6 +51,8 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every sparse MoE block of `model`, in layer order, each behind its family's adapter.
     Dense decoder layers (mlp_only_layers, decoder_sparse_step, first_k_dense_replace) are skipped."""
     adapter = adapter_for(model)
+    if issubclass(adapter, MegablocksLayer):
+        return adapter.find_layers(model)
     prefix, layers = decoder_layers(model, adapter.decoder_layer_lists)
     found: list[MoELayer] = []
     for i, layer in enumerate(layers):
