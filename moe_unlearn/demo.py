@@ -185,7 +185,7 @@ def _plot_summary(rows: Sequence[DemoRow], reports: dict[str, Any], path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12.5, 4), dpi=110)
     try:
         names = [r.name for r in rows]
         width = 0.27
@@ -205,13 +205,15 @@ def _plot_summary(rows: Sequence[DemoRow], reports: dict[str, Any], path: Path) 
             for split, style in (("forget", "-"), ("retain", "--")):
                 r = rep.routing.get(split)
                 if r is not None:
-                    ax2.plot(r.layers, r.overlap, style, marker="o", color=color, label=f"{name} {split}")
+                    ax2.plot(r.layers, r.overlap, style, marker="o", color=color,
+                             label=name if split == "forget" else None)
+                    ax2.set_xticks(r.layers)
         ax2.set_ylim(-0.02, 1.02)
         ax2.set_xlabel("MoE layer")
         ax2.set_ylabel("expert-selection overlap")
         ax2.set_title("Routing kept vs the original (solid forget, dashed retain)")
         ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=7)
+        ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # one entry per run
         fig.tight_layout()
         fig.savefig(path, format="png")
     finally:
