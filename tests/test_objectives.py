@@ -136,3 +136,14 @@ def test_registry_errors():
         get_objective("dpo")
     with pytest.raises(BadInputError, match="valid: .*beta"):
         OBJECTIVES["npo"].hparams({"betta": 0.2})
+
+
+def test_retain_routing_kl_compares_sigmoid_scores_as_preferences():
+    """Sigmoid router scores do not sum to 1: the KL is taken on the per-token normalised scores
+    (by hand: KL([.5,.25,.25] || [.7,.2,.1])), and a zero KL means the same preference."""
+    ref_sig = torch.tensor([[0.8, 0.4, 0.4]])  # normalises to [.5, .25, .25]
+    new_sig = torch.tensor([[0.35, 0.1, 0.05]])  # normalises to [.7, .2, .1]
+    mask = torch.tensor([True])
+    kl = sum(p * math.log(p / q) for p, q in zip([0.5, 0.25, 0.25], [0.7, 0.2, 0.1], strict=True))
+    assert retain_routing_kl(ref_sig, new_sig, mask).item() == pytest.approx(kl, rel=1e-5)
+    assert retain_routing_kl(ref_sig, ref_sig * 0.5, mask).item() == pytest.approx(0.0, abs=1e-7)

@@ -30,8 +30,12 @@ def retain_routing_kl(ref_scores: torch.Tensor, scores: torch.Tensor, mask: torc
                       eps: float = 1e-12) -> torch.Tensor:
     """KL(original routing || current routing) per token, mean over real tokens.
 
-    ref_scores / scores [T, E] fp32 distributions; mask [T] bool. Keeps retain data on its experts."""
+    ref_scores / scores [T, E] fp32 router scores; mask [T] bool. Keeps retain data on its experts.
+    Each row is normalised to sum 1 first: a no-op for softmax routers, and for sigmoid routers
+    (DeepSeek-V3 style, whose scores do not sum to 1) it compares the routing preferences."""
     m = mask.reshape(-1).to(scores.dtype)
     p = ref_scores.to(scores)
+    p = p / p.sum(-1, keepdim=True).clamp_min(eps)
+    scores = scores / scores.sum(-1, keepdim=True).clamp_min(eps)
     kl = (p * (torch.log(p.clamp_min(eps)) - torch.log(scores.clamp_min(eps)))).sum(-1)
     return (kl * m).sum() / m.sum().clamp_min(1)
