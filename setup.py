@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import sys
 
 from setuptools import setup
@@ -25,7 +24,7 @@ def _cuda_extensions() -> tuple[list, dict]:
     except Exception as exc:  # torch missing in an isolated build env
         print(f"moe-unlearn: torch not importable at build time ({exc}); no CUDA extension", file=sys.stderr)
         return [], {}
-    if torch.version.cuda is None or CUDA_HOME is None or shutil.which("nvcc") is None and CUDA_HOME is None:
+    if torch.version.cuda is None or CUDA_HOME is None:  # CUDA_HOME is None when no nvcc/toolkit is found
         print("moe-unlearn: no CUDA torch/nvcc here; building without the CUDA extension (Triton/torch paths only)",
               file=sys.stderr)
         return [], {}
