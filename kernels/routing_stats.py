@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from moe_unlearn.kernels._common import dot_in_fp32, interpreting, new_empty, sm_count
 
-from moe_unlearn.ops.routing_stats import RoutingStats
+from moe_unlearn.ops.routing_stats import RoutingStats, empty_routing_stats
 
 
 @triton.jit
@@ -194,11 +194,8 @@ def routing_stats_triton(
     if return_topk and topk_idx is None:
         idx_out = new_empty((T, K), torch.int64, device)
     if T == 0:
-        gate_sum.zero_()
-        tokens.zero_()
-        return RoutingStats(gate_sum, torch.zeros(E, dtype=torch.int64, device=device),
-                            torch.zeros(E, dtype=torch.float32, device=device), tokens,
-                            idx_out if idx_out is not None else (topk_idx.long() if return_topk else None))
+        return empty_routing_stats(gate_sum, tokens, E,
+                                   idx_out if idx_out is not None else (topk_idx.long() if return_topk else None))
 
     seq = seq_ids.to(torch.int32)
     is_sorted = bool((seq[1:] >= seq[:-1]).all().item()) if T > 1 else True

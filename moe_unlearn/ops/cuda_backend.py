@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from moe_unlearn.ops.dispatch import cuda_extension
-from moe_unlearn.ops.routing_stats import RoutingStats
+from moe_unlearn.ops.routing_stats import RoutingStats, empty_routing_stats
 
 # Tokens one warp walks in the routing kernel: long enough that the per-warp partials stay small next
 # to the logits (E floats per 256 tokens), short enough to keep ~100K warps busy at T = 1M.
@@ -37,11 +37,8 @@ def routing_stats_cuda(
     tokens = torch.empty((S,), dtype=torch.int64, device=device)
     idx_out = torch.empty((T, K), dtype=torch.int64, device=device) if return_topk and topk_idx is None else None
     if T == 0:
-        gate_sum.zero_()
-        tokens.zero_()
-        return RoutingStats(gate_sum, torch.zeros(E, dtype=torch.int64, device=device),
-                            torch.zeros(E, dtype=torch.float32, device=device), tokens,
-                            idx_out if idx_out is not None else (topk_idx if return_topk else None))
+        return empty_routing_stats(gate_sum, tokens, E,
+                                   idx_out if idx_out is not None else (topk_idx if return_topk else None))
     seq = seq_ids.to(torch.int32)
     perm = None
     if T > 1 and not bool((seq[1:] >= seq[:-1]).all()):

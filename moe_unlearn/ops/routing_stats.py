@@ -34,6 +34,18 @@ class RoutingStats:
 SCORE_FNS = ("softmax", "sigmoid")
 
 
+def empty_routing_stats(gate_sum: torch.Tensor, tokens: torch.Tensor, num_experts: int,
+                        topk: torch.Tensor | None) -> RoutingStats:
+    """The result for T = 0 tokens, shared by the kernel launchers: they allocate `gate_sum [S, E]` and
+    `tokens [S]` (possibly poisoned) before knowing T, so both are zeroed here; `topk` is what the caller
+    returns as topk_idx (an empty [0, K] tensor or None)."""
+    gate_sum.zero_()
+    tokens.zero_()
+    device = gate_sum.device
+    return RoutingStats(gate_sum, torch.zeros(num_experts, dtype=torch.int64, device=device),
+                        torch.zeros(num_experts, dtype=torch.float32, device=device), tokens, topk)
+
+
 def _scores(logits: torch.Tensor, score_fn: str) -> torch.Tensor:
     if score_fn == "softmax":
         # Written out rather than torch.softmax: on the CPU, torch.softmax over a short last dim
