@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -30,19 +29,10 @@ from moe_unlearn.attribution import attribute_experts
 from moe_unlearn.data import TokenizedBatches
 from moe_unlearn.testing import tiny_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import device_name  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def synthetic_batches(num_texts: int, length: int, batch_size: int, vocab: int, seed: int) -> TokenizedBatches:

@@ -46,6 +46,9 @@ from moe_unlearn.loramoe.config import LoRAMoEConfig
 from moe_unlearn.loramoe.demo_task import fact_records, new_domain_facts, prompt_response_hits
 from moe_unlearn.loramoe.finetune import FinetuneConfig, finetune
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import device_name  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 METHODS = ("loramoe", "lora", "full", "loramoe_nolbc", "lora_wide")
@@ -61,15 +64,6 @@ def bench_config(name: str) -> BenchModelConfig:
                                 num_experts=4, moe_intermediate_size=64, steps=500, batch_size=32, lr=3e-3,
                                 warmup_steps=20, extra_steps=200, extra_rounds=2)
     return BenchModelConfig()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def method_config(method: str, lr: float, seed: int, args: argparse.Namespace) -> FinetuneConfig:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -24,13 +23,10 @@ from moe_unlearn.data import TokenizedBatches
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.unlearning import unlearn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import device_name  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def batch(num_texts: int, length: int, vocab: int, seed: int) -> TokenizedBatches:

@@ -71,9 +71,18 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None) -> float
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name with its core count (shared by every benchmark's JSON)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu {platform.machine()} {os.cpu_count()} cores"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu {model} {os.cpu_count()} cores"
 
 
 def environment(device: torch.device) -> dict:
