@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     task_facts = new_domain_facts(facts.trained + facts.holdout, args.new_entities, seed=args.data_seed + 1)
     task = fact_records(task_facts, type_label="task")
     rng = random.Random(args.data_seed)
-    retain = list(facts.retain)
+    retain = facts.retain_train + facts.utility  # every trained fact outside forget / neighbor
     replayed = set(rng.sample(range(len(retain)), int(args.replay * len(retain))))
     world = fact_records([retain[i] for i in sorted(replayed)], type_label="world")
     held = fact_records([f for i, f in enumerate(retain) if i not in replayed] + facts.forget + facts.neighbor)

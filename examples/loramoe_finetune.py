@@ -37,7 +37,8 @@ def run(argv: list[str] | None = None) -> int:
 
     bench = load_or_build(BenchModelConfig.quick() if args.bench == "quick" else BenchModelConfig())
     task = fact_records(new_domain_facts(bench.facts.trained + bench.facts.holdout, 24), type_label="task")
-    world = fact_records(random.Random(0).sample(bench.facts.retain, len(bench.facts.retain) // 4))
+    world = fact_records(random.Random(0).sample(bench.facts.retain_train + bench.facts.utility,
+                                             len(bench.facts.retain_train + bench.facts.utility) // 4))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "train.jsonl"

@@ -34,8 +34,11 @@ _EXPORTS: dict[str, str] = {
     # attribution
     "attribute_experts": "moe_unlearn.attribution",
     "Attribution": "moe_unlearn.attribution",
+    "select_targets": "moe_unlearn.attribution",
+    "PremiseWarning": "moe_unlearn.attribution",
     # data
     "load_texts": "moe_unlearn.data",
+    "load_examples": "moe_unlearn.data",
     "load_records": "moe_unlearn.data",
     "tokenize_batches": "moe_unlearn.data",
     # unlearning
@@ -60,7 +63,12 @@ _EXPORTS: dict[str, str] = {
     "save_loramoe": "moe_unlearn.loramoe",
     # the built-in benchmark model and the demo
     "load_or_build": "moe_unlearn.bench_model",
+    "bench_config": "moe_unlearn.bench_model",
+    "unlearning_records": "moe_unlearn.bench_model",
+    "qa_records": "moe_unlearn.bench_model",
     "run_demo": "moe_unlearn.demo",
+    "run_frontier": "moe_unlearn.frontier",
+    "FrontierConfig": "moe_unlearn.frontier",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -4,14 +4,24 @@ attribute_experts streams the data through the model in batches (one forward pas
 batch, no [T, E] tensor kept beyond the batch) and accumulates, per (MoE layer, routed
 expert), through the op `moe_unlearn.ops.routing_stats`:
 
-- affinity (UOE/SEUF, SPEC section 2):  a_i = (1/Z) sum_j (1/L_j) sum_t g_{i,t}
-  with g_{i,t} the full score s_{i,t} where i is in token t's top-K, else 0;
+- affinity (UOE/SEUF, Zhuang et al. 2025):  a_i = (1/Z) sum_j (1/L_j) sum_t g_{i,t}
+  with g_{i,t} the full score s_{i,t} where i is in token t's top-K, else 0, over Z
+  sequences of L_j real tokens;
 - frequency: fraction of tokens whose top-K holds i;
 - mean_score: mean over tokens of the full score s_{i,t} (softmax, or sigmoid for
   DeepSeek-V3-style routers: whatever the layer's `scores_from_logits` is);
 - counts: number of tokens whose top-K holds i.
 
 Padding never counts; a sequence with no tokens is not one of the Z sequences.
+
+The premise check (UOE assumes the forget knowledge sits in the target expert): with
+`retain=...` the retain data is scored too, and
+- selectivity(l, e) = frequency on forget / frequency on retain (the retain frequency floored at
+  half a token, 0.5 / retain tokens, so an expert no retain token selects gets a finite value);
+- coverage(S) = share of forget tokens whose top-K contains an expert of the target set S at
+  its layer (any layer of S), from the per-token top-K kept for the forget data.
+`Attribution.premise(targets)` returns both and warns (PremiseWarning) below coverage 0.5 or
+selectivity 2; `select_targets(attribution, coverage=0.8)` adds experts until a coverage is met.
 Shared experts (always-on MLPs beside the routed ones) are not scored: every token goes
 through them, so their affinity would be 1.0 and they would always win; they are listed
 per layer in `Attribution.shared_layers` and only enter `top()` with include_shared=True.
@@ -46,6 +56,36 @@ class AttributionStabilityWarning(UserWarning):
     """The two random halves of the data rank experts too differently to trust the target."""
 
 
+class PremiseWarning(UserWarning):
+    """The chosen target experts do not hold the forget data: low coverage or low selectivity."""
+
+
+PREMISE_MIN_COVERAGE = 0.5
+PREMISE_MIN_SELECTIVITY = 2.0
+
+
+@dataclass(frozen=True)
+class Premise:
+    """How well a target set fits UOE's premise. coverage: share of forget tokens routed through
+    at least one target; selectivity: per target, forget / retain selection frequency (None
+    without retain statistics); per_layer_coverage: the same share, counted per layer of S."""
+
+    targets: list[tuple[int, int]]
+    coverage: float
+    selectivity: list[float] | None
+    per_layer_coverage: dict[int, float]
+
+    @property
+    def holds(self) -> bool:
+        sel_ok = self.selectivity is None or min(self.selectivity) >= PREMISE_MIN_SELECTIVITY
+        return self.coverage >= PREMISE_MIN_COVERAGE and sel_ok
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"targets": [list(t) for t in self.targets], "coverage": self.coverage,
+                "selectivity": self.selectivity,
+                "per_layer_coverage": {str(k): v for k, v in self.per_layer_coverage.items()}, "holds": self.holds}
+
+
 @dataclass(frozen=True)
 class TopEntry:
     """One ranked candidate. near_tie: the next-ranked candidate scores within 1% of this one,
@@ -77,6 +117,11 @@ class Attribution:
     stability: list[float] | None = None  # per layer, top-k overlap between two random halves
     stability_seed: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # model type, max_length, ...
+    retain_frequency: torch.Tensor | None = None  # [L, E] fp32, frequency on the retain data
+    retain_num_tokens: int | None = None
+    # per layer, the top-K expert indices of every forget token [T, K] (int16, in memory only:
+    # what coverage of an arbitrary target set needs; not written to JSON)
+    token_topk: list[torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def num_experts(self) -> int:
@@ -128,6 +173,68 @@ class Attribution:
         best = self.top(1)[0]
         return best.layer, best.expert
 
+    # -- premise ------------------------------------------------------------
+    @property
+    def selectivity(self) -> torch.Tensor | None:
+        """[L, E] forget / retain selection frequency (None without retain statistics)."""
+        if self.retain_frequency is None:
+            return None
+        floor = 0.5 / max(int(self.retain_num_tokens or 1), 1)
+        return self.frequency / self.retain_frequency.clamp(min=floor)
+
+    def coverage(self, targets: Sequence[Any]) -> float:
+        """Share of forget tokens whose top-K holds at least one of `targets` ((layer, expert) pairs)."""
+        return self._coverage([self._pair(t) for t in targets])[0]
+
+    def _pair(self, t: Any) -> tuple[int, int]:
+        from moe_unlearn.arch import ExpertTarget
+
+        et = ExpertTarget.coerce(t)
+        if et.shared:
+            raise BadInputError("coverage and selectivity are defined for routed experts only, not shared ones")
+        self._row(et.layer)
+        if not 0 <= int(et.expert) < self.num_experts:
+            raise BadInputError(f"expert {et.expert} out of range (0..{self.num_experts - 1})")
+        return et.layer, int(et.expert)
+
+    def _coverage(self, pairs: list[tuple[int, int]]) -> tuple[float, dict[int, float]]:
+        by_layer: dict[int, list[int]] = {}
+        for lay, exp in pairs:
+            by_layer.setdefault(lay, []).append(exp)
+        if self.token_topk is None:
+            if len(pairs) == 1:  # one expert: its coverage is its selection frequency
+                lay, exp = pairs[0]
+                v = float(self.frequency[self._row(lay), exp])
+                return v, {lay: v}
+            raise BadInputError("coverage of several experts needs the per-token routing of the forget data, "
+                                "which is kept in memory only; run attribute_experts again (not from JSON)")
+        covered = torch.zeros(self.token_topk[0].shape[0], dtype=torch.bool)
+        per_layer = {}
+        for lay, exps in by_layer.items():
+            topk = self.token_topk[self._row(lay)].long()
+            hit = torch.isin(topk, torch.tensor(exps)).any(-1)
+            per_layer[lay] = float(hit.double().mean()) if hit.numel() else 0.0
+            covered |= hit
+        return (float(covered.double().mean()) if covered.numel() else 0.0), per_layer
+
+    def premise(self, targets: Sequence[Any] | None = None, *, warn: bool = True) -> Premise:
+        """Coverage and selectivity of `targets` (default: the SEUF target); warns (PremiseWarning)
+        when coverage < 0.5 or any target's selectivity < 2, saying what to do instead."""
+        pairs = [self._pair(t) for t in targets] if targets is not None else [self.target()]
+        cov, per_layer = self._coverage(pairs)
+        sel = self.selectivity
+        sel_list = None if sel is None else [float(sel[self._row(lay), e]) for lay, e in pairs]
+        result = Premise(targets=pairs, coverage=cov, selectivity=sel_list, per_layer_coverage=per_layer)
+        if warn and not result.holds:
+            sel_txt = "unknown (no retain data given)" if sel_list is None else ", ".join(f"{v:.2f}" for v in sel_list)
+            warnings.warn(
+                f"UOE's premise does not hold for targets {pairs}: coverage {cov:.2f} of the forget tokens "
+                f"(want >= {PREMISE_MIN_COVERAGE}), selectivity {sel_txt} (want >= {PREMISE_MIN_SELECTIVITY}). "
+                "The forget knowledge is spread: unlearning these experts alone plateaus or damages the retain "
+                "tokens routed through them. Use select_targets(attribution, coverage=0.8) for a covering set, "
+                "projections that protect retain tokens, or a full-model baseline.", PremiseWarning, stacklevel=2)
+        return result
+
     # -- persistence --------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"format": "moe-unlearn-attribution", "version": 1}
@@ -137,6 +244,11 @@ class Attribution:
         for name in _STATS:
             d[name] = getattr(self, name).tolist()
         d["target"] = [dict(vars(e)) for e in self.top(1)]
+        if self.retain_frequency is not None:
+            d["retain_frequency"] = self.retain_frequency.tolist()
+            d["retain_num_tokens"] = self.retain_num_tokens
+            d["selectivity"] = self.selectivity.tolist()
+            d["premise"] = self.premise(warn=False).to_dict()
         return d
 
     def to_json(self, path: str | os.PathLike) -> None:
@@ -153,7 +265,10 @@ class Attribution:
                        score_fns=list(d["score_fns"]), shared_layers=[int(x) for x in d["shared_layers"]],
                        num_sequences=int(d["num_sequences"]), num_tokens=int(d["num_tokens"]),
                        num_truncated=int(d.get("num_truncated", 0)), stability=d.get("stability"),
-                       stability_seed=d.get("stability_seed"), meta=dict(d.get("meta", {})), **tensors)
+                       stability_seed=d.get("stability_seed"), meta=dict(d.get("meta", {})),
+                       retain_frequency=(torch.tensor(d["retain_frequency"], dtype=torch.float32)
+                                         if d.get("retain_frequency") is not None else None),
+                       retain_num_tokens=d.get("retain_num_tokens"), **tensors)
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"malformed attribution data: {exc!r}") from exc
 
@@ -210,7 +325,41 @@ class Attribution:
         if self.stability is not None:
             lines.append("  stability (top-k overlap of two halves) per layer: "
                          + ", ".join(f"{s:.2f}" for s in self.stability))
+        p = self.premise(warn=False)
+        sel = "" if p.selectivity is None else f", selectivity {p.selectivity[0]:.2f}"
+        lines.append(f"  premise of the target: coverage {p.coverage:.2f}{sel}"
+                     + ("" if p.holds else "  [UOE premise does NOT hold]"))
         return "\n".join(lines)
+
+
+def select_targets(attribution: Attribution, coverage: float = 0.8, *, max_experts: int = 16,
+                   warn: bool = True) -> list[tuple[int, int]]:
+    """Routed experts, chosen greedily across layers, until they cover `coverage` of the forget tokens.
+
+    Candidates are ranked by forget mass (affinity) times selectivity (affinity alone without
+    retain statistics), ties by layer then expert, and added in that order until the share of
+    forget tokens routed through at least one chosen expert reaches `coverage` (or max_experts
+    are chosen: then a PremiseWarning says how far it got). The result is a list of
+    (layer, expert) that `unlearn(scope="topm", target=...)` accepts."""
+    if not 0.0 < coverage <= 1.0:
+        raise BadInputError(f"coverage must be in (0, 1], got {coverage!r}")
+    if not isinstance(max_experts, int) or max_experts < 1:
+        raise BadInputError(f"max_experts must be a positive integer, got {max_experts!r}")
+    sel = attribution.selectivity
+    weight = attribution.affinity.double() * (sel.double() if sel is not None else 1.0)
+    cands = sorted(((float(weight[r, e]), lay, e) for r, lay in enumerate(attribution.layers)
+                    for e in range(attribution.num_experts)), key=lambda c: (-c[0], c[1], c[2]))
+    chosen: list[tuple[int, int]] = []
+    reached = 0.0
+    for _, lay, e in cands:
+        chosen.append((lay, e))
+        reached = attribution._coverage(chosen)[0]
+        if reached >= coverage or len(chosen) >= max_experts:
+            break
+    if warn and reached < coverage:
+        warnings.warn(f"select_targets: {len(chosen)} experts cover {reached:.2f} of the forget tokens, short of "
+                      f"{coverage}; raise max_experts or accept a lower coverage", PremiseWarning, stacklevel=2)
+    return chosen
 
 
 def _near(best: float, runner_up: float) -> bool:
@@ -317,6 +466,8 @@ def attribute_experts(
     device: str | torch.device | None = None,
     field: str | None = None,
     padding_side: str | None = None,
+    retain: DataSource | TokenizedBatches | None = None,
+    keep_token_routing: bool = True,
 ) -> Attribution:
     """Routing statistics of `data` (any source `moe_unlearn.data.load_texts` reads, or already
     tokenized `TokenizedBatches`) for every MoE layer of `model` (or only `layers`).
@@ -327,6 +478,8 @@ def attribute_experts(
     stability=True also ranks the experts of two random halves of the sequences (split with
     `seed`) and stores the per-layer top-k overlap; below 0.5 on average an
     AttributionStabilityWarning says the data is too small to choose a target.
+    retain: also score this data (same settings) for selectivity; keep_token_routing keeps the
+    forget tokens' top-K per layer in memory for `coverage` of target sets (int16, T x K per layer).
     """
     moe_layers = _select_layers(find_moe_layers(model), layers)
     num_experts = {layer.num_experts for layer in moe_layers}
@@ -359,6 +512,7 @@ def attribute_experts(
     from moe_unlearn import ops  # resolved at call time: the kernels work may swap the backend
 
     accs = {layer.layer_idx: _LayerAccumulator(E, device) for layer in moe_layers}
+    token_topk: dict[int, list[torch.Tensor]] = {layer.layer_idx: [] for layer in moe_layers}
     num_seqs = num_tokens = 0
     runner = getattr(model, "base_model", model)  # the decoder only: the LM head is not needed
     was_training = model.training
@@ -395,6 +549,8 @@ def attribute_experts(
                     stats = ops.routing_stats(logits, top_k=layer.top_k, seq_ids=seq_ids_d, num_seqs=B,
                                               topk_idx=topk_idx, score_fn=fn)
                     accs[layer.layer_idx].add(stats, seq_valid, batch_halves)
+                    if keep_token_routing:
+                        token_topk[layer.layer_idx].append(topk_idx.to(torch.int16).cpu())
                 num_seqs += int((seq_len > 0).sum())
                 num_tokens += int(seq_len.sum())
                 seq_offset += B
@@ -416,6 +572,14 @@ def attribute_experts(
               "family": moe_layers[0].family, "max_length": batches.max_length,
               "batch_size": batches.batch_size},
     )
+    if keep_token_routing:
+        result.token_topk = [torch.cat(token_topk[layer.layer_idx]) if token_topk[layer.layer_idx]
+                             else torch.zeros(0, layer.top_k, dtype=torch.int16) for layer in moe_layers]
+    if retain is not None:
+        r = attribute_experts(model, retain, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                              progress=progress, layers=[layer.layer_idx for layer in moe_layers], device=device,
+                              field=field, padding_side=padding_side, keep_token_routing=False)
+        result.retain_frequency, result.retain_num_tokens = r.frequency, r.num_tokens
     if halves is not None:
         result.stability = [_topk_overlap(a.half_sums[0], a.half_sums[1], min(k, E))
                             for a, k in zip(rows, result.top_k, strict=True)]
@@ -438,5 +602,6 @@ def _progress(batches: TokenizedBatches, enabled: bool):
     return tqdm(batches, total=len(batches), desc="attribution", unit="batch")
 
 
-__all__ = ["Attribution", "AttributionStabilityWarning", "SHARED_EXPERT", "TopEntry", "attribute_experts",
+__all__ = ["Attribution", "AttributionStabilityWarning", "Premise", "PremiseWarning", "SHARED_EXPERT", "TopEntry",
+           "attribute_experts", "select_targets",
            "score_fn_of", "split_halves"]

@@ -13,9 +13,11 @@ padding / truncation are the same for every tokenizer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import random
 import string
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -147,7 +149,25 @@ def _template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-def _record_text(loc: _Located, field: str | None, template: str) -> str:
+@dataclass(frozen=True)
+class Example:
+    """One training text as prompt + completion (text = prompt + completion).
+
+    A question/answer record filled into the template has prompt = the template up to the answer
+    (trailing whitespace moved into the completion, so a BPE tokenizer sees " answer" as usual)
+    and completion = the answer (plus anything the template puts after it). A plain text has an
+    empty prompt. Answer-only losses (`tokenize_batches(..., loss_tokens="answer")`) score the
+    completion tokens only, as the evaluation does for QA items."""
+
+    prompt: str
+    completion: str
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.completion
+
+
+def _record_example(loc: _Located, field: str | None, template: str) -> Example:
     rec = loc.record
     if field is not None:
         if field not in rec:
@@ -160,36 +180,47 @@ def _record_text(loc: _Located, field: str | None, template: str) -> str:
         if not needed or any(n not in rec for n in needed):
             raise DataError(f"{loc.where}: no 'text' field and not every template field {needed} is present; "
                             f"it has {sorted(rec)}; name the text field with field=... (CLI: --field)")
+        head, found, tail = template.partition("{answer}")
         try:
-            value = template.format_map(rec)
+            if not found:  # a template without an answer slot: the whole text is scored
+                return Example("", template.format_map(rec))
+            prompt, rest = head.format_map(rec), tail.format_map(rec)
         except (KeyError, IndexError, ValueError) as exc:
             raise DataError(f"{loc.where}: template {template!r} does not apply: {exc}") from exc
+        stripped = prompt.rstrip()
+        return Example(stripped, prompt[len(stripped):] + str(rec["answer"]) + rest)
     if not isinstance(value, str):
         raise DataError(f"{loc.where}: the text field holds a {type(value).__name__}, expected a string")
-    return value
+    return Example("", value)
+
+
+def load_examples(source: DataSource, *, field: str | None = None, template: str = DEFAULT_TEMPLATE,
+                  limit: int | None = None) -> list[Example]:
+    """The documents of `source` as `Example`s (prompt + completion).
+
+    Which text a record gives: the named `field` if given; else its `text` field; else
+    `template` filled from the record (by default question/answer pairs, whose question part
+    becomes the prompt). Blank texts are skipped. Raises DataError for an empty source, an
+    unreadable file, or a record without the field (naming the file, line and the fields it has).
+    """
+    _check_limit(limit)
+    out: list[Example] = []
+    for loc in _iter_source(source):
+        ex = _record_example(loc, field, template)
+        if not ex.text.strip():
+            continue
+        out.append(ex)
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise DataError(f"no non-blank texts in {_describe(source)}; the data is empty")
+    return out
 
 
 def load_texts(source: DataSource, *, field: str | None = None, template: str = DEFAULT_TEMPLATE,
                limit: int | None = None) -> list[str]:
-    """The documents of `source` as strings.
-
-    Which text a record gives: the named `field` if given; else its `text` field; else
-    `template` filled from the record (by default question/answer pairs). Blank texts are
-    skipped. Raises DataError for an empty source, an unreadable file, or a record without
-    the field (naming the file, line and the fields it has).
-    """
-    _check_limit(limit)
-    texts: list[str] = []
-    for loc in _iter_source(source):
-        text = _record_text(loc, field, template)
-        if not text.strip():
-            continue
-        texts.append(text)
-        if limit is not None and len(texts) >= limit:
-            break
-    if not texts:
-        raise DataError(f"no non-blank texts in {_describe(source)}; the data is empty")
-    return texts
+    """The documents of `source` as plain strings (`load_examples` without the prompt split)."""
+    return [e.text for e in load_examples(source, field=field, template=template, limit=limit)]
 
 
 def _describe(source: DataSource) -> str:
@@ -213,10 +244,15 @@ def pad_token_id(tokenizer: Any) -> int:
     raise BadInputError("the tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token first")
 
 
+LOSS_TOKENS = ("answer", "all")
+
+
 @dataclass
 class TokenizedBatches:
     """Tokenized texts that yield padded batches; iterate it (any number of times) for dicts of
-    input_ids [B, S], attention_mask [B, S] (1 = real token) and labels [B, S] (-100 on padding).
+    input_ids [B, S], attention_mask [B, S] (1 = real token) and labels [B, S] (-100 on padding
+    and on the first `label_starts[i]` tokens of text i, the prompt of a QA example under
+    answer-only losses).
 
     num_truncated counts texts longer than max_length (cut to max_length tokens, keeping the
     tokenizer's truncation side). Each batch is padded to its own longest text.
@@ -228,6 +264,13 @@ class TokenizedBatches:
     padding_side: str
     pad_token_id: int
     num_truncated: int
+    label_starts: list[int] | None = None  # per text: first position with a label (None = all 0)
+
+    def __post_init__(self) -> None:
+        if self.label_starts is None:
+            self.label_starts = [0] * len(self.sequences)
+        if len(self.label_starts) != len(self.sequences):
+            raise BadInputError(f"label_starts has {len(self.label_starts)} entries for {len(self.sequences)} texts")
 
     @property
     def num_texts(self) -> int:
@@ -237,36 +280,70 @@ class TokenizedBatches:
     def num_tokens(self) -> int:
         return sum(int(s.numel()) for s in self.sequences)
 
+    @property
+    def num_label_tokens(self) -> int:
+        """Positions a next-token loss scores (a label with a token before it)."""
+        return sum(max(0, int(s.numel()) - max(start, 1)) for s, start in zip(self.sequences, self.label_starts,
+                                                                                 strict=True))
+
     def __len__(self) -> int:
         return math.ceil(len(self.sequences) / self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for start in range(0, len(self.sequences), self.batch_size):
-            yield pad_batch(self.sequences[start:start + self.batch_size], pad_token_id=self.pad_token_id,
-                            padding_side=self.padding_side)
+            stop = start + self.batch_size
+            yield pad_batch(self.sequences[start:stop], pad_token_id=self.pad_token_id,
+                            padding_side=self.padding_side, label_starts=self.label_starts[start:stop])
+
+    def shuffled(self, seed: int) -> TokenizedBatches:
+        """The same texts in a seeded random order (so batches group different texts per seed)."""
+        order = list(range(len(self.sequences)))
+        random.Random(seed).shuffle(order)
+        return dataclasses.replace(self, sequences=[self.sequences[i] for i in order],
+                                   label_starts=[self.label_starts[i] for i in order])
 
 
-def pad_batch(sequences: Sequence[torch.Tensor], *, pad_token_id: int,
-              padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad 1-D id tensors to one [B, S] batch with attention_mask and labels (-100 on padding)."""
+def pad_batch(sequences: Sequence[torch.Tensor], *, pad_token_id: int, padding_side: str = "right",
+              label_starts: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Pad 1-D id tensors to one [B, S] batch with attention_mask and labels (-100 on padding and,
+    with label_starts, on the first label_starts[i] tokens of row i)."""
     if padding_side not in ("right", "left"):
         raise BadInputError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     width = max((int(s.numel()) for s in sequences), default=0)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    scored = torch.zeros((len(sequences), width), dtype=torch.bool)
     for row, seq in enumerate(sequences):
         n = int(seq.numel())
-        cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
-        ids[row, cols] = seq
-        mask[row, cols] = 1
-    labels = ids.masked_fill(mask == 0, -100)
+        first = width - n if padding_side == "left" else 0
+        ids[row, first:first + n] = seq
+        mask[row, first:first + n] = 1
+        skip = min(label_starts[row], n) if label_starts is not None else 0
+        scored[row, first + skip:first + n] = True
+    labels = ids.masked_fill(~scored, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def tokenize_batches(texts: Sequence[str], tokenizer: Any, *, batch_size: int, max_length: int,
-                     padding_side: str | None = None, add_special_tokens: bool = True) -> TokenizedBatches:
+def _encode_all(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    out: list[list[int]] = []
+    chunk = 1024  # tokenizer batch calls are much faster than one call per text
+    for start in range(0, len(texts), chunk):
+        # verbose=False: the "longer than the model maximum" warning is moot, we truncate ourselves
+        enc = tokenizer(texts[start:start + chunk], add_special_tokens=add_special_tokens, truncation=False,
+                        padding=False, return_attention_mask=False, verbose=False)
+        out.extend(list(ids) for ids in enc["input_ids"])
+    return out
+
+
+def tokenize_batches(texts: Sequence[str | Example], tokenizer: Any, *, batch_size: int, max_length: int,
+                     padding_side: str | None = None, add_special_tokens: bool = True,
+                     loss_tokens: str = "answer") -> TokenizedBatches:
     """Tokenize `texts` once and return an iterable of padded batches (see TokenizedBatches).
 
+    texts: strings (every token scored) or `Example`s; an Example with a prompt is encoded as
+    prompt ids (special tokens added) + completion ids (none added), exactly as the evaluation
+    encodes a QA item, and with loss_tokens="answer" its prompt positions get label -100;
+    loss_tokens="all" scores every token of every text.
     padding_side None uses the tokenizer's own (right if it has none). Tokenizers without a
     pad token pad with eos (see `pad_token_id`); the tokenizer object is not modified. Texts that
     tokenize to nothing are kept as empty rows (no valid tokens), so batch i always holds
@@ -278,27 +355,42 @@ def tokenize_batches(texts: Sequence[str], tokenizer: Any, *, batch_size: int, m
         raise BadInputError(f"max_length must be a positive integer, got {max_length!r}")
     if isinstance(texts, str):
         raise BadInputError("texts must be a list of strings, not one string; wrap it in a list")
+    if loss_tokens not in LOSS_TOKENS:
+        raise BadInputError(f"loss_tokens must be one of {', '.join(LOSS_TOKENS)}, got {loss_tokens!r}")
     side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
     if side not in ("right", "left"):
         raise BadInputError(f"padding_side must be 'right' or 'left', got {side!r}")
     pad_id = pad_token_id(tokenizer)
     keep_last = getattr(tokenizer, "truncation_side", "right") == "left"
-    texts = list(texts)
+    examples = [t if isinstance(t, Example) else Example("", t) for t in texts]
+    with_prompt = [i for i, e in enumerate(examples) if e.prompt]
+    plain = [i for i, e in enumerate(examples) if not e.prompt]
+    ids_of: dict[int, list[int]] = {}
+    start_of: dict[int, int] = {}
+    for i, ids in zip(plain, _encode_all(tokenizer, [examples[i].text for i in plain], add_special_tokens),
+                      strict=True):
+        ids_of[i], start_of[i] = ids, 0
+    prompts = _encode_all(tokenizer, [examples[i].prompt for i in with_prompt], add_special_tokens)
+    completions = _encode_all(tokenizer, [examples[i].completion for i in with_prompt], False)
+    for i, p_ids, c_ids in zip(with_prompt, prompts, completions, strict=True):
+        ids_of[i], start_of[i] = p_ids + c_ids, (len(p_ids) if loss_tokens == "answer" else 0)
     sequences: list[torch.Tensor] = []
+    starts: list[int] = []
     truncated = 0
-    chunk = 1024  # tokenizer batch calls are much faster than one call per text
-    for start in range(0, len(texts), chunk):
-        # verbose=False: the "longer than the model maximum" warning is moot, we truncate below
-        enc = tokenizer(texts[start:start + chunk], add_special_tokens=add_special_tokens, truncation=False,
-                        padding=False, return_attention_mask=False, verbose=False)
-        for ids in enc["input_ids"]:
-            if len(ids) > max_length:
-                truncated += 1
-                ids = ids[-max_length:] if keep_last else ids[:max_length]
-            sequences.append(torch.tensor(ids, dtype=torch.long))
+    for i in range(len(examples)):
+        ids, first = ids_of[i], start_of[i]
+        if len(ids) > max_length:
+            truncated += 1
+            if keep_last:
+                first = max(0, first - (len(ids) - max_length))
+                ids = ids[-max_length:]
+            else:
+                ids = ids[:max_length]
+        sequences.append(torch.tensor(ids, dtype=torch.long))
+        starts.append(first)
     return TokenizedBatches(sequences=sequences, batch_size=batch_size, max_length=max_length, padding_side=side,
-                            pad_token_id=pad_id, num_truncated=truncated)
+                            pad_token_id=pad_id, num_truncated=truncated, label_starts=starts)
 
 
-__all__ = ["DEFAULT_TEMPLATE", "TokenizedBatches", "load_records", "load_texts", "pad_batch", "pad_token_id",
+__all__ = ["DEFAULT_TEMPLATE", "LOSS_TOKENS", "Example", "TokenizedBatches", "load_examples", "load_records", "load_texts", "pad_batch", "pad_token_id",
            "tokenize_batches"]

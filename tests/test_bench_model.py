@@ -13,6 +13,7 @@ from moe_unlearn.bench_model import (
     BenchModelConfig,
     FactsConfig,
     answer_exact_match,
+    bench_config,
     cache_path,
     generate_facts,
     load_or_build,
@@ -43,7 +44,7 @@ def test_splits_are_disjoint_by_entity_and_text(forget_entities):
     cfg = FactsConfig(entities_per_domain=10, neighbor_entities=4, holdout_entities=5,
                       forget_entities=forget_entities)
     fs = generate_facts(cfg)
-    names = ("forget", "retain", "neighbor", "holdout")
+    names = ("forget", "retain_train", "utility", "neighbor", "holdout")
     for i, s in enumerate(names):
         assert fs.splits[s], s
         for t in names[i + 1:]:
@@ -55,8 +56,16 @@ def test_splits_are_disjoint_by_entity_and_text(forget_entities):
     assert len(fs.forget) == n_attr * (forget_entities or cfg.entities_per_domain)
     assert len(_entities(fs.neighbor)) == cfg.neighbor_entities
     assert len(_entities(fs.holdout)) == cfg.holdout_entities
-    # every trained entity is in exactly one of forget / retain / neighbor
+    # every trained entity is in exactly one of forget / retain_train / utility / neighbor
     assert len(fs.trained) == len(cfg.domains) * cfg.entities_per_domain * n_attr
+    # retain_train and utility each cover every domain that has entities left after forget/neighbor
+    rest_domains = {f.domain for f in fs.retain_train + fs.utility}
+    assert {f.domain for f in fs.retain_train} == rest_domains == {f.domain for f in fs.utility}
+    # the retrained reference's corpus is everything trained but the forget split
+    ref = set(fs.training_texts(exclude=("forget",)))
+    assert ref == set(fs.training_texts()) - {t for f in fs.forget for t in f.training_texts()}
+    with pytest.raises(BadInputError):
+        fs.training_texts(exclude=("holdout",))
 
 
 def test_holdout_never_appears_in_training_texts():
@@ -89,7 +98,8 @@ def test_fact_forms_end_with_the_answer():
 
 
 @pytest.mark.parametrize("bad", [dict(forget_domain="planets"), dict(domains=("people", "compounds")),
-                                 dict(forget_entities=10), dict(entities_per_domain=1), dict(holdout_entities=0)])
+                                 dict(forget_entities=10), dict(entities_per_domain=1), dict(holdout_entities=0),
+                                 dict(utility_fraction=0.0), dict(utility_fraction=1.0)])
 def test_bad_facts_config_is_rejected(bad):
     with pytest.raises(BadInputError):
         generate_facts(FactsConfig(**{**SMALL.to_dict(), "domains": SMALL.domains, **bad}))
@@ -205,3 +215,52 @@ def test_undertrained_model_warns_with_the_number(tmp_path):
     with pytest.warns(UserWarning, match=r"knows only \d+\.\d% of its trained facts"):
         bench = load_or_build(cfg, cache_root=tmp_path, progress=False)
     assert not bench.meta["reached_target"] and bench.meta["exact_match"]["trained"] < cfg.target_em
+
+
+def test_bench_model_registry_and_presets():
+    natural, localized = bench_config("natural"), bench_config("localized")
+    # the natural model is shaped like the fine-grained MoEs: >= 6 layers, 16-64 experts, top-K >= 4, a shared
+    # expert, a balancing loss; no localization
+    assert natural.num_layers >= 6 and 16 <= natural.num_experts <= 64 and natural.top_k >= 4
+    assert natural.family == "qwen2_moe" and natural.shared_expert_intermediate_size > 0
+    assert natural.router_aux_loss_coef > 0 and not natural.localized
+    # the control differs only by the localization loss, in a middle layer
+    diff = {k for k, v in natural.to_dict().items() if localized.to_dict()[k] != v}
+    assert diff == {"name", "localize_layer"} and 0 < localized.localize_layer < localized.num_layers - 1
+    ref = bench_config("natural", retrained=True)
+    assert ref.exclude_forget and ref.digest() != natural.digest() and ref.name == "natural-retrained"
+    with pytest.raises(BadInputError):
+        bench_config("dense")
+    with pytest.raises(BadInputError):
+        load_or_build(BenchModelConfig(top_k=40), cache_root="/nonexistent")
+
+
+def test_localization_loss_pulls_forget_tokens_and_pushes_the_rest():
+    from moe_unlearn.bench_model.build import localization_loss
+
+    logits = torch.zeros(4, 3)
+    logits[0, 1] = logits[2, 1] = 5.0  # tokens 0 and 2 already route to expert 1
+    in_f = torch.tensor([True, False, False, True])
+    mask = torch.tensor([1, 1, 1, 0])  # token 3 is padding
+    p = torch.softmax(logits, -1)[:, 1]
+    want = (-torch.log(p[0]) - torch.log(1 - p[1]) - torch.log(1 - p[2])) / 3
+    assert localization_loss(logits, in_f, mask, 1).item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_quick_localized_and_retrained_builds(tmp_path):
+    """The control routes its forget domain to the designated expert; the reference never saw the forget split."""
+    from moe_unlearn.attribution import attribute_experts
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loc = load_or_build(bench_config("localized", quick=True), cache_root=tmp_path, progress=False)
+        ref = load_or_build(bench_config("natural", quick=True, retrained=True), cache_root=tmp_path, progress=False)
+    cfg = loc.meta["config"]
+    forget = [f.text for f in loc.facts.forget]
+    retain = [f.text for f in loc.facts.retain_train]
+    attr = attribute_experts(loc.model, forget, tokenizer=loc.tokenizer, retain=retain, progress=False)
+    row = attr.layers.index(cfg["localize_layer"])
+    e = cfg["localize_expert"]
+    assert attr.frequency[row, e] > 0.9 and attr.selectivity[row, e] > 2.0
+    assert ref.meta["exact_match"]["forget"] <= ref.meta["exact_match"]["holdout"] + 0.25
+    assert ref.meta["num_training_texts"] == len(ref.facts.training_texts(exclude=("forget",)))

@@ -5,17 +5,23 @@ corpus can come from (or leak into) real-world knowledge. Four domains (people, 
 compounds, species) each give every entity four attributes. Some attributes share a value
 pool across domains (colours, terrains, places), which is what makes *neighbor* facts:
 
-- forget:   one whole domain (default, as WMDP forgets a domain), or `forget_entities`
-            entities of that domain;
-- neighbor: entities outside the forget set that are close to it: in domain mode, entities
-            of other domains sharing the most attribute values with forget facts; in entity
-            mode, the other entities of the same domain (same templates);
-- retain:   every other trained entity;
-- holdout:  entities of the forget domain that are generated but never trained (the
-            non-members of membership inference).
+- forget:       one whole domain (default, as WMDP forgets a domain), or `forget_entities`
+                entities of that domain;
+- retain_train: the only non-forget facts an unlearning loss may see (its retain term);
+- utility:      trained facts that no unlearning ever sees; the main utility number (as
+                TOFU's real-author / world-fact sets and WMDP's MMLU are never trained on);
+- neighbor:     trained entities close to the forget set, never given to unlearning: in
+                domain mode, entities of other domains sharing the most attribute values with
+                forget facts; in entity mode, the other entities of the same domain;
+- holdout:      entities of the forget domain that are generated but never trained (the
+                non-members of membership inference, and the guess level of exact match).
 
-Splits are disjoint by entity (the subject of a fact) and therefore by text. Every fact
-is a `Fact` with a question, a short answer and a statement `text` that ends with the answer.
+retain_train and utility split the remaining trained entities of every domain (a seeded
+`utility_fraction` of each domain's entities goes to utility), so both cover every domain.
+Splits are disjoint by entity (the subject of a fact) and therefore by text. Every fact is a
+`Fact` with a question, a short answer and a statement `text` that ends with the answer; its
+`paraphrases` (a second statement) and `question_paraphrases` (a second question, never
+trained) serve as probes of forms that unlearning did not see.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from moe_unlearn.atomic import write_text
 from moe_unlearn.errors import BadInputError
 
 DOMAINS = ("people", "places", "compounds", "species")
-SPLITS = ("forget", "retain", "neighbor", "holdout")
+SPLITS = ("forget", "retain_train", "utility", "neighbor", "holdout")
+TRAINED_SPLITS = ("forget", "retain_train", "utility", "neighbor")  # what the bench model learns
 QA_TEMPLATE = "Question: {question}\nAnswer: {answer}"  # = moe_unlearn.data.DEFAULT_TEMPLATE
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "tr", "sh", "th",
@@ -152,6 +159,8 @@ class FactsConfig:
         remaining entities of the domain are then the neighbors).
     neighbor_entities: how many entities form the neighbor split.
     holdout_entities: never-trained entities of the forget domain (MIA non-members).
+    utility_fraction: share of each domain's remaining entities that goes to `utility` (the rest
+        is `retain_train`); at least one entity of each goes to each side when there are two.
     """
 
     seed: int = 0
@@ -160,6 +169,7 @@ class FactsConfig:
     forget_entities: int | None = None
     neighbor_entities: int = 12
     holdout_entities: int = 20
+    utility_fraction: float = 0.5
     domains: tuple[str, ...] = DOMAINS
 
     def validate(self) -> None:
@@ -182,6 +192,8 @@ class FactsConfig:
                                 f", got {self.forget_entities}")
         if self.neighbor_entities < 1 or self.holdout_entities < 1:
             raise BadInputError("neighbor_entities and holdout_entities must be >= 1")
+        if not 0.0 < self.utility_fraction < 1.0:
+            raise BadInputError(f"utility_fraction must be in (0, 1), got {self.utility_fraction}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -191,7 +203,7 @@ class FactsConfig:
 
 @dataclass
 class FactSet:
-    """The generated facts, split. `trained` = forget + retain + neighbor (never holdout)."""
+    """The generated facts, split. `trained` = forget + retain_train + utility + neighbor (never holdout)."""
 
     config: FactsConfig
     splits: dict[str, list[Fact]] = field(default_factory=dict)
@@ -201,8 +213,12 @@ class FactSet:
         return self.splits["forget"]
 
     @property
-    def retain(self) -> list[Fact]:
-        return self.splits["retain"]
+    def retain_train(self) -> list[Fact]:
+        return self.splits["retain_train"]
+
+    @property
+    def utility(self) -> list[Fact]:
+        return self.splits["utility"]
 
     @property
     def neighbor(self) -> list[Fact]:
@@ -214,11 +230,15 @@ class FactSet:
 
     @property
     def trained(self) -> list[Fact]:
-        return self.forget + self.retain + self.neighbor
+        return [f for s in TRAINED_SPLITS for f in self.splits[s]]
 
-    def training_texts(self) -> list[str]:
-        """Every text the benchmark model is trained on: statements, paraphrases and QA forms."""
-        return [t for f in self.trained for t in f.training_texts()]
+    def training_texts(self, exclude: Sequence[str] = ()) -> list[str]:
+        """Every text the benchmark model is trained on: statements, paraphrases and QA forms.
+        exclude: trained splits left out (("forget",) = the retrained reference's corpus)."""
+        unknown = set(exclude) - set(TRAINED_SPLITS)
+        if unknown:
+            raise BadInputError(f"cannot exclude {sorted(unknown)}: not trained splits ({', '.join(TRAINED_SPLITS)})")
+        return [t for s in TRAINED_SPLITS if s not in exclude for f in self.splits[s] for t in f.training_texts()]
 
     def all_texts(self) -> list[str]:
         """Every text of every split, holdout included (the tokenizer's corpus)."""
@@ -241,6 +261,17 @@ class FactSet:
 def _fact_from_record(rec: dict) -> Fact:
     return Fact(**{**rec, "paraphrases": tuple(rec["paraphrases"]),
                    "question_paraphrases": tuple(rec["question_paraphrases"])})
+
+
+def unlearning_records(facts: Iterable[Fact]) -> list[dict[str, str]]:
+    """What an unlearning run trains on per fact: its QA record (scored on the answer only) and its
+    first statement. The second statement and the second question stay unseen (probes)."""
+    return [r for f in facts for r in ({"question": f.question, "answer": f.answer}, {"text": f.text})]
+
+
+def qa_records(facts: Iterable[Fact]) -> list[dict[str, str]]:
+    """The QA form of each fact, as the evaluation scores it (exact match of the answer)."""
+    return [{"question": f.question, "answer": f.answer} for f in facts]
 
 
 def write_records(facts: Iterable[Fact], path: str | os.PathLike) -> str:
@@ -317,13 +348,23 @@ def generate_facts(config: FactsConfig | None = None) -> FactSet:
     neighbor_keys = candidates[: config.neighbor_entities]
     neighbor_set = set(neighbor_keys)
     neighbor = [f for k in neighbor_keys for f in by_entity[k]]
-    retain = [f for k, facts in by_entity.items() if k not in forget_set and k not in neighbor_set for f in facts]
-    if not retain:
-        raise BadInputError("this configuration leaves no retain facts; raise entities_per_domain or lower "
-                            "neighbor_entities")
-    return FactSet(config=config, splits={"forget": forget, "retain": retain, "neighbor": neighbor,
-                                          "holdout": holdout})
+    rest = [k for k in by_entity if k not in forget_set and k not in neighbor_set]
+    utility_keys: set[tuple[str, str]] = set()
+    for d in config.domains:  # per domain, so that both retain_train and utility cover every domain
+        keys = [k for k in rest if k[0] == d]
+        rng.shuffle(keys)
+        n = round(len(keys) * config.utility_fraction)
+        if len(keys) >= 2:
+            n = min(max(n, 1), len(keys) - 1)
+        utility_keys.update(keys[:n])
+    retain_train = [f for k in rest if k not in utility_keys for f in by_entity[k]]
+    utility = [f for k in rest if k in utility_keys for f in by_entity[k]]
+    if not retain_train or not utility:
+        raise BadInputError("this configuration leaves no retain_train or no utility facts; raise "
+                            "entities_per_domain or lower neighbor_entities")
+    return FactSet(config=config, splits={"forget": forget, "retain_train": retain_train, "utility": utility,
+                                          "neighbor": neighbor, "holdout": holdout})
 
 
-__all__ = ["DOMAINS", "POOLS", "QA_TEMPLATE", "SCHEMA", "SPLITS", "Attribute", "Fact", "FactSet", "FactsConfig",
-           "generate_facts", "invent_names", "write_records"]
+__all__ = ["DOMAINS", "POOLS", "QA_TEMPLATE", "SCHEMA", "SPLITS", "TRAINED_SPLITS", "Attribute", "Fact", "FactSet", "FactsConfig",
+           "generate_facts", "invent_names", "qa_records", "unlearning_records", "write_records"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import time
@@ -61,8 +62,11 @@ class UnlearnResult:
 
 
 def _batches(source: Any, tokenizer: Any, *, batch_size: int, max_length: int, field_name: str | None,
-             what: str):
-    from moe_unlearn.data import TokenizedBatches, load_texts, tokenize_batches
+             what: str, loss_tokens: str, seed: int):
+    """The padded batches of one data set, its texts in a seeded order (so the seed changes
+    which texts share a batch). QA records score their answer tokens only unless
+    loss_tokens="all" (see moe_unlearn.data.tokenize_batches)."""
+    from moe_unlearn.data import TokenizedBatches, load_examples, tokenize_batches
 
     if isinstance(source, TokenizedBatches):
         tb = source
@@ -70,15 +74,19 @@ def _batches(source: Any, tokenizer: Any, *, batch_size: int, max_length: int, f
         if tokenizer is None:
             raise BadInputError("unlearn() needs tokenizer=... to tokenize text data")
         try:
-            texts = load_texts(source, field=field_name)
+            examples = load_examples(source, field=field_name)
         except DataError as exc:
             raise DataError(f"{what} set: {exc}") from exc
-        tb = tokenize_batches(texts, tokenizer, batch_size=batch_size, max_length=max_length, padding_side="right")
+        tb = tokenize_batches(examples, tokenizer, batch_size=batch_size, max_length=max_length,
+                              padding_side="right", loss_tokens=loss_tokens)
     if tb.num_tokens == 0:
         raise DataError(f"the {what} set has no tokens after tokenization")
+    if tb.num_label_tokens == 0:
+        raise DataError(f"the {what} set has no scored token positions (every text is a prompt without an "
+                        "answer, or a single token); a loss on it would change nothing")
     if tb.padding_side != "right":
         raise BadInputError("unlearn() needs right-padded batches (padding_side='right')")
-    return list(tb)
+    return list(tb.shuffled(seed))
 
 
 def _parse_targets(target: Any, scope: str, *, model: nn.Module, forget_source: Any, tokenizer: Any,
@@ -101,21 +109,35 @@ def _parse_targets(target: Any, scope: str, *, model: nn.Module, forget_source: 
 
 
 class _ForgetRetainPairs:
-    """The training items of one epoch: forget batch k paired with a retain batch.
+    """The training items of one epoch: every forget batch once, in a seeded order, each paired
+    with a retain batch.
 
-    Retain batches cycle on their own counter across epochs ((epoch * n_forget + k) mod n_retain),
-    so a retain set larger than the forget set is used in full rather than only its first
-    n_forget batches. Deterministic per epoch, so resumed runs see the same pairs."""
+    Retain batches are drawn on their own counter across epochs: item g (counted over all
+    epochs) takes position g mod n_retain of the seeded permutation number g // n_retain, so a
+    retain set larger than the forget set is used in full and every retain batch is used equally
+    often. The orders depend on (seed, epoch) only, so the same seed reproduces a run exactly
+    (and a resumed run sees the same pairs), and another seed gives other orders and pairs."""
 
-    def __init__(self, n_forget: int, n_retain: int) -> None:
-        self.n_forget, self.n_retain = n_forget, n_retain
+    def __init__(self, n_forget: int, n_retain: int, seed: int = 0) -> None:
+        self.n_forget, self.n_retain, self.seed = n_forget, n_retain, seed
 
     def __len__(self) -> int:
         return self.n_forget
 
+    def _perm(self, kind: int, index: int, n: int) -> list[int]:
+        order = list(range(n))
+        random.Random(f"{self.seed}/{kind}/{index}").shuffle(order)  # str seeds hash with sha512: stable
+        return order
+
     def __call__(self, epoch: int) -> list[dict[str, int | None]]:
-        return [{"k": k, "rk": (epoch * self.n_forget + k) % self.n_retain if self.n_retain else None}
-                for k in range(self.n_forget)]
+        out: list[dict[str, int | None]] = []
+        for j, k in enumerate(self._perm(0, epoch, self.n_forget)):
+            rk = None
+            if self.n_retain:
+                g = epoch * self.n_forget + j
+                rk = self._perm(1, g // self.n_retain, self.n_retain)[g % self.n_retain]
+            out.append({"k": k, "rk": rk})
+        return out
 
 
 def _model_dir(model: nn.Module, model_dir: str | os.PathLike | None) -> Path | None:
@@ -272,6 +294,8 @@ def unlearn(
     bf16: bool | str = "auto",
     progress: bool = True,
     field: str | None = None,
+    loss_tokens: str = "answer",
+    callbacks: list[TrainHooks] | None = None,
 ) -> UnlearnResult:
     """Unlearn `forget` from `model` IN PLACE and write a patch that undoes / redoes it.
 
@@ -287,6 +311,13 @@ def unlearn(
       router trains.
     prefix_cache: with all trained weights in layers >= l, run only layers >= l each step and
       cache the states entering l (bounded by prefix_cache_mb; beyond it they are recomputed).
+    loss_tokens: "answer" (default): question/answer records score their answer tokens only (the
+      prompt gets label -100, as open-unlearning does for TOFU and as the evaluation scores QA);
+      plain texts score every token. "all": every token of every text.
+    seed: orders the forget and retain texts into batches, the forget batches per epoch and
+      the forget/retain pairing (the same seed reproduces a run bit-exactly).
+    callbacks: extra `TrainHooks` (e.g. evaluate the model every N steps); they run after the
+      engine's own hooks, so after_step sees the updated weights in the model.
     out_dir: new (or empty) directory for the patch (or, with merge=True, the merged model);
       None writes nothing. The model's own directory is refused.
     The model is left in its original train/eval mode with the unlearned weights in place; on a
@@ -297,6 +328,10 @@ def unlearn(
     if scope not in SCOPES:
         raise BadInputError(f"unknown scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
     hp = objective.hparams(method_kwargs)
+    from moe_unlearn.data import LOSS_TOKENS
+
+    if loss_tokens not in LOSS_TOKENS:
+        raise BadInputError(f"loss_tokens must be one of {', '.join(LOSS_TOKENS)}, got {loss_tokens!r}")
     out_path = Path(out_dir) if out_dir is not None else None
     _check_out_dir(out_path, _model_dir(model, model_dir), merge)
     if objective.requires_retain and retain is None:
@@ -305,9 +340,10 @@ def unlearn(
         raise BadInputError("retain_routing_weight > 0 needs retain data (retain=...)")
 
     forget_batches = _batches(forget, tokenizer, batch_size=batch_size, max_length=max_length, field_name=field,
-                              what="forget")
+                              what="forget", loss_tokens=loss_tokens, seed=seed)
     retain_batches = (_batches(retain, tokenizer, batch_size=batch_size, max_length=max_length,
-                               field_name=field, what="retain") if retain is not None else None)
+                               field_name=field, what="retain", loss_tokens=loss_tokens, seed=seed + 1)
+                      if retain is not None else None)
     layers = find_moe_layers(model)
     targets = _parse_targets(target, scope, model=model, forget_source=forget, tokenizer=tokenizer, top_m=top_m,
                              topm_layer=topm_layer, batch_size=batch_size, max_length=max_length,
@@ -372,7 +408,7 @@ def unlearn(
     steering = (rmu_steering(model.config.hidden_size, hp["steering_coeff"], seed=seed, device=device)
                 if method == "rmu" else None)
 
-    items = _ForgetRetainPairs(len(forget_batches), len(retain_batches) if retain_batches else 0)
+    items = _ForgetRetainPairs(len(forget_batches), len(retain_batches) if retain_batches else 0, seed)
     need_retain_pass = retain_batches is not None and (
         objective.name == "rmu" or objective.requires_retain or hp.get("alpha", 0) or rr_layers)
 
@@ -436,7 +472,7 @@ def unlearn(
                          weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, bf16=bf16,
                          checkpoint_every=checkpoint_every, checkpoint_dir=str(ckpt_dir) if ckpt_dir else None,
                          resume=resume, progress=progress, desc=f"unlearn {method}/{scope}")
-    hooks: list[TrainHooks] = [slices] if slices else []
+    hooks: list[TrainHooks] = ([slices] if slices else []) + list(callbacks or [])
     try:
         history = train(leaves, loss_fn, items, config, hooks=hooks)
     except BaseException as exc:
@@ -460,7 +496,8 @@ def unlearn(
                                 "grad_accum": grad_accum, "max_length": max_length, "lr_schedule": lr_schedule,
                                 "warmup_steps": warmup_steps, "weight_decay": weight_decay,
                                 "max_grad_norm": max_grad_norm, "anchor_weight": anchor_weight,
-                                "retain_routing_weight": retain_routing_weight, "seed": seed},
+                                "retain_routing_weight": retain_routing_weight, "seed": seed,
+                                "loss_tokens": loss_tokens},
             "final_terms": history.final(), "steps_run": len(history.steps),
             "trainable_params": plan.num_trainable()}
     patch_path = merged_path = None

@@ -1,0 +1,436 @@
+"""The frontier harness: methods x variants x learning rates x seeds x step counts on a bench model.
+
+    result = run_frontier(FrontierConfig(model="natural"), out_dir="benchmarks/results")
+
+One comparison at one learning rate says nothing (a scope that forgets less also keeps more),
+so every variant runs over a learning-rate grid, several seeds, and is read at matched
+forgetting: for each method and variant, the best median utility EM among learning rates whose
+median forget EM is at most the guess level (the original model's EM on never-trained holdout
+facts) + 0.05.
+
+What each run sees and what is measured (splits of `moe_unlearn.bench_model.facts`):
+- unlearning gets the forget facts (QA record, answer-only loss, + first statement) and the
+  retain_train facts (same forms) as its retain data; nothing else;
+- utility EM / NLL on the utility split (trained facts no unlearning sees: the main utility
+  number), neighbor EM (close to the forget set, never given to unlearning), holdout EM (never
+  trained: the guess level), forget EM / NLL, expert-selection overlap with the original model
+  on forget and retain_train tokens (and on utility tokens).
+- Step counts: one trajectory per (method, variant, lr, seed) runs to the largest step count
+  with a constant learning rate and is evaluated at every step count on the way; with a constant
+  schedule the weights at step 40 of a 120-step run are those of a 40-step run (tested).
+
+Results: `frontier_<model>.json` (every run; resumable: runs already there are skipped),
+`frontier_<model>.md` (the matched-forgetting summary), `frontier_<model>.png` (median forget EM vs
+median utility EM per variant, one curve over learning rates, seed spread as bars).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_unlearn.atomic import write_json, write_text
+from moe_unlearn.errors import BadInputError, DataError, TrainingDiverged
+from moe_unlearn.training import TrainHooks
+
+MATCH_MARGIN = 0.05  # "forgotten" = median forget EM <= guess level + this
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run a method: a scope, how the target is chosen, and extra `unlearn` options.
+
+    targets: "seuf" = the single highest-affinity routed expert (UOE), None = no target."""
+
+    name: str
+    scope: str
+    targets: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    doc: str = ""
+
+
+VARIANTS: dict[str, Variant] = {}
+
+
+def register_variant(variant: Variant) -> Variant:
+    """Make a variant available to the harness and the CLI by name (later methods add theirs)."""
+    VARIANTS[variant.name] = variant
+    return variant
+
+
+register_variant(Variant("full", "full", doc="every parameter trains (the usual baseline)"))
+register_variant(Variant("uoe", "uoe", "seuf", doc="UOE/SEUF: the top-affinity expert and its router, router anchor"))
+register_variant(Variant("uoe+kpb", "uoe", "seuf", {"retain_routing_weight": 1.0},
+                         doc="uoe plus knowledge-preserving balancing: KL(original || current routing) on retain "
+                             "tokens at the trained router, weight 1.0 (= the anchor's weight)"))
+
+# Learning-rate grids, fixed before any run and never chosen on the evaluation splits: the same
+# five-point half-decade grid for every method, shifted by one point for the one-expert scopes,
+# which train ~40x fewer parameters and need larger steps to move at all.
+FULL_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+EXPERT_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+
+
+def default_lrs(variant: str) -> tuple[float, ...]:
+    return FULL_LRS if VARIANTS[variant].scope == "full" else EXPERT_LRS
+
+
+@dataclass
+class FrontierConfig:
+    """What the harness runs. lrs: {variant: grid}; a variant without an entry uses default_lrs."""
+
+    model: str = "natural"
+    methods: tuple[str, ...] = ("npo", "graddiff", "ga", "rmu")
+    variants: tuple[str, ...] = ("full", "uoe", "uoe+kpb")
+    lrs: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    steps: tuple[int, ...] = (40, 120)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    batch_size: int = 16
+    max_length: int = 64
+    eval_batch_size: int = 64
+    quick: bool = False  # the tiny test bench model instead of the real one
+
+    def grid(self, variant: str) -> tuple[float, ...]:
+        return tuple(self.lrs.get(variant, default_lrs(variant)))
+
+    def validate(self) -> None:
+        from moe_unlearn.bench_model import BENCH_MODELS
+        from moe_unlearn.unlearning.objectives import OBJECTIVES
+
+        if self.model not in BENCH_MODELS:
+            raise BadInputError(f"unknown bench model {self.model!r}; choose one of {', '.join(BENCH_MODELS)}")
+        bad = [m for m in self.methods if m not in OBJECTIVES]
+        if bad or not self.methods:
+            raise BadInputError(f"unknown method(s) {bad}; known: {', '.join(OBJECTIVES)}")
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants:
+            raise BadInputError(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
+        if not self.steps or any(not isinstance(s, int) or s < 1 for s in self.steps):
+            raise BadInputError(f"steps must be positive integers, got {list(self.steps)}")
+        if not self.seeds:
+            raise BadInputError("give at least one seed")
+        for v in self.variants:
+            g = self.grid(v)
+            if not g or any(not (isinstance(x, (int, float)) and 0 < x < 1) for x in g):
+                raise BadInputError(f"learning rates of {v} must be numbers in (0, 1), got {list(g)}")
+
+
+def run_key(run: dict[str, Any]) -> tuple:
+    return (run["method"], run["variant"], float(run["lr"]), int(run["seed"]), int(run["steps"]))
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+class _Evaluator:
+    """Scores the model on every split the frontier reports, against the original routing."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, facts: Any, batch_size: int) -> None:
+        from moe_unlearn.bench_model import qa_records
+        from moe_unlearn.eval import record_routing
+
+        self.model, self.tok, self.batch_size = model, tokenizer, batch_size
+        self.data = {name: qa_records(facts.splits[name])
+                     for name in ("forget", "utility", "neighbor", "holdout", "retain_train")}
+        self.routing = {name: record_routing(model, tokenizer, self.data[name], batch_size=batch_size)
+                        for name in ("forget", "retain_train", "utility")}
+
+    def __call__(self) -> dict[str, float]:
+        from moe_unlearn.eval import evaluate
+
+        rep = evaluate(self.model, self.tok, forget=self.data["forget"], holdout=self.data["holdout"],
+                       extra_splits={k: self.data[k] for k in ("utility", "neighbor", "retain_train")},
+                       original_routing=self.routing, batch_size=self.batch_size, generate=False, progress=False)
+        s, r = rep.splits, rep.routing
+        return {"forget_em": s["forget"].exact_match, "utility_em": s["utility"].exact_match,
+                "neighbor_em": s["neighbor"].exact_match, "holdout_em": s["holdout"].exact_match,
+                "retain_train_em": s["retain_train"].exact_match, "forget_nll": s["forget"].nll,
+                "utility_nll": s["utility"].nll, "overlap_forget": r["forget"].overlap_mean,
+                "overlap_retain": r["retain_train"].overlap_mean, "overlap_utility": r["utility"].overlap_mean,
+                "overlap_retain_per_layer": [round(x, 4) for x in r["retain_train"].overlap],
+                "mia_auc_loss": rep.mia.auc["loss"] if rep.mia is not None else None}
+
+
+class _EvalAt(TrainHooks):
+    """Evaluates the model after the given optimizer steps (training time counted without it)."""
+
+    def __init__(self, steps: Sequence[int], evaluate: Callable[[], dict[str, float]]) -> None:
+        self.steps, self.evaluate = set(steps), evaluate
+        self.results: dict[int, dict[str, float]] = {}
+        self.t0 = time.perf_counter()
+        self.eval_time = 0.0
+
+    def after_step(self, step: int) -> None:
+        if step in self.steps:
+            t = time.perf_counter()
+            self.results[step] = {**self.evaluate(), "seconds": round(t - self.t0 - self.eval_time, 2)}
+            self.eval_time += time.perf_counter() - t
+
+
+# -- specialisation ---------------------------------------------------------------------------
+
+def specialisation(attribution: Any) -> dict[str, Any]:
+    """Does the forget domain sit in one expert? The SEUF target's coverage and selectivity, and
+    per layer the top-affinity expert's coverage (forget selection frequency) and selectivity."""
+    p = attribution.premise(warn=False)
+    sel = attribution.selectivity
+    per_layer = []
+    for r, layer in enumerate(attribution.layers):
+        e = int(torch.argmax(attribution.affinity[r]))
+        per_layer.append({"layer": layer, "expert": e, "affinity": round(float(attribution.affinity[r, e]), 4),
+                          "coverage": round(float(attribution.frequency[r, e]), 4),
+                          "selectivity": round(float(sel[r, e]), 3) if sel is not None else None})
+    return {"target": list(p.targets[0]), "coverage": round(p.coverage, 4),
+            "selectivity": round(p.selectivity[0], 3) if p.selectivity else None, "premise_holds": p.holds,
+            "per_layer": per_layer}
+
+
+# -- the harness --------------------------------------------------------------------------------
+
+@dataclass
+class FrontierResult:
+    path: Path
+    data: dict[str, Any]
+    summary: str
+
+
+def results_path(out_dir: str | Path, model: str, quick: bool = False) -> Path:
+    return Path(out_dir) / f"frontier_{model}{'_quick' if quick else ''}.json"
+
+
+def _load_existing(path: Path, model: str) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} exists but is not a readable frontier result ({exc}); move it away") from exc
+    if not isinstance(data, dict) or data.get("model") != model or not isinstance(data.get("runs"), list):
+        raise DataError(f"{path} is not a frontier result of model {model!r}; move it away or choose --out")
+    return data
+
+
+def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/results", *,
+                 cache_dir: str | Path | None = None, progress: bool = False,
+                 log: Callable[[str], None] = print) -> FrontierResult:
+    """Run every missing (method, variant, lr, seed) trajectory, evaluating at each step count;
+    the JSON is rewritten (atomically) after every trajectory, so an interrupted run resumes."""
+    from moe_unlearn.attribution import attribute_experts
+    from moe_unlearn.bench_model import bench_config, load_or_build, unlearning_records
+    from moe_unlearn.unlearning import unlearn
+
+    config.validate()
+    path = results_path(out_dir, config.model, config.quick)
+    data = _load_existing(path, config.model)
+    bench = load_or_build(bench_config(config.model, quick=config.quick), cache_root=cache_dir, progress=progress)
+    model, tok, facts = bench.model, bench.tokenizer, bench.facts
+    forget, retain = unlearning_records(facts.forget), unlearning_records(facts.retain_train)
+    t0 = time.perf_counter()
+    evaluator = _Evaluator(model, tok, facts, config.eval_batch_size)
+    attr = attribute_experts(model, forget, tokenizer=tok, retain=retain, batch_size=config.eval_batch_size,
+                             progress=False)
+    target = attr.target()
+    if data is None:
+        original = evaluator()
+        data = {"model": config.model, "quick": config.quick, "device": device_name(),
+                "bench_model": {"path_name": bench.path.name, "config": bench.meta["config"],
+                                "num_parameters": bench.meta["num_parameters"],
+                                "exact_match": bench.meta["exact_match"]},
+                "guess_level": original["holdout_em"], "original": original,
+                "specialisation": specialisation(attr), "target": list(target),
+                "split_sizes": {k: len(v) for k, v in facts.splits.items()},
+                "protocol": {"batch_size": config.batch_size, "max_length": config.max_length,
+                             "lr_schedule": "constant", "loss_tokens": "answer", "match_margin": MATCH_MARGIN,
+                             "unlearning_data": "forget: QA (answer-only) + first statement per fact; retain: "
+                                                "retain_train facts in the same forms"},
+                "runs": []}
+        log(f"original: forget EM {original['forget_em']:.3f}, utility EM {original['utility_em']:.3f}, guess level "
+            f"{original['holdout_em']:.3f}; target {target}, coverage {data['specialisation']['coverage']:.2f}, selectivity "
+            f"{data['specialisation']['selectivity']}")
+    done = {run_key(r) for r in data["runs"]}
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # seed-major order: an interrupted run leaves whole grids for the first seeds, not whole methods
+    todo = [(m, v, lr, s) for s in config.seeds for m in config.methods for v in config.variants
+            for lr in config.grid(v) if any((m, v, float(lr), int(s), int(n)) not in done for n in config.steps)]
+    log(f"frontier {config.model}: {len(todo)} trajectories to run ({len(data['runs'])} runs already in {path})")
+    for i, (method, vname, lr, seed) in enumerate(todo, 1):
+        variant = VARIANTS[vname]
+        hook = _EvalAt(config.steps, evaluator)
+        diverged = None
+        try:
+            res = unlearn(model, forget, retain, tokenizer=tok, method=method, scope=variant.scope,
+                          target=[target] if variant.targets == "seuf" else None, steps=max(config.steps), lr=lr,
+                          batch_size=config.batch_size, max_length=config.max_length, seed=seed,
+                          progress=progress, callbacks=[hook], **variant.options)
+            params, targets = res.trainable_params, res.targets
+        except TrainingDiverged as exc:  # a NaN/inf loss: the steps evaluated before it still count
+            diverged, params, targets = str(exc), None, None
+        model.load_state_dict(snapshot)  # every run starts from the original weights
+        for n in config.steps:
+            if (method, vname, float(lr), int(seed), int(n)) in done:
+                continue
+            metrics = hook.results.get(n) or {"diverged": diverged}
+            data["runs"].append({"method": method, "variant": vname, "scope": variant.scope, "lr": float(lr),
+                                 "steps": int(n), "seed": int(seed), **metrics, "trainable_params": params,
+                                 "targets": targets})
+        write_json(path, data)
+        last = hook.results.get(max(config.steps))
+        log(f"[{i}/{len(todo)}] {method}/{vname} lr {lr:g} seed {seed}: "
+            + (f"forget EM {last['forget_em']:.3f} utility EM {last['utility_em']:.3f} ({last['seconds']:.1f} s)"
+               if last else f"diverged ({diverged})"))
+    summary = summarize(data)
+    write_text(path.with_suffix(".md"), summary)
+    plot_frontier(data, path.with_suffix(".png"))
+    log(f"frontier {config.model}: {len(data['runs'])} runs in {path} ({time.perf_counter() - t0:.0f} s)")
+    return FrontierResult(path=path, data=data, summary=summary)
+
+
+# -- reading the results ---------------------------------------------------------------------------
+
+def _median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def curves(data: dict[str, Any]) -> dict[tuple[str, str, int], list[dict[str, Any]]]:
+    """{(method, variant, steps): [per lr: medians and seed ranges of forget/utility/neighbor EM]}."""
+    groups: dict[tuple[str, str, int, float], list[dict[str, Any]]] = {}
+    for r in data["runs"]:
+        if r.get("diverged"):  # no weights to evaluate: reported in the summary's divergence count
+            continue
+        groups.setdefault((r["method"], r["variant"], r["steps"], r["lr"]), []).append(r)
+    out: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for (m, v, n, lr), rs in sorted(groups.items()):
+        point = {"lr": lr, "seeds": len(rs)}
+        for key in ("forget_em", "utility_em", "neighbor_em", "overlap_retain"):
+            vals = [r[key] for r in rs]
+            point[key] = _median(vals)
+            point[key + "_range"] = (min(vals), max(vals))
+        out.setdefault((m, v, n), []).append(point)
+    return out
+
+
+def matched(data: dict[str, Any], margin: float = MATCH_MARGIN) -> dict[tuple[str, str, int], dict | None]:
+    """Per (method, variant, steps): the lr point with the best median utility EM among those whose
+    median forget EM <= guess level + margin (None when no learning rate forgets that much)."""
+    level = data["guess_level"] + margin
+    best: dict[tuple[str, str, int], dict | None] = {}
+    for key, points in curves(data).items():
+        ok = [p for p in points if p["forget_em"] <= level + 1e-12]
+        best[key] = max(ok, key=lambda p: (p["utility_em"], -p["lr"])) if ok else None
+    return best
+
+
+def summarize(data: dict[str, Any]) -> str:
+    """The markdown summary: matched-forgetting utility per method and variant, per step count."""
+    level = data["guess_level"]
+    orig = data["original"]
+    spec = data.get("specialisation", {})
+    lines = [f"# Frontier: bench model `{data['model']}`", "",
+             f"Device: {data['device']}. Original model: forget EM {orig['forget_em']:.3f}, utility EM "
+             f"{orig['utility_em']:.3f}, neighbor EM {orig['neighbor_em']:.3f}; guess level (holdout EM) "
+             f"{level:.3f}.", ""]
+    if spec:
+        lines += [f"SEUF target: layer {spec['target'][0]} expert {spec['target'][1]}, coverage {spec['coverage']:.2f} "
+                  f"of forget tokens, selectivity {spec['selectivity']} (forget / retain selection frequency); "
+                  f"UOE premise {'holds' if spec['premise_holds'] else 'does NOT hold'} (coverage >= 0.5 and "
+                  "selectivity >= 2).", "",
+                  "| layer | top expert | affinity | coverage | selectivity |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {p['layer']} | {p['expert']} | {p['affinity']:.3f} | {p['coverage']:.3f} | {p['selectivity']} |"
+                  for p in spec["per_layer"]]
+        lines.append("")
+    lines += [f"Matched forgetting: per method and variant, the learning rate with the best median utility EM "
+              f"among those whose median forget EM <= {level:.3f} + {MATCH_MARGIN} = {level + MATCH_MARGIN:.3f} "
+              "(medians over seeds; [min, max] over seeds). `-` = no learning rate of the grid forgets that much.",
+              ""]
+    best = matched(data)
+    div = [r for r in data["runs"] if r.get("diverged")]
+    if div:
+        lines += [f"{len(div)} runs diverged (NaN/inf loss; not in the medians): "
+                  + ", ".join(sorted({f"{r['method']}/{r['variant']}@{r['lr']:g}" for r in div})), ""]
+    for n in sorted({k[2] for k in best}):
+        lines += [f"## {n} steps", "", "| method | variant | lr | forget EM | utility EM [seed range] | neighbor EM | "
+                  "retain overlap | seeds |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for (m, v, steps), p in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            if steps != n:
+                continue
+            if p is None:
+                lines.append(f"| {m} | {v} | - | - | - | - | - | - |")
+                continue
+            lo, hi = p["utility_em_range"]
+            lines.append(f"| {m} | {v} | {p['lr']:g} | {p['forget_em']:.3f} | {p['utility_em']:.3f} [{lo:.3f}, "
+                         f"{hi:.3f}] | {p['neighbor_em']:.3f} | {p['overlap_retain']:.3f} | {p['seeds']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_frontier(data: dict[str, Any], path: Path) -> None:
+    """Median forget EM vs median utility EM, one curve per variant over learning rates, one panel per
+    (method, steps); seed ranges as error bars; the guess level as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moe_unlearn.atomic import atomic_path
+
+    cs = curves(data)
+    methods = sorted({k[0] for k in cs})
+    steps = sorted({k[2] for k in cs})
+    variants = sorted({k[1] for k in cs})
+    fig, axes = plt.subplots(len(steps), len(methods), figsize=(4 * len(methods), 3.6 * len(steps)), dpi=100,
+                             squeeze=False)
+    try:
+        for i, n in enumerate(steps):
+            for j, m in enumerate(methods):
+                ax = axes[i][j]
+                for k, v in enumerate(variants):
+                    pts = sorted(cs.get((m, v, n), []), key=lambda p: p["lr"])
+                    if not pts:
+                        continue
+                    x = [p["forget_em"] for p in pts]
+                    y = [p["utility_em"] for p in pts]
+                    xerr = [[p["forget_em"] - p["forget_em_range"][0] for p in pts],
+                            [p["forget_em_range"][1] - p["forget_em"] for p in pts]]
+                    yerr = [[p["utility_em"] - p["utility_em_range"][0] for p in pts],
+                            [p["utility_em_range"][1] - p["utility_em"] for p in pts]]
+                    ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", ms=3, capsize=2, color=f"C{k}", label=v)
+                ax.axvline(data["guess_level"] + MATCH_MARGIN, ls="--", color="grey", lw=1)
+                ax.scatter([data["original"]["forget_em"]], [data["original"]["utility_em"]], marker="*", color="k",
+                           s=60, zorder=5)
+                ax.set_xlim(-0.03, 1.03)
+                ax.set_ylim(-0.03, 1.03)
+                ax.set_title(f"{m}, {n} steps", fontsize=9)
+                ax.set_xlabel("forget EM (median)")
+                ax.set_ylabel("utility EM (median)")
+                ax.grid(alpha=0.3)
+                if i == 0 and j == 0:
+                    ax.legend(fontsize=7)
+        fig.suptitle(f"{data['model']}: forgetting vs utility over learning rates (dashed: guess level + "
+                     f"{MATCH_MARGIN}; star: original)", fontsize=10)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def device_name() -> str:
+    """The device results were measured on (GPU name, or the CPU and its core count)."""
+    import os
+    import platform
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads " \
+           f"{torch.get_num_threads()})"
+
+
+__all__ = ["EXPERT_LRS", "FULL_LRS", "MATCH_MARGIN", "VARIANTS", "FrontierConfig", "FrontierResult", "Variant",
+           "curves", "default_lrs", "device_name", "matched", "plot_frontier", "register_variant", "results_path", "run_frontier",
+           "specialisation", "summarize"]
