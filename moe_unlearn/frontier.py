@@ -47,7 +47,8 @@ MATCH_MARGIN = 0.05  # "forgotten" = median forget EM <= guess level + this
 class Variant:
     """One way to run a method: a scope, how the target is chosen, and extra `unlearn` options.
 
-    targets: "seuf" = the single highest-affinity routed expert (UOE), None = no target."""
+    targets: "seuf" = the single highest-affinity routed expert (UOE); "coverage" = the experts
+    `select_targets` picks until they cover COVERAGE of the forget tokens; None = no target."""
 
     name: str
     scope: str
@@ -70,6 +71,20 @@ register_variant(Variant("uoe", "uoe", "seuf", doc="UOE/SEUF: the top-affinity e
 register_variant(Variant("uoe+kpb", "uoe", "seuf", {"retain_routing_weight": 1.0},
                          doc="uoe plus knowledge-preserving balancing: KL(original || current routing) on retain "
                              "tokens at the trained router, weight 1.0 (= the anchor's weight)"))
+
+# MoE-aware variants (see moe_unlearn.unlearning.projection and .trace)
+GRIP = {"router_projection": "grip"}
+NULL = {"expert_projection": "retain_null"}
+COVERAGE = 0.8
+register_variant(Variant("uoe+grip", "uoe", "seuf", GRIP, doc="uoe, router change projected off the retain inputs"))
+register_variant(Variant("uoe+null", "uoe", "seuf", NULL, doc="uoe, expert change projected off the retain span"))
+register_variant(Variant("uoe+grip+null", "uoe", "seuf", {**GRIP, **NULL}, doc="uoe with both projections"))
+register_variant(Variant("uoe+trace", "uoe", "seuf", {"retain_weighting": "trace"},
+                         doc="uoe, retain loss reweighted toward the target's forget frequency (TRACE)"))
+register_variant(Variant("cov", "topm", "coverage", doc=f"the experts covering {COVERAGE:.0%} of forget tokens"))
+register_variant(Variant("cov+grip+null", "topm", "coverage", {**GRIP, **NULL},
+                         doc="coverage targets with both projections"))
+register_variant(Variant("full+grip", "full", None, GRIP, doc="full model, every router's change projected"))
 
 # Learning-rate grids, fixed before any run and never chosen on the evaluation splits: the same
 # five-point half-decade grid for every method, shifted by one point for the one-expert scopes,
@@ -221,7 +236,7 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
                  log: Callable[[str], None] = print) -> FrontierResult:
     """Run every missing (method, variant, lr, seed) trajectory, evaluating at each step count;
     the JSON is rewritten (atomically) after every trajectory, so an interrupted run resumes."""
-    from moe_unlearn.attribution import attribute_experts
+    from moe_unlearn.attribution import attribute_experts, select_targets
     from moe_unlearn.bench_model import bench_config, load_or_build, unlearning_records
     from moe_unlearn.unlearning import unlearn
 
@@ -236,6 +251,7 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
     attr = attribute_experts(model, forget, tokenizer=tok, retain=retain, batch_size=config.eval_batch_size,
                              progress=False)
     target = attr.target()
+    cover = select_targets(attr, coverage=COVERAGE, warn=False)
     if data is None:
         original = evaluator()
         data = {"model": config.model, "quick": config.quick, "device": device_name(),
@@ -244,6 +260,8 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
                                 "exact_match": bench.meta["exact_match"]},
                 "guess_level": original["holdout_em"], "original": original,
                 "specialisation": specialisation(attr), "target": list(target),
+                "coverage_targets": {"coverage": COVERAGE, "targets": [list(t) for t in cover],
+                                     "reached": round(attr.coverage(cover), 4)},
                 "split_sizes": {k: len(v) for k, v in facts.splits.items()},
                 "protocol": {"batch_size": config.batch_size, "max_length": config.max_length,
                              "lr_schedule": "constant", "loss_tokens": "answer", "match_margin": MATCH_MARGIN,
@@ -265,7 +283,8 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
         diverged = None
         try:
             res = unlearn(model, forget, retain, tokenizer=tok, method=method, scope=variant.scope,
-                          target=[target] if variant.targets == "seuf" else None, steps=max(config.steps), lr=lr,
+                          target={"seuf": [target], "coverage": cover}.get(variant.targets),
+                          steps=max(config.steps), lr=lr,
                           batch_size=config.batch_size, max_length=config.max_length, seed=seed,
                           progress=progress, callbacks=[hook], **variant.options)
             params, targets = res.trainable_params, res.targets
@@ -278,7 +297,8 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
             metrics = hook.results.get(n) or {"diverged": diverged}
             data["runs"].append({"method": method, "variant": vname, "scope": variant.scope, "lr": float(lr),
                                  "steps": int(n), "seed": int(seed), **metrics, "trainable_params": params,
-                                 "targets": targets})
+                                 "targets": targets, **({"details": res.details} if not diverged and res.details
+                                                        else {})})
         write_json(path, data)
         last = hook.results.get(max(config.steps))
         log(f"[{i}/{len(todo)}] {method}/{vname} lr {lr:g} seed {seed}: "

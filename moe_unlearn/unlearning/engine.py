@@ -56,6 +56,7 @@ class UnlearnResult:
     wall_time: float
     final_terms: dict[str, float] = field(default_factory=dict)
     prefix_cache_start: int | None = None  # first layer run per step (None = whole model)
+    details: dict[str, Any] = field(default_factory=dict)  # projection ranks / energies, TRACE weights
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -296,6 +297,10 @@ def unlearn(
     field: str | None = None,
     loss_tokens: str = "answer",
     callbacks: list[TrainHooks] | None = None,
+    router_projection: str | None = None,
+    expert_projection: str | None = None,
+    projection_energy: float = 0.99,
+    retain_weighting: str | None = None,
 ) -> UnlearnResult:
     """Unlearn `forget` from `model` IN PLACE and write a patch that undoes / redoes it.
 
@@ -318,6 +323,14 @@ def unlearn(
       the forget/retain pairing (the same seed reproduces a run bit-exactly).
     callbacks: extra `TrainHooks` (e.g. evaluate the model every N steps); they run after the
       engine's own hooks, so after_step sees the updated weights in the model.
+    router_projection="grip": after every step the trained routers' change is projected off the
+      span of their retain inputs (energy `projection_energy`), so retain routing stays put.
+    expert_projection="retain_null" (uoe / topm): the trained experts' changes are projected off
+      the span of the retain inputs routed to them (gate/up) and of those tokens' intermediate
+      activations (down), so retain tokens routed through a target keep its output
+      (see moe_unlearn.unlearning.projection).
+    retain_weighting="trace": the retain loss weights each token by how much its experts are
+      forget-critical (see moe_unlearn.unlearning.trace). All three need retain data.
     out_dir: new (or empty) directory for the patch (or, with merge=True, the merged model);
       None writes nothing. The model's own directory is refused.
     The model is left in its original train/eval mode with the unlearned weights in place; on a
@@ -338,6 +351,21 @@ def unlearn(
         raise BadInputError(f"method {method!r} needs retain data (retain=...)")
     if retain_routing_weight and retain is None:
         raise BadInputError("retain_routing_weight > 0 needs retain data (retain=...)")
+    from moe_unlearn.unlearning.projection import EXPERT_PROJECTIONS, ROUTER_PROJECTIONS
+    from moe_unlearn.unlearning.trace import RETAIN_WEIGHTINGS
+
+    for name, value, valid in (("router_projection", router_projection, ROUTER_PROJECTIONS),
+                               ("expert_projection", expert_projection, EXPERT_PROJECTIONS),
+                               ("retain_weighting", retain_weighting, RETAIN_WEIGHTINGS)):
+        if value not in valid:
+            raise BadInputError(f"{name} must be one of {[v for v in valid if v]} or None, got {value!r}")
+        if value is not None and retain is None:
+            raise BadInputError(f"{name}={value!r} needs retain data (retain=...)")
+    if expert_projection is not None and scope not in ("uoe", "topm"):
+        raise BadInputError(f"expert_projection={expert_projection!r} projects trained expert slices: use scope "
+                            f"uoe or topm (got {scope!r})")
+    if not (isinstance(projection_energy, (int, float)) and 0.0 < projection_energy <= 1.0):
+        raise BadInputError(f"projection_energy must be in (0, 1], got {projection_energy!r}")
 
     forget_batches = _batches(forget, tokenizer, batch_size=batch_size, max_length=max_length, field_name=field,
                               what="forget", loss_tokens=loss_tokens, seed=seed)
@@ -350,6 +378,8 @@ def unlearn(
                              progress=progress)
     plan = resolve_scope(model, layers, scope, targets, allow_shared=allow_shared)
     by_idx: dict[int, MoELayer] = {layer.layer_idx: layer for layer in layers}
+    if router_projection is not None and not plan.router_layers:
+        raise BadInputError(f"router_projection={router_projection!r}: scope {scope!r} trains no router")
     device = next(model.parameters()).device
 
     # which layers the step must run, and which hidden state RMU reads
@@ -405,6 +435,20 @@ def unlearn(
                 if rr_layers:
                     ref["r_scores"][k] = {i: by_idx[i].scores_from_logits(cap.records[-1].layers[i].logits)
                                           for i in rr_layers}
+    details: dict[str, Any] = {}
+    trace_w = None
+    if retain_weighting == "trace":
+        from moe_unlearn.unlearning.trace import trace_weights
+
+        critical = None
+        if targets:
+            critical = {}
+            for t in targets:
+                if not t.shared:
+                    critical.setdefault(t.layer, []).append(int(t.expert))
+        trace_layers = [by_idx[i] for i in sorted(critical)] if critical is not None else layers
+        trace_w, details["trace"] = trace_weights(model, forget_batches, retain_batches, trace_layers, critical,
+                                                  device)
     steering = (rmu_steering(model.config.hidden_size, hp["steering_coeff"], seed=seed, device=device)
                 if method == "rmu" else None)
 
@@ -423,6 +467,8 @@ def unlearn(
         rb = None
         if need_retain_pass:
             rb = _to(retain_batches[rk], device)
+            if trace_w is not None:
+                inp.retain_weight = trace_w[rk].to(device)
             if retain_ref_kind == "logits":
                 with torch.no_grad(), _original_weights(model, entries, originals):
                     inp.retain_ref_logits = runner(("r", rk), rb)[0]
@@ -461,6 +507,16 @@ def unlearn(
         p.requires_grad_(True)
     slices = SliceParams(plan.slices) if plan.slices else None
     leaves = [p for _, p in plan.whole] + (slices.shadows if slices else [])
+    projector = None
+    if router_projection is not None or expert_projection is not None:
+        from moe_unlearn.unlearning.projection import build_projector
+
+        projector = build_projector(
+            model, retain_batches, energy=projection_energy, device=device, slices=slices,
+            router_layers=[by_idx[i] for i in plan.router_layers] if router_projection else [],
+            experts=[(by_idx[t.layer], int(t.expert)) for t in targets if not t.shared] if expert_projection
+            else [])
+        details["projections"] = projector.report()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else (
         out_path.with_name(out_path.name + ".ckpt") if out_path is not None and (checkpoint_every or resume)
         else None)
@@ -472,7 +528,8 @@ def unlearn(
                          weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, bf16=bf16,
                          checkpoint_every=checkpoint_every, checkpoint_dir=str(ckpt_dir) if ckpt_dir else None,
                          resume=resume, progress=progress, desc=f"unlearn {method}/{scope}")
-    hooks: list[TrainHooks] = ([slices] if slices else []) + list(callbacks or [])
+    # order: shadows written into the model, then projected there (and read back), then the caller's hooks
+    hooks: list[TrainHooks] = ([slices] if slices else []) + ([projector] if projector else []) + list(callbacks or [])
     try:
         history = train(leaves, loss_fn, items, config, hooks=hooks)
     except BaseException as exc:
@@ -497,7 +554,10 @@ def unlearn(
                                 "warmup_steps": warmup_steps, "weight_decay": weight_decay,
                                 "max_grad_norm": max_grad_norm, "anchor_weight": anchor_weight,
                                 "retain_routing_weight": retain_routing_weight, "seed": seed,
-                                "loss_tokens": loss_tokens},
+                                "loss_tokens": loss_tokens, "router_projection": router_projection,
+                                "expert_projection": expert_projection, "projection_energy": projection_energy,
+                                "retain_weighting": retain_weighting},
+            **details,
             "final_terms": history.final(), "steps_run": len(history.steps),
             "trainable_params": plan.num_trainable()}
     patch_path = merged_path = None
@@ -512,7 +572,7 @@ def unlearn(
                          trainable_params=plan.num_trainable(),
                          optimizer_state_bytes=history.optimizer_state_bytes,
                          wall_time=time.perf_counter() - t0, final_terms=history.final(),
-                         prefix_cache_start=runner.start)
+                         prefix_cache_start=runner.start, details=details)
 
 
 def _save_merged(model: nn.Module, out_dir: Path) -> Path:

@@ -1,6 +1,7 @@
 """Unlearning objectives: each method is one small loss function, registered by name.
 
-Formulas: SPEC section 3 (as in the open-unlearning framework). Every function here works
+Formulas as in the open-unlearning framework (NPO beta 0.1; SimNPO beta 4.5, delta 0, gamma 0.125;
+RMU: MSE to a scaled random direction on forget, to the original hidden state on retain). Every function here works
 on plain tensors (logits, labels, hidden states, cached reference values) so it can be
 checked by hand; the engine does the forward passes. The language-model terms are always
 computed from logits and labels, never from `outputs.loss`: with output_router_logits=True
@@ -45,24 +46,36 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return nll.sum(1), valid.sum(1)
 
 
-def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy over every scored token of the batch (what HF's CE loss is)."""
+def _position_weights(valid: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Per next-token position weights [B, S-1]: 1 (or weight[b, t] of the predicting token t) where scored."""
+    w = valid.float()
+    return w if weight is None else w * weight[:, :-1].to(w)
+
+
+def mean_nll(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean token cross-entropy over every scored token of the batch (what HF's CE loss is); with
+    weight [B, S], a weighted mean (position t's loss weighted by weight[:, t], the predicting token)."""
     nll, valid = token_nll(logits, labels)
-    return nll.sum() / valid.sum().clamp_min(1)
+    w = _position_weights(valid, weight)
+    return (nll * w).sum() / w.sum().clamp_min(1e-12 if weight is not None else 1)
 
 
-def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """KL(pi_ref || pi_theta) per next-token position, mean over scored positions."""
+def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+                    weight: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(pi_ref || pi_theta) per next-token position, mean (weighted as in mean_nll) over scored positions."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     ref_logp = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-    valid = labels[:, 1:] != IGNORE
-    return (kl * valid).sum() / valid.sum().clamp_min(1)
+    w = _position_weights(labels[:, 1:] != IGNORE, weight)
+    return (kl * w).sum() / w.sum().clamp_min(1e-12 if weight is not None else 1)
 
 
-def masked_mse(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens and hidden dims of (hidden - target)^2; hidden [B, S, H], mask [B, S]."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
+def masked_mse(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over real tokens and hidden dims of (hidden - target)^2; hidden [B, S, H], mask [B, S];
+    with weight [B, S] a token-weighted mean."""
+    m = mask.to(hidden.dtype) if weight is None else mask.to(hidden.dtype) * weight.to(hidden.dtype)
+    m = m.unsqueeze(-1)
     sq = (hidden.float() - target.float()) ** 2 * m
     return sq.sum() / (m.sum().clamp_min(1) * hidden.shape[-1])
 
@@ -92,6 +105,7 @@ class ObjectiveInputs:
     retain_hidden: torch.Tensor | None = None
     retain_ref_hidden: torch.Tensor | None = None
     steering: torch.Tensor | None = None
+    retain_weight: torch.Tensor | None = None  # [B, S] token weights of the retain loss (TRACE), None = 1
 
     @property
     def has_retain(self) -> bool:
@@ -104,9 +118,9 @@ def _retain_term(inp: ObjectiveInputs, hp: Mapping[str, Any], out: dict[str, tor
         return torch.zeros((), device=inp.forget_labels.device)
     kind = hp.get("retain_loss", "nll")
     if kind == "nll":
-        term = mean_nll(inp.retain_logits, inp.retain_labels)
+        term = mean_nll(inp.retain_logits, inp.retain_labels, inp.retain_weight)
     elif kind == "kl":
-        term = kl_to_reference(inp.retain_logits, inp.retain_ref_logits, inp.retain_labels)
+        term = kl_to_reference(inp.retain_logits, inp.retain_ref_logits, inp.retain_labels, inp.retain_weight)
     else:
         raise BadInputError(f"retain_loss must be 'nll' or 'kl', got {kind!r}")
     out[f"retain_{kind}"] = term.detach()
@@ -160,7 +174,7 @@ def rmu_loss(inp: ObjectiveInputs, hp: Mapping[str, Any]) -> dict[str, torch.Ten
     out = {"rmu_forget": lf.detach()}
     loss = lf
     if inp.has_retain:
-        lr = masked_mse(inp.retain_hidden, inp.retain_ref_hidden, inp.retain_mask)
+        lr = masked_mse(inp.retain_hidden, inp.retain_ref_hidden, inp.retain_mask, inp.retain_weight)
         out["rmu_retain"] = lr.detach()
         loss = loss + hp["alpha"] * lr
     out["loss"] = loss

@@ -141,6 +141,12 @@ class SliceParams(TrainHooks):
         for s, shadow in zip(self.slices, self.shadows, strict=True):
             s.view().copy_(shadow)
 
+    @torch.no_grad()
+    def read_back(self) -> None:
+        """Copy the slices into the shadows (after a hook changed the model's slices in place)."""
+        for s, shadow in zip(self.slices, self.shadows, strict=True):
+            shadow.copy_(s.view())
+
     def after_step(self, step: int) -> None:
         self.write_back()
 
