@@ -112,7 +112,7 @@ class Projector(TrainHooks):
     @torch.no_grad()
     def project(self) -> None:
         for (_, params, sub), origs in zip(self.routers, self._router_orig, strict=True):
-            for (name, p), orig in zip(params, origs, strict=True):
+            for (_, p), orig in zip(params, origs, strict=True):
                 if p.dim() == 2:
                     _project_rows(p.data, orig, sub.basis)
                 else:  # a router bias: kept at its original value
@@ -165,7 +165,7 @@ def build_projector(model: nn.Module, retain_batches: list[dict[str, torch.Tenso
             model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
                   use_cache=False)
             rec = cap.last
-            for idx, layer in layers.items():
+            for idx in layers:
                 r = rec.layers[idx]
                 mask = rec.mask.to(r.hidden.device)
                 x = r.hidden[mask].float()
