@@ -283,30 +283,42 @@ class Attribution:
 
     # -- report -------------------------------------------------------------
     def plot(self, path: str | os.PathLike, *, stat: str = "affinity") -> None:
-        """Heatmap PNG of `stat` (layers x experts) with the chosen target outlined; written atomically."""
+        """Heatmap PNG of `stat` (layers x experts) with the chosen target outlined, and beside it the
+        selectivity (forget / retain share, log scale) when retain statistics exist; written atomically."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
+        from matplotlib import colors
         from matplotlib import pyplot as plt
         from matplotlib.patches import Rectangle
 
-        values = getattr(self, stat).float().numpy()
-        L, E = values.shape
-        fig, ax = plt.subplots(figsize=(min(2 + 0.35 * E, 24), min(1.5 + 0.35 * L, 24)))
+        panels = [(stat, getattr(self, stat).float().numpy(), None)]
+        if self.retain_frequency is not None:
+            sel = self.selectivity.float().clamp(min=1e-3).numpy()
+            panels.append(("selectivity (forget / retain)", sel, colors.LogNorm(vmin=max(sel.min(), 1e-2),
+                                                                             vmax=max(sel.max(), 1.01))))
+        L, E = panels[0][1].shape
+        w = min(2 + 0.35 * E, 24)
+        fig, axes = plt.subplots(1, len(panels), figsize=(w * len(panels), min(1.5 + 0.35 * L, 24)), squeeze=False)
         try:
-            im = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
-            fig.colorbar(im, ax=ax, label=stat)
-            ax.set_xlabel("routed expert")
-            ax.set_ylabel("MoE layer")
-            ax.set_yticks(range(L), [str(x) for x in self.layers])
-            if E <= 64:
-                ax.set_xticks(range(E))
             best = self.top(1, stat=stat)[0]
             r = self.layers.index(best.layer)
-            ax.add_patch(Rectangle((best.expert - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+            for ax, (label, values, norm) in zip(axes[0], panels, strict=True):
+                im = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest", norm=norm)
+                fig.colorbar(im, ax=ax, label=label)
+                ax.set_xlabel("routed expert")
+                ax.set_ylabel("MoE layer")
+                ax.set_yticks(range(L), [str(x) for x in self.layers])
+                if E <= 64:
+                    ax.set_xticks(range(E))
+                ax.add_patch(Rectangle((best.expert - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
             tie = " (near-tie!)" if best.near_tie else ""
-            ax.set_title(f"{stat}: target layer {best.layer}, expert {best.expert} = {best.score:.4f}{tie}\n"
-                         f"{self.num_sequences} sequences, {self.num_tokens} tokens", fontsize=9)
+            title = (f"{stat}: target layer {best.layer}, expert {best.expert} = {best.score:.4f}{tie}\n"
+                     f"{self.num_sequences} sequences, {self.num_tokens} tokens")
+            if self.retain_frequency is not None:
+                p = self.premise(warn=False)
+                title += f"; coverage {p.coverage:.2f}, selectivity {p.selectivity[0]:.2f}"
+            fig.suptitle(title, fontsize=9)
             fig.tight_layout()
             with atomic.atomic_path(path) as tmp:
                 fig.savefig(tmp, format="png", dpi=100)

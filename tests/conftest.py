@@ -15,3 +15,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def bench_cache(tmp_path_factory):
+    """One bench-model cache for the whole session, so the quick bench model is trained once."""
+    return tmp_path_factory.mktemp("bench-cache")

@@ -1,6 +1,6 @@
 """Optional megablocks support (moe_unlearn/arch/megablocks.py).
 
-megablocks cannot be installed here (SPEC section 6), so most tests run against a STAND-IN:
+megablocks cannot be installed here (its CUDA extension does not build), so most tests run against a STAND-IN:
 small modules whose classes carry megablocks' module paths (`megablocks.layers.moe` ...) and
 attribute layout, and whose forward implements megablocks' math as we read it in the
 megablocks 0.9/0.10 sources (facts and file paths in the docstring of

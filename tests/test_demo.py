@@ -12,9 +12,9 @@ from moe_unlearn.demo import DemoConfig, headline
 
 
 @pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
+def quick_demo(tmp_path_factory, bench_cache):
     root = tmp_path_factory.mktemp("demo")
-    out, cache = root / "out", root / "cache"
+    out, cache = root / "out", bench_cache
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the quick model is below the 95% target on purpose
         rc = main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache)])

@@ -53,7 +53,7 @@ def test_step_n_of_a_longer_constant_lr_run_is_an_n_step_run(scope):
 
 
 @pytest.fixture(scope="module")
-def quick_frontier(tmp_path_factory):
+def quick_frontier(tmp_path_factory, bench_cache):
     root = tmp_path_factory.mktemp("frontier")
     cfg = FrontierConfig(model="natural", methods=("ga",), variants=("full", "uoe"),
                          lrs={"full": (1e-3,), "uoe": (1e-2, 3e-2)}, steps=(2, 4), seeds=(0,), batch_size=8,
@@ -61,7 +61,7 @@ def quick_frontier(tmp_path_factory):
     logs: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = run_frontier(cfg, out_dir=root / "out", cache_dir=root / "cache", log=logs.append)
+        res = run_frontier(cfg, out_dir=root / "out", cache_dir=bench_cache, log=logs.append)
     return cfg, root, res, logs
 
 
@@ -90,21 +90,21 @@ def test_results_file_has_the_documented_fields(quick_frontier):
     assert all(r["forget_em"] <= data["original"]["forget_em"] for r in data["runs"])
 
 
-def test_rerun_resumes_and_only_runs_what_is_missing(quick_frontier):
+def test_rerun_resumes_and_only_runs_what_is_missing(quick_frontier, bench_cache):
     cfg, root, res, _ = quick_frontier
     path = results_path(root / "out", "natural", quick=True)
     before = json.loads(path.read_text())
     logs: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_frontier(cfg, out_dir=root / "out", cache_dir=root / "cache", log=logs.append)
+        run_frontier(cfg, out_dir=root / "out", cache_dir=bench_cache, log=logs.append)
     assert any("0 trajectories to run" in line for line in logs)
     assert json.loads(path.read_text())["runs"] == before["runs"]
     more = FrontierConfig(**{**cfg.__dict__, "seeds": (0, 1)})
     logs.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_frontier(more, out_dir=root / "out", cache_dir=root / "cache", log=logs.append)
+        run_frontier(more, out_dir=root / "out", cache_dir=bench_cache, log=logs.append)
     assert any("3 trajectories to run" in line for line in logs)
     after = json.loads(path.read_text())["runs"]
     assert after[: len(before["runs"])] == before["runs"] and {r["seed"] for r in after} == {0, 1}
@@ -116,7 +116,7 @@ def test_rerun_resumes_and_only_runs_what_is_missing(quick_frontier):
 
 
 def test_a_results_file_of_another_model_is_refused(tmp_path):
-    path = results_path(tmp_path, "natural")
+    path = results_path(tmp_path, "natural", quick=True)
     path.write_text(json.dumps({"model": "localized", "runs": []}))
     with pytest.raises(DataError, match="not a frontier result of model 'natural'"):
         run_frontier(FrontierConfig(quick=True), out_dir=tmp_path)
@@ -185,7 +185,8 @@ def test_premise_numbers_by_hand():
     assert a.selectivity[1, 0].item() == pytest.approx(10.0)
     # coverage of a set across layers: tokens 0,1 (layer 0 expert 0) and 0,2 (layer 1 expert 0) -> 3 of 4
     assert a.coverage([(0, 0), (1, 0)]) == pytest.approx(0.75)
-    assert a.coverage([(0, 2), (1, 1)]) == pytest.approx(1.0)
+    assert a.coverage([(0, 2), (1, 0)]) == pytest.approx(1.0)
+    assert a.coverage([(0, 2), (1, 1)]) == pytest.approx(0.75)  # layer 1 expert 1 adds no new token
     with pytest.warns(PremiseWarning, match="coverage 0.75.*selectivity 0.75"):
         p = a.premise([(1, 3)])
     assert not p.holds and p.per_layer_coverage == {1: 0.75}
@@ -205,10 +206,29 @@ def test_select_targets_is_greedy_and_deterministic():
     a = _hand_attribution()
     # weight = affinity * selectivity: (1,0): 0.25 * 10 = 2.5 first; then (0,2) 0.375*1.5=0.5625... until coverage
     chosen = select_targets(a, coverage=0.9)
-    assert chosen[0] == (1, 0)
+    assert chosen == [(1, 0), (0, 2)]  # weights 0.25 * 10 = 2.5, then 0.375 * 1.5; coverage 0.5 -> 1.0
     assert a.coverage(chosen) >= 0.9
     assert select_targets(a, coverage=0.9) == chosen
     with pytest.warns(PremiseWarning):
         assert len(select_targets(a, coverage=1.0, max_experts=1)) == 1
     with pytest.raises(BadInputError):
         select_targets(a, coverage=0)
+
+
+def test_merge_results_adds_missing_runs_only(tmp_path):
+    from moe_unlearn.frontier import merge_results
+
+    base = {"model": "natural", "quick": False, "device": "cpu", "guess_level": 0.1, "target": [1, 2],
+            "original": {"forget_em": 1.0, "utility_em": 1.0, "neighbor_em": 1.0},
+            "runs": [_run("full", 1e-3, 0, 0.1, 0.5)]}
+    other = {**base, "runs": [_run("full", 1e-3, 0, 0.9, 0.9), _run("uoe+grip+null", 1e-2, 0, 0.0, 0.8),
+                              _run("cov", 1e-2, 0, 0.0, 0.7)]}
+    a, b = tmp_path / "frontier_natural.json", tmp_path / "other.json"
+    a.write_text(json.dumps(base))
+    b.write_text(json.dumps(other))
+    data = merge_results(a, [b], variants=("full", "uoe+grip+null"))
+    assert [(r["variant"], r["forget_em"]) for r in data["runs"]] == [("full", 0.1), ("uoe+grip+null", 0.0)]
+    assert json.loads(a.read_text())["runs"] == data["runs"] and a.with_suffix(".md").exists()
+    b.write_text(json.dumps({**other, "model": "localized"}))
+    with pytest.raises(DataError, match="localized"):
+        merge_results(a, [b])

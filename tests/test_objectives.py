@@ -1,4 +1,5 @@
-"""Each objective's value on a fixed tiny batch against a hand computation from SPEC section 3
+"""Each objective's value on a fixed tiny batch against a hand computation of the
+formulas in moe_unlearn/unlearning/objectives.py
 (plain Python math on the numbers, not the library's helpers)."""
 
 from __future__ import annotations

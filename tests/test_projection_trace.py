@@ -148,3 +148,29 @@ def test_trace_runs_through_unlearn_and_is_recorded():
                   **{**KW, "method": "npo"})
     assert res.details["trace"]["critical"] == {"1": [2]}
     assert "retain_nll" in res.final_terms
+
+
+def test_coverage_targets_through_unlearn_and_the_cli(tmp_path):
+    import json
+
+    from moe_unlearn.cli import main
+
+    model = tiny_model("qwen3_moe")
+    res = unlearn(model, FORGET, RETAIN, scope="topm", coverage=0.6, **KW)
+    assert len(res.targets) >= 1
+    with pytest.raises(BadInputError, match="topm"):
+        unlearn(model, FORGET, RETAIN, scope="uoe", coverage=0.6, **KW)
+    # CLI: attribute with --retain and --coverage stores the premise and the chosen set
+    d = tmp_path / "model"
+    tiny_model("qwen3_moe").save_pretrained(d)
+    TOK.save_pretrained(d)
+    (tmp_path / "f.txt").write_text("\n".join(FORGET))
+    (tmp_path / "r.txt").write_text("\n".join(RETAIN))
+    rc = main(["attribute", "--model", str(d), "--data", str(tmp_path / "f.txt"), "--retain", str(tmp_path / "r.txt"),
+               "--coverage", "0.6", "--out", str(tmp_path / "attr"), "--device", "cpu"])
+    assert rc == 0
+    data = json.loads((tmp_path / "attr" / "attribution.json").read_text())
+    assert {"selectivity", "premise", "retain_frequency"} <= set(data)
+    assert data["meta"]["coverage_targets"]["reached"] >= 0.6
+    assert main(["attribute", "--model", str(d), "--data", str(tmp_path / "f.txt"), "--coverage", "2",
+                 "--out", str(tmp_path / "attr2")]) == 2

@@ -1,7 +1,7 @@
 """Optional megablocks support: `MoE` / `dMoE` blocks of databricks/megablocks, read without importing it.
 
-megablocks is never imported here (SPEC section 6: it needs its CUDA extension and does not
-build in this project's environment). A block is recognised structurally: some class in
+megablocks is never imported here: 0.10 does not import without its CUDA extension
+(`megablocks_ops`), which does not build with nvcc 13 against torch 2.7+. A block is recognised structurally: some class in
 `type(module).__mro__` is named `MoE` or `dMoE` and lives in a module under `megablocks.`.
 `find_moe_layers` falls back to this adapter when a model's `config.model_type` is no
 transformers MoE family and the model contains such blocks (a custom model built from

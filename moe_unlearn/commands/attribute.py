@@ -31,6 +31,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also compare the expert ranking of two random halves of the data")
     p.add_argument("--seed", type=int, default=0, help="seed of the --stability split")
     p.add_argument("--top", type=int, default=5, help="how many candidates to print")
+    p.add_argument("--retain", default=None,
+                   help="retain data (same formats): also report selectivity (forget / retain selection share) and "
+                        "the premise check of the target (coverage >= 0.5 and selectivity >= 2)")
+    p.add_argument("--coverage", type=float, default=None,
+                   help="also choose the experts that cover this share of the forget tokens (for --scope topm), "
+                        "stored in attribution.json")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model directory's own Python code to run (off by default)")
@@ -78,13 +84,24 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batch_size", "max_length", "top"):
         if getattr(args, name) < 1:
             raise BadInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.coverage is not None and not 0 < args.coverage <= 1:
+        raise BadInputError(f"--coverage must be in (0, 1], got {args.coverage}")
     texts = load_texts(args.data, field=args.field)  # data errors before the (slow) model load
+    retain = load_texts(args.retain, field=args.field) if args.retain else None
     model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code,
                                                 device=args.device)
     find_moe_layers(model)  # NotAnMoEModel / UnsupportedFamily before any work
     attribution = attribute_experts(model, texts, tokenizer=tokenizer, batch_size=args.batch_size,
                                     max_length=args.max_length, stability=args.stability, seed=args.seed,
-                                    progress=True)
+                                    progress=True, retain=retain)
+    if args.coverage is not None:
+        from moe_unlearn.attribution import select_targets
+
+        chosen = select_targets(attribution, coverage=args.coverage)
+        attribution.meta["coverage_targets"] = {"coverage": args.coverage, "targets": [list(t) for t in chosen],
+                                                "reached": attribution.coverage(chosen)}
+        print(f"experts covering {attribution.meta['coverage_targets']['reached']:.2f} of the forget tokens: "
+              + " ".join(f"{lay}:{e}" for lay, e in chosen))
     write_outputs(attribution, out)
     print(attribution.summary(args.top))
     best = attribution.top(1)[0]

@@ -43,8 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_names, default=d.methods, help=f"default {','.join(d.methods)}")
     p.add_argument("--variants", type=_names, default=d.variants, help=f"default {','.join(d.variants)}")
     p.add_argument("--lrs", type=_floats, default=None,
-                   help="one learning-rate grid for every variant (default: per scope, full 1e-4..1e-2, one-expert "
-                        "scopes 3e-4..3e-2, five points each)")
+                   help="one learning-rate grid for every variant (default: per scope, full 3e-5..1e-2, one-expert "
+                        "scopes 3e-4..1e-1, six half-decade points each)")
     p.add_argument("--steps", type=_ints, default=d.steps, help="step counts to evaluate at (default 40,120)")
     p.add_argument("--seeds", type=_ints, default=d.seeds, help="default 0,1,2")
     p.add_argument("--batch-size", type=int, default=d.batch_size)

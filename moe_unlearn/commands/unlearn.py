@@ -27,6 +27,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--attribution", default=None, help="attribution.json from `moe-unlearn attribute` "
                                                       "(used when --target is not given)")
     p.add_argument("--top-m", type=int, default=2, help="experts for --scope topm from the attribution")
+    p.add_argument("--coverage", type=float, default=None,
+                   help="--scope topm: take the experts that together cover this share of the forget tokens "
+                        "(attributes the forget data, with --retain for selectivity)")
+    p.add_argument("--router-projection", choices=["grip"], default=None,
+                   help="grip: keep the trained routers' logits on retain inputs fixed (change projected off "
+                        "their span after every step)")
+    p.add_argument("--expert-projection", choices=["retain_null"], default=None,
+                   help="retain_null: project the trained experts' change off the span of the retain tokens "
+                        "routed to them (uoe / topm)")
+    p.add_argument("--projection-energy", type=float, default=0.99,
+                   help="energy fraction of the retain span the projections keep (default 0.99)")
+    p.add_argument("--retain-weighting", choices=["trace"], default=None,
+                   help="trace: weight retain tokens by how forget-critical their experts are")
     p.add_argument("--topm-layer", type=int, default=None, help="take the topm experts from this layer only")
     p.add_argument("--allow-shared", action="store_true", help="allow a shared expert as target")
     p.add_argument("--out", required=True, help="new (or empty) output directory")
@@ -47,7 +60,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-cache", action="store_true", help="run the whole model every step")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (in OUT.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT.ckpt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="orders texts into batches, forget batches per epoch and the forget/retain pairing")
+    p.add_argument("--loss-tokens", choices=["answer", "all"], default="answer",
+                   help="question/answer records: score the answer tokens only (default) or every token")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -89,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
                   retain_routing_weight=args.retain_routing_weight, method_kwargs=method_kwargs,
                   prefix_cache=not args.no_prefix_cache, out_dir=args.out, merge=args.merge, model_dir=args.model,
                   resume=args.resume, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                  progress=not args.quiet, field=args.field)
+                  progress=not args.quiet, field=args.field, coverage=args.coverage,
+                  router_projection=args.router_projection, expert_projection=args.expert_projection,
+                  projection_energy=args.projection_energy, retain_weighting=args.retain_weighting,
+                  loss_tokens=args.loss_tokens)
     where = res.merged_path or res.patch_path
     terms = ", ".join(f"{k}={v:.4g}" for k, v in res.final_terms.items())
     print(f"unlearned {args.method}/{args.scope} targets={res.targets or '-'} "

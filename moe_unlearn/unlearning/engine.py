@@ -91,18 +91,25 @@ def _batches(source: Any, tokenizer: Any, *, batch_size: int, max_length: int, f
 
 
 def _parse_targets(target: Any, scope: str, *, model: nn.Module, forget_source: Any, tokenizer: Any,
-                   top_m: int, topm_layer: int | None, batch_size: int, max_length: int, progress: bool
-                   ) -> list[ExpertTarget]:
+                   top_m: int, topm_layer: int | None, batch_size: int, max_length: int, progress: bool,
+                   coverage: float | None = None, retain_source: Any = None) -> list[ExpertTarget]:
     if scope not in ("uoe", "topm"):
         return []
-    from moe_unlearn.attribution import Attribution, attribute_experts
+    from moe_unlearn.attribution import Attribution, attribute_experts, select_targets
 
     if target is None:
         target = attribute_experts(model, forget_source, tokenizer=tokenizer, batch_size=batch_size,
-                                   max_length=max_length, progress=progress)
+                                   max_length=max_length, progress=progress, retain=retain_source)
+    if coverage is not None:
+        if not isinstance(target, Attribution):
+            raise BadInputError("coverage=... chooses the targets from an attribution; give target=None (attribute "
+                                "now) or an Attribution, not explicit experts")
+        return [ExpertTarget(lay, e) for lay, e in select_targets(target, coverage=coverage)]
     if isinstance(target, Attribution):
         m = 1 if scope == "uoe" else top_m
         entries = target.ranking(layer=topm_layer)[:m] if topm_layer is not None else target.top(m)
+        if target.token_topk is not None or (len(entries) == 1 and target.retain_frequency is not None):
+            target.premise([(e.layer, e.expert) for e in entries])  # PremiseWarning when UOE's premise fails
         return [ExpertTarget(e.layer, e.expert) for e in entries]
     single = isinstance(target, (str, ExpertTarget)) or hasattr(target, "layer") or (
         isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], int))
@@ -301,6 +308,7 @@ def unlearn(
     expert_projection: str | None = None,
     projection_energy: float = 0.99,
     retain_weighting: str | None = None,
+    coverage: float | None = None,
 ) -> UnlearnResult:
     """Unlearn `forget` from `model` IN PLACE and write a patch that undoes / redoes it.
 
@@ -308,6 +316,8 @@ def unlearn(
       .jsonl, dataset dir) or `TokenizedBatches`. retain is optional except for graddiff.
     method: a name in `objectives.OBJECTIVES` (ga, graddiff, npo, simnpo, rmu); method_kwargs
       override its hyperparameters (e.g. {"beta": 0.1, "retain_loss": "kl"}).
+    coverage (topm): choose the targets with `select_targets(attribution, coverage)`: experts added
+      greedily (forget mass x selectivity) until they cover that share of the forget tokens.
     scope: full | experts | routers | uoe | topm. target (uoe/topm): "L:E", (L, E), a list of
       those, "L:shared" (needs allow_shared=True), or an `Attribution`; None = attribute the
       forget set now. topm takes the top `top_m` experts (of `topm_layer` if given).
@@ -373,9 +383,11 @@ def unlearn(
                                field_name=field, what="retain", loss_tokens=loss_tokens, seed=seed + 1)
                       if retain is not None else None)
     layers = find_moe_layers(model)
+    if coverage is not None and scope != "topm":
+        raise BadInputError(f"coverage={coverage} selects several experts: use scope 'topm' (got {scope!r})")
     targets = _parse_targets(target, scope, model=model, forget_source=forget, tokenizer=tokenizer, top_m=top_m,
                              topm_layer=topm_layer, batch_size=batch_size, max_length=max_length,
-                             progress=progress)
+                             progress=progress, coverage=coverage, retain_source=retain)
     plan = resolve_scope(model, layers, scope, targets, allow_shared=allow_shared)
     by_idx: dict[int, MoELayer] = {layer.layer_idx: layer for layer in layers}
     if router_projection is not None and not plan.router_layers:
@@ -556,7 +568,7 @@ def unlearn(
                                 "retain_routing_weight": retain_routing_weight, "seed": seed,
                                 "loss_tokens": loss_tokens, "router_projection": router_projection,
                                 "expert_projection": expert_projection, "projection_energy": projection_energy,
-                                "retain_weighting": retain_weighting},
+                                "retain_weighting": retain_weighting, "coverage": coverage},
             **details,
             "final_terms": history.final(), "steps_run": len(history.steps),
             "trainable_params": plan.num_trainable()}

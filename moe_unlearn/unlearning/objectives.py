@@ -41,7 +41,7 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence summed NLL [B] and number of scored tokens [B] (NLL_sum and |y| of SPEC 3)."""
+    """Per-sequence summed NLL [B] and number of scored tokens [B] (NLL_sum and |y| of the NPO / SimNPO formulas)."""
     nll, valid = token_nll(logits, labels)
     return nll.sum(1), valid.sum(1)
 
