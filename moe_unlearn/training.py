@@ -125,6 +125,8 @@ class TrainHooks:
     after_resume(step): the leaves were loaded from a checkpoint of `step`.
     on_log(step, terms): every `log_every` steps, with the step's averaged terms.
     on_train_start(optimizer): once, after the optimizer exists (and a checkpoint is loaded).
+    reduce_terms(terms): the step's averaged terms before they are recorded and logged (data
+        parallel averages them over the ranks here); returns the terms to record.
     """
 
     def on_train_start(self, optimizer: torch.optim.Optimizer) -> None:
@@ -141,6 +143,9 @@ class TrainHooks:
 
     def on_log(self, step: int, terms: Mapping[str, float]) -> None:
         pass
+
+    def reduce_terms(self, terms: Mapping[str, float]) -> Mapping[str, float]:
+        return terms
 
 
 class _HookList(TrainHooks):
@@ -166,6 +171,11 @@ class _HookList(TrainHooks):
     def on_log(self, step: int, terms: Mapping[str, float]) -> None:
         for h in self.hooks:
             h.on_log(step, terms)
+
+    def reduce_terms(self, terms: Mapping[str, float]) -> Mapping[str, float]:
+        for h in self.hooks:
+            terms = h.reduce_terms(terms)
+        return terms
 
 
 # -- pieces ------------------------------------------------------------------------------------
@@ -397,7 +407,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             hook.after_step(step)
-            terms = {k: v / n_micro for k, v in sums.items()}
+            terms = hook.reduce_terms({k: v / n_micro for k, v in sums.items()})
             history.record(step, terms, lr_now, grad_norm)
             if step % max(1, config.log_every) == 0 or step == total_steps:
                 hook.on_log(step, terms)

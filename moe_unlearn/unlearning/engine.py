@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,11 @@ import torch
 from torch import nn
 
 from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
-from moe_unlearn.arch.discovery import adapter_for, decoder_layers
+from moe_unlearn.arch.discovery import adapter_for, decoder_layers, unwrap_model
 from moe_unlearn.arch.stack import DecoderStack
 from moe_unlearn.atomic import atomic_dir
+from moe_unlearn.distributed import GradAllReduce, RankShard, barrier, check_not_sharded
+from moe_unlearn.distributed import world as dist_world
 from moe_unlearn.errors import BadInputError, DataError, NotAnMoEModel, TrainingDiverged
 from moe_unlearn.training import TrainConfig, TrainHistory, TrainHooks, train
 from moe_unlearn.unlearning.anchor import anchor_target, retain_routing_kl, router_anchor_loss
@@ -347,6 +350,10 @@ def unlearn(
     NaN/inf loss the original weights are restored, TrainingDiverged is raised and nothing is written.
     """
     t0 = time.perf_counter()
+    model = unwrap_model(model)  # DDP / FSDP1 / DeepSpeed / PEFT wrappers: train the model inside
+    check_not_sharded(model)  # FSDP2 / ZeRO-3 shards: one clear error before any work
+    rank, world_size = dist_world()
+    progress = progress and rank == 0
     objective = get_objective(method)
     if scope not in SCOPES:
         raise BadInputError(f"unknown scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
@@ -464,7 +471,12 @@ def unlearn(
     steering = (rmu_steering(model.config.hidden_size, hp["steering_coeff"], seed=seed, device=device)
                 if method == "rmu" else None)
 
-    items = _ForgetRetainPairs(len(forget_batches), len(retain_batches) if retain_batches else 0, seed)
+    items: Any = _ForgetRetainPairs(len(forget_batches), len(retain_batches) if retain_batches else 0, seed)
+    if world_size > 1:  # data parallel: item i of an epoch is rank (i mod world)'s
+        items = RankShard(items, rank, world_size)
+        if items.dropped and rank == 0:
+            warnings.warn(f"{items.dropped} of {len(forget_batches)} forget batches per epoch are not used: "
+                          f"{world_size} ranks take equal shares", stacklevel=2)
     need_retain_pass = retain_batches is not None and (
         objective.name == "rmu" or objective.requires_retain or hp.get("alpha", 0) or rr_layers)
 
@@ -515,10 +527,8 @@ def unlearn(
     # -- train --------------------------------------------------------------------------------
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, p in plan.whole:
-        p.requires_grad_(True)
-    slices = SliceParams(plan.slices) if plan.slices else None
-    leaves = [p for _, p in plan.whole] + (slices.shadows if slices else [])
+    slices = SliceParams(plan.slices, plan.whole)  # fp32 masters for a low-precision model
+    leaves = slices.leaves
     projector = None
     if router_projection is not None or expert_projection is not None:
         from moe_unlearn.unlearning.projection import build_projector
@@ -538,10 +548,14 @@ def unlearn(
     config = TrainConfig(steps=steps if epochs is None else None, epochs=epochs, batch_size=batch_size,
                          grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                          weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, bf16=bf16,
-                         checkpoint_every=checkpoint_every, checkpoint_dir=str(ckpt_dir) if ckpt_dir else None,
+                         checkpoint_every=checkpoint_every if rank == 0 else 0,  # rank 0 writes
+                         checkpoint_dir=str(ckpt_dir) if ckpt_dir else None,
                          resume=resume, progress=progress, desc=f"unlearn {method}/{scope}")
-    # order: shadows written into the model, then projected there (and read back), then the caller's hooks
-    hooks: list[TrainHooks] = ([slices] if slices else []) + ([projector] if projector else []) + list(callbacks or [])
+    # order: leaves written into the model, then projected there (and read back), then the caller's hooks
+    hooks: list[TrainHooks] = [slices] + ([projector] if projector else [])
+    if world_size > 1:  # average the trained leaves' gradients and the logged terms over the ranks
+        hooks.append(GradAllReduce(leaves, slices.write_back))
+    hooks += list(callbacks or [])  # the caller's hooks see averaged gradients and terms
     try:
         history = train(leaves, loss_fn, items, config, hooks=hooks)
     except BaseException as exc:
@@ -553,8 +567,7 @@ def unlearn(
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         raise
     finally:
-        if slices:
-            slices.close()
+        slices.close()
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         model.train(was_training)
@@ -574,11 +587,16 @@ def unlearn(
             "trainable_params": plan.num_trainable()}
     patch_path = merged_path = None
     if out_path is not None and merge:
-        merged_path = _save_merged(model, out_path)
+        merged_path = out_path
+        if rank == 0:  # every rank holds the same weights; one writes
+            _save_merged(model, out_path)
     elif out_path is not None:
-        patch_path = write_patch(out_path, model, entries, originals, info)
-    if ckpt_dir is not None and not ckpt_existed and out_path is not None:
+        patch_path = out_path
+        if rank == 0:
+            write_patch(out_path, model, entries, originals, info)
+    if ckpt_dir is not None and not ckpt_existed and out_path is not None and rank == 0:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    barrier()  # no rank returns before the patch exists
     return UnlearnResult(patch_path=patch_path, merged_path=merged_path, method=method, scope=scope,
                          targets=[str(t) for t in targets], history=history,
                          trainable_params=plan.num_trainable(),
