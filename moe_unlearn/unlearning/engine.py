@@ -36,6 +36,7 @@ from moe_unlearn.distributed import world as dist_world
 from moe_unlearn.errors import BadInputError, DataError, NotAnMoEModel, TrainingDiverged
 from moe_unlearn.training import TrainConfig, TrainHistory, TrainHooks, train
 from moe_unlearn.unlearning.anchor import anchor_target, retain_routing_kl, router_anchor_loss
+from moe_unlearn.unlearning.checkpointing import checkpointed
 from moe_unlearn.unlearning.objectives import ObjectiveInputs, get_objective, rmu_steering, sequence_nll
 from moe_unlearn.unlearning.patch import PatchEntry, snapshot, write_patch
 from moe_unlearn.unlearning.prefix_cache import PrefixCache
@@ -254,6 +255,17 @@ def _entries(plan: ScopePlan) -> list[PatchEntry]:
                                                     for s in plan.slices]
 
 
+def _last_trained_layer(plan: ScopePlan) -> int | None:
+    """Highest decoder layer holding trained weights; None if anything outside the layers trains."""
+    found = []
+    for name in [n for n, _ in plan.whole] + [s.name for s in plan.slices]:
+        m = _LAYER_RE.search(name)
+        if m is None:
+            return None
+        found.append(int(m.group(1)))
+    return max(found) if found else None
+
+
 def _prefix_start(plan: ScopePlan) -> int | None:
     """First decoder layer holding trained weights, or None if anything outside the layers trains."""
     found = []
@@ -295,6 +307,7 @@ def unlearn(
     method_kwargs: dict[str, Any] | None = None,
     prefix_cache: bool = True,
     prefix_cache_mb: float = 1024,
+    gradient_checkpointing: bool = False,
     out_dir: str | os.PathLike | None = None,
     merge: bool = False,
     model_dir: str | os.PathLike | None = None,
@@ -344,6 +357,8 @@ def unlearn(
       (see moe_unlearn.unlearning.projection).
     retain_weighting="trace": the retain loss weights each token by how much its experts are
       forget-critical (see moe_unlearn.unlearning.trace). All three need retain data.
+    gradient_checkpointing: recompute the activations of the decoder layers above every trained
+      weight in backward instead of keeping them (less memory, one more forward of those layers).
     out_dir: new (or empty) directory for the patch (or, with merge=True, the merged model);
       None writes nothing. The model's own directory is refused.
     The model is left in its original train/eval mode with the unlearned weights in place; on a
@@ -556,8 +571,13 @@ def unlearn(
     if world_size > 1:  # average the trained leaves' gradients and the logged terms over the ranks
         hooks.append(GradAllReduce(leaves, slices.write_back))
     hooks += list(callbacks or [])  # the caller's hooks see averaged gradients and terms
+    upper: list[nn.Module] = []
+    if gradient_checkpointing:  # the layers above every trained weight: recomputed in backward
+        last = _last_trained_layer(plan)
+        upper = list(_layer_list(model))[last + 1:] if last is not None else []
     try:
-        history = train(leaves, loss_fn, items, config, hooks=hooks)
+        with checkpointed(upper):
+            history = train(leaves, loss_fn, items, config, hooks=hooks)
     except BaseException as exc:
         with torch.no_grad():  # leave the model as it was
             params = dict(model.named_parameters())
