@@ -24,7 +24,13 @@ from typing import Any
 
 from moe_unlearn.errors import BadInputError
 
-__all__ = ["check_model_dir", "load_config", "load_model", "load_tokenizer", "remote_code_files", "resolve_device"]
+__all__ = ["DTYPES", "check_model_dir", "input_device", "load_config", "load_model", "load_tokenizer",
+           "parse_device_map", "parse_dtype", "remote_code_files", "resolve_device"]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto": the dtype the checkpoint was saved in
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                  "float": "float32"}
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 _TRUST_HINT = "pass --trust-remote-code (trust_remote_code=True) only if you trust that code"
 
@@ -96,6 +102,56 @@ def resolve_device(name: str | None) -> Any:
     raise BadInputError(f"device {name!r} is not available here; use cpu or cuda")
 
 
+def parse_dtype(name: str | None) -> Any:
+    """A `--dtype` value as what from_pretrained takes: None (its default), "auto", or a torch dtype.
+
+    bf16 / fp16 models keep their trained copies in fp32 (moe_unlearn.unlearning.scopes), so
+    loading a 29 GB bf16 checkpoint in bf16 costs 29 GB, not 58."""
+    import torch
+
+    if name is None:
+        return None
+    key = _DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in DTYPES:
+        raise BadInputError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)} (or bf16, fp16, fp32)")
+    return key if key == "auto" else getattr(torch, key)
+
+
+def parse_device_map(value: str | dict | None) -> Any:
+    """A `--device-map` value: auto | balanced | balanced_low_0 | sequential, a JSON object
+    {"module.path": device, ...} (inline or a .json file), or None (no device map)."""
+    if value is None or isinstance(value, dict):
+        return value
+    text = str(value).strip()
+    if text in DEVICE_MAPS:
+        return text
+    if not text.startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise BadInputError(f"--device-map {value!r}: expected {', '.join(DEVICE_MAPS)}, a JSON object or a "
+                                ".json file of one")
+        text = path.read_text(encoding="utf-8")
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"--device-map: not valid JSON ({exc})") from None
+    if not isinstance(mapping, dict) or not mapping or not all(isinstance(k, str) for k in mapping) or not all(
+            isinstance(v, (str, int)) for v in mapping.values()):
+        raise BadInputError('--device-map: expected a JSON object {"module.path": "cuda:0" | 0 | "cpu", ...}')
+    for v in set(mapping.values()):
+        if v != "disk":
+            resolve_device(f"cuda:{v}" if isinstance(v, int) else v)
+    return mapping
+
+
+def input_device(model: Any) -> Any:
+    """Where a model's inputs go: the input embedding's device (the first device of a device_map
+    model), else the first parameter's."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    return weight.device if weight is not None else next(model.parameters()).device
+
+
 def load_config(path: str | os.PathLike, *, trust_remote_code: bool = False) -> Any:
     """The model config of a local folder (AutoConfig)."""
     from transformers import AutoConfig
@@ -108,21 +164,36 @@ def load_config(path: str | os.PathLike, *, trust_remote_code: bool = False) -> 
 
 
 def load_model(path: str | os.PathLike, *, trust_remote_code: bool = False, device: Any = None,
-               meta: bool = False, **kwargs: Any) -> Any:
+               device_map: Any = None, dtype: Any = None, meta: bool = False, **kwargs: Any) -> Any:
     """A causal LM (AutoModelForCausalLM) from a local folder, in eval mode, on `device` if given.
 
-    meta=True builds it on the meta device from the config alone (structure, no weights, no memory).
-    Extra keyword arguments go to from_pretrained (e.g. dtype). Weight files that do not cover the
+    device_map: spread the layers over devices as it says (`parse_device_map` values; needs the
+    accelerate package); exclusive with `device`. dtype: `parse_dtype` values (None = transformers'
+    default). meta=True builds it on the meta device from the config alone (structure, no weights,
+    no memory). Extra keyword arguments go to from_pretrained. Weight files that do not cover the
     model exactly are refused rather than padded with random values."""
     import torch
     from transformers import AutoModelForCausalLM
 
     p = check_model_dir(path, trust_remote_code=trust_remote_code)
+    device_map = parse_device_map(device_map)
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
+    if device_map is not None:
+        if device is not None:
+            raise BadInputError("give --device or --device-map, not both")
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise BadInputError("--device-map needs the accelerate package (pip install accelerate)") from None
+        kwargs["device_map"] = device_map
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     if meta:
         config = load_config(p, trust_remote_code=trust_remote_code)
         try:
             with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+                return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                        **({"dtype": dtype} if dtype not in (None, "auto") else {}))
         except Exception as exc:
             raise BadInputError(f"cannot build a causal LM from the config in {p}: {_one_line(exc)}") from None
     try:

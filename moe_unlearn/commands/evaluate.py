@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moe_unlearn.commands import add_model_args, load_from_args
 from moe_unlearn.errors import BadInputError
 
 DESCRIPTION = __doc__
@@ -51,31 +52,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens for QA answers (ROUGE-L)")
     p.add_argument("--no-generate", action="store_true", help="skip ROUGE-L and VerbMem (no decoding)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="output directory (report.json, report.md, and "
                                                 "routing_overlap.png when --original or --patch gives routing)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model directories' own Python code to run (off by default)")
+    add_model_args(p)
     return p
-
-
-def _load_model(path: str, device, trust_remote_code: bool = False):
-    from moe_unlearn.loading import load_model
-
-    return load_model(path, trust_remote_code=trust_remote_code).to(device).eval()
-
-
-def _load_tokenizer(path: str, trust_remote_code: bool = False):
-    from moe_unlearn.loading import load_tokenizer
-
-    return load_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
 def run(args: argparse.Namespace) -> int:
     from moe_unlearn.data import DEFAULT_TEMPLATE
     from moe_unlearn.eval import PromptFormat, as_items, as_mcq_items, evaluate, record_routing
-    from moe_unlearn.loading import resolve_device
 
     if args.batch_size < 1 or args.max_new_tokens < 0:
         raise BadInputError("--batch-size must be >= 1 and --max-new-tokens >= 0")
@@ -93,14 +79,11 @@ def run(args: argparse.Namespace) -> int:
     if args.patch and not Path(args.patch).exists():
         raise BadInputError(f"patch {args.patch} does not exist")
 
-    device = resolve_device(args.device)
     progress = not args.quiet
-    trust = args.trust_remote_code
-    model = _load_model(args.model, device, trust)
-    tokenizer = _load_tokenizer(args.tokenizer or args.model, trust)
+    model, tokenizer = load_from_args(args, tokenizer_path=args.tokenizer)
     original, original_routing = None, None
     if args.original:
-        original = _load_model(args.original, device, trust)
+        original, _ = load_from_args(args, args.original, tokenizer=False)
     if args.patch:
         from moe_unlearn.unlearning import apply_patch  # lazy: the unlearning package is optional here
 

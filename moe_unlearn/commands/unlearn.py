@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from moe_unlearn.commands import add_model_args, load_from_args
 from moe_unlearn.unlearning.objectives import OBJECTIVES
 from moe_unlearn.unlearning.scopes import SCOPES
 
@@ -65,8 +66,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--loss-tokens", choices=["answer", "all"], default="answer",
                    help="question/answer records: score the answer tokens only (default) or every token")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the activations of the layers above the target in backward (less memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--trust-remote-code", action="store_true")
+    add_model_args(p)
     return p
 
 
@@ -86,7 +90,7 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_unlearn.commands.attribute import load_model_and_tokenizer
+    from moe_unlearn.distributed import init_from_env, is_main
     from moe_unlearn.unlearning import unlearn
 
     target = args.target
@@ -95,20 +99,24 @@ def run(args: argparse.Namespace) -> int:
 
         target = Attribution.from_json(args.attribution)
     method_kwargs = _parse_sets(args.set)
-    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code,
-                                                device=args.device)
+    init_from_env(args.device)  # under torchrun / accelerate launch: data parallel over the ranks
+    model, tokenizer = load_from_args(args)
     res = unlearn(model, args.forget, args.retain, tokenizer=tokenizer, method=args.method, scope=args.scope,
                   target=target, top_m=args.top_m, topm_layer=args.topm_layer, allow_shared=args.allow_shared,
                   steps=None if args.epochs else args.steps, epochs=args.epochs, lr=args.lr,
                   batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
                   lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, anchor_weight=args.anchor_weight,
                   retain_routing_weight=args.retain_routing_weight, method_kwargs=method_kwargs,
-                  prefix_cache=not args.no_prefix_cache, out_dir=args.out, merge=args.merge, model_dir=args.model,
+                  prefix_cache=not args.no_prefix_cache, gradient_checkpointing=args.gradient_checkpointing,
+                  out_dir=args.out, merge=args.merge, model_dir=args.model,
                   resume=args.resume, checkpoint_every=args.checkpoint_every, seed=args.seed,
                   progress=not args.quiet, field=args.field, coverage=args.coverage,
                   router_projection=args.router_projection, expert_projection=args.expert_projection,
                   projection_energy=args.projection_energy, retain_weighting=args.retain_weighting,
                   loss_tokens=args.loss_tokens)
+                  progress=not args.quiet, field=args.field)
+    if not is_main():
+        return 0
     where = res.merged_path or res.patch_path
     terms = ", ".join(f"{k}={v:.4g}" for k, v in res.final_terms.items())
     print(f"unlearned {args.method}/{args.scope} targets={res.targets or '-'} "

@@ -34,6 +34,7 @@ from moe_unlearn.atomic import atomic_dir
 from moe_unlearn.distributed import GradAllReduce, RankShard, barrier, check_not_sharded
 from moe_unlearn.distributed import world as dist_world
 from moe_unlearn.errors import BadInputError, DataError, NotAnMoEModel, TrainingDiverged
+from moe_unlearn.loading import input_device
 from moe_unlearn.training import TrainConfig, TrainHistory, TrainHooks, train
 from moe_unlearn.unlearning.anchor import anchor_target, retain_routing_kl, router_anchor_loss
 from moe_unlearn.unlearning.checkpointing import checkpointed
@@ -250,6 +251,28 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _align_forget(inp: ObjectiveInputs) -> None:
+    """device_map: move labels, mask and references to where the outputs they meet came out
+    (logits on the lm_head's device, RMU hidden states on that layer's device); a no-op on one device."""
+    out = inp.forget_logits if inp.forget_logits is not None else inp.forget_hidden
+    if out is None:
+        return
+    inp.forget_labels, inp.forget_mask = inp.forget_labels.to(out.device), inp.forget_mask.to(out.device)
+    if inp.forget_ref_logp is not None:
+        inp.forget_ref_logp = inp.forget_ref_logp.to(out.device)
+    if inp.steering is not None and inp.forget_hidden is not None:
+        inp.steering = inp.steering.to(inp.forget_hidden.device)
+
+
+def _align_retain(inp: ObjectiveInputs) -> None:
+    out = inp.retain_logits if inp.retain_logits is not None else inp.retain_hidden
+    if out is None:
+        return
+    inp.retain_labels, inp.retain_mask = inp.retain_labels.to(out.device), inp.retain_mask.to(out.device)
+    if inp.retain_ref_logits is not None:
+        inp.retain_ref_logits = inp.retain_ref_logits.to(out.device)
+
+
 def _entries(plan: ScopePlan) -> list[PatchEntry]:
     return [PatchEntry(n) for n, _ in plan.whole] + [PatchEntry(s.name, s.dim, s.start, s.stop)
                                                     for s in plan.slices]
@@ -415,6 +438,7 @@ def unlearn(
     if router_projection is not None and not plan.router_layers:
         raise BadInputError(f"router_projection={router_projection!r}: scope {scope!r} trains no router")
     device = next(model.parameters()).device
+    device = input_device(model)  # the first device of a device_map model; outputs may sit elsewhere
 
     # which layers the step must run, and which hidden state RMU reads
     start = _prefix_start(plan) if prefix_cache else None
@@ -458,7 +482,7 @@ def unlearn(
             for k, b in enumerate(forget_batches):
                 b = _to(b, device)
                 logits, _ = ref_runner(("f", k), b)
-                ref["f_logp"][k] = -sequence_nll(logits, b["labels"])[0]
+                ref["f_logp"][k] = -sequence_nll(logits, b["labels"].to(logits.device))[0]
         if retain_batches is not None and (retain_ref_kind == "hidden" or rr_layers):
             for k, b in enumerate(retain_batches):
                 b = _to(b, device)
@@ -515,11 +539,14 @@ def unlearn(
         extra = []
         with RoutingCapture(model, capture_layers, detach=False) as cap:
             inp.forget_logits, inp.forget_hidden = runner(("f", k), fb)
+            _align_forget(inp)
             if anchor_layers:
                 fmask = fb["attention_mask"].reshape(-1).bool()
-                vals = [router_anchor_loss(routed(cap, i), fmask,
-                                           anchor_target(by_idx[i].num_experts, exps, device=device))
-                        for i, exps in anchor_layers.items()]
+                vals = []
+                for i, exps in anchor_layers.items():  # each router on its own device (device_map)
+                    scores = routed(cap, i)
+                    vals.append(router_anchor_loss(scores, fmask.to(scores.device), anchor_target(
+                        by_idx[i].num_experts, exps, device=scores.device)).to(device))
                 anchor = torch.stack(vals).mean()
                 terms["anchor"] = anchor.detach()
                 extra.append(anchor_weight * anchor)
@@ -528,14 +555,15 @@ def unlearn(
                 inp.retain_logits, inp.retain_hidden = runner(("r", rk), rb)
                 inp.retain_labels, inp.retain_mask = rb["labels"], rb["attention_mask"]
                 inp.retain_ref_hidden = ref["r_hidden"].get(rk)
+                _align_retain(inp)
                 if rr_layers:
                     rmask = rb["attention_mask"].reshape(-1).bool()
-                    rr = torch.stack([retain_routing_kl(ref["r_scores"][rk][i], routed(cap, i), rmask)
-                                      for i in rr_layers]).mean()
+                    rr = torch.stack([retain_routing_kl(ref["r_scores"][rk][i], cur, rmask.to(cur.device)).to(device)
+                                      for i in rr_layers for cur in (routed(cap, i),)]).mean()
                     terms["retain_routing"] = rr.detach()
                     extra.append(retain_routing_weight * rr)
         out = dict(objective.loss(inp, hp))
-        out["loss"] = out["loss"] + sum(extra) if extra else out["loss"]
+        out["loss"] = out["loss"] + sum(e.to(out["loss"].device) for e in extra) if extra else out["loss"]
         out.update(terms)
         return out
 
