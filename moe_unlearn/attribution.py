@@ -501,6 +501,8 @@ def attribute_experts(
     model = unwrap_model(model)
     check_not_sharded(model)
     rank, world_size = world()
+    if keep_token_routing:  # every rank needs every token's routing (coverage, premise): no split
+        rank, world_size = 0, 1
     moe_layers = _select_layers(find_moe_layers(model), layers)
     num_experts = {layer.num_experts for layer in moe_layers}
     if len(num_experts) != 1:

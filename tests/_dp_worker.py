@@ -25,7 +25,14 @@ def main(out: str, grad_accum: int) -> None:
     res = unlearn(model, FORGET, RETAIN, tokenizer=word_tokenizer(), method="graddiff", scope="uoe", target=None,
                   steps=2, lr=1e-2, batch_size=2, grad_accum=grad_accum, max_length=12, progress=False,
                   out_dir=out)
+    from moe_unlearn.attribution import attribute_experts
+
+    att = attribute_experts(model, FORGET, tokenizer=word_tokenizer(), batch_size=2, max_length=12,
+                            keep_token_routing=False, progress=False, stability=True)  # split over the ranks
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state.update({f"att.{k}": getattr(att, k) for k in ("affinity", "frequency", "mean_score", "counts")})
+    state["att.tokens"] = torch.tensor([att.num_tokens, att.num_sequences])
+    state["att.stability"] = torch.tensor(att.stability)
     torch.save(state, Path(out).with_name(f"{Path(out).name}.rank{rank}.pt"))
     if rank == 0:
         Path(out).with_name(f"{Path(out).name}.history.json").write_text(json.dumps(res.history.terms))

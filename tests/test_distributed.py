@@ -48,7 +48,11 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     for k in ha:  # logged terms: the mean over the ranks = the mean over the micro-batches
         assert ha[k] == pytest.approx(hb[k], rel=1e-5, abs=1e-6), k
     r0, r1 = (torch.load(f"{dp}.rank{r}.pt") for r in (0, 1))
-    assert all(torch.equal(r0[n], r1[n]) for n in r0)  # every rank ends with the same weights
+    assert all(torch.equal(r0[n], r1[n]) for n in r0)  # every rank ends with the same weights (and statistics)
+    one = torch.load(f"{single}.rank0.pt")
+    for k in ("att.affinity", "att.frequency", "att.mean_score", "att.stability"):  # all-reduced sums
+        assert torch.allclose(one[k], r0[k], atol=1e-6), k
+    assert torch.equal(one["att.counts"], r0["att.counts"]) and torch.equal(one["att.tokens"], r0["att.tokens"])
 
 
 def test_rank_shard_is_equal_and_interleaved():

@@ -185,9 +185,16 @@ class SliceParams(TrainHooks):
 
     @torch.no_grad()
     def read_back(self) -> None:
-        """Copy the slices into the shadows (after a hook changed the model's slices in place)."""
-        for s, shadow in zip(self.slices, self.shadows, strict=True):
-            shadow.copy_(s.view())
+        """Take what a hook changed in the model's slices / tensors in place (a projection) into the
+        leaves. A leaf of the model's dtype is copied; an fp32 master of a bf16/fp16 tensor gets only
+        the change added, so it keeps its precision below the model dtype's resolution."""
+        pairs = [(s.view(), sh) for s, sh in zip(self.slices, self.shadows, strict=True)]
+        pairs += [(p.data, m) for p, m in self.masters]
+        for model_t, leaf in pairs:
+            if leaf.dtype == model_t.dtype:
+                leaf.copy_(model_t)
+            else:  # before the hook the model held round(leaf): add the hook's change
+                leaf.add_(model_t.to(leaf.dtype) - leaf.to(model_t.dtype).to(leaf.dtype))
 
     def after_step(self, step: int) -> None:
         self.write_back()
