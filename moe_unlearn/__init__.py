@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     # unlearning
     "unlearn": "moe_unlearn.unlearning",
     "UnlearnResult": "moe_unlearn.unlearning",
+    "UnlearnConfig": "moe_unlearn.unlearning",
     "apply_patch": "moe_unlearn.unlearning",
     "revert_patch": "moe_unlearn.unlearning",
     "OBJECTIVES": "moe_unlearn.unlearning",

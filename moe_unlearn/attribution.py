@@ -43,6 +43,7 @@ from torch import nn
 
 from moe_unlearn import atomic
 from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
+from moe_unlearn.arch.discovery import unwrap_model
 from moe_unlearn.data import DataSource, TokenizedBatches, load_texts, tokenize_batches
 from moe_unlearn.errors import BadInputError, DataError
 
@@ -485,6 +486,8 @@ def attribute_experts(
     tokenized `TokenizedBatches`) for every MoE layer of `model` (or only `layers`).
 
     One forward pass per batch under no_grad, in eval mode (the model's mode is restored).
+    Under torch.distributed each rank reads batches i with i mod world == rank and the sums are
+    all-reduced, so every rank returns the attribution of the whole data.
     Position ids come from the attention mask, so left and right padding give the same result.
     `device` is where the inputs go (default: the input embedding's device); the model is not moved.
     stability=True also ranks the experts of two random halves of the sequences (split with
@@ -493,6 +496,13 @@ def attribute_experts(
     retain: also score this data (same settings) for selectivity; keep_token_routing keeps the
     forget tokens' top-K per layer in memory for `coverage` of target sets (int16, T x K per layer).
     """
+    from moe_unlearn.distributed import all_reduce_, check_not_sharded, world
+
+    model = unwrap_model(model)
+    check_not_sharded(model)
+    rank, world_size = world()
+    if keep_token_routing:  # every rank needs every token's routing (coverage, premise): no split
+        rank, world_size = 0, 1
     moe_layers = _select_layers(find_moe_layers(model), layers)
     num_experts = {layer.num_experts for layer in moe_layers}
     if len(num_experts) != 1:
@@ -530,10 +540,13 @@ def attribute_experts(
     was_training = model.training
     model.eval()
     try:
-        bar = _progress(batches, progress)
+        bar = _progress(batches, progress and rank == 0)
         with torch.no_grad(), RoutingCapture(runner, moe_layers) as cap:
             seq_offset = 0
-            for batch in bar:
+            for i, batch in enumerate(bar):
+                if i % world_size != rank:  # data parallel: batch i is rank (i mod world)'s
+                    seq_offset += batch["attention_mask"].shape[0]
+                    continue
                 mask = batch["attention_mask"].to(device)
                 B, S = mask.shape
                 if S == 0 or not mask.any():
@@ -571,6 +584,12 @@ def attribute_experts(
         model.train(was_training)
 
     rows = [accs[layer.layer_idx] for layer in moe_layers]
+    if world_size > 1:  # every rank ends with the statistics of the whole data
+        for a in rows:
+            for t in (a.affinity_sum, a.score_sum, a.counts, a.half_sums):
+                all_reduce_(t)
+        totals = all_reduce_(torch.tensor([num_seqs, num_tokens], dtype=torch.int64))
+        num_seqs, num_tokens = int(totals[0]), int(totals[1])
     affinity = torch.stack([a.affinity_sum for a in rows]) / num_seqs
     mean_score = torch.stack([a.score_sum for a in rows]) / num_tokens
     counts = torch.stack([a.counts for a in rows])

@@ -219,3 +219,21 @@ def test_retain_batches_cycle_independently_of_forget_batches():
     assert [item["k"] for item in pairs(1)] == [0, 1, 2]
     assert pairs(2) == pairs(2)  # deterministic per epoch (resume sees the same pairs)
     assert all(item["rk"] is None for item in _ForgetRetainPairs(2, 0)(0))
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_gradient_checkpointing_recomputes_upper_layers_with_the_same_result(prefix_cache):
+    results, calls = [], []
+    for ckpt in (False, True):
+        model = tiny_model("qwen3_moe", num_hidden_layers=3)
+        n = [0]
+        model.model.layers[2].self_attn.register_forward_hook(lambda m, a, o, n=n: n.__setitem__(0, n[0] + 1))
+        unlearn(model, FORGET[:3], method="ga", scope="uoe", target="0:1", steps=2, lr=1e-2,
+                prefix_cache=prefix_cache, gradient_checkpointing=ckpt, **KW)
+        results.append(_state(model))
+        calls.append(n[0])
+    assert calls[1] == calls[0] + 2  # layer 2 (above the target) ran once more per training step
+    for name, v in results[0].items():
+        assert torch.allclose(v, results[1][name], atol=1e-6), name
+    assert not torch.equal(results[0]["model.layers.0.mlp.gate.weight"],
+                           tiny_model("qwen3_moe", num_hidden_layers=3).model.layers[0].mlp.gate.weight)

@@ -24,7 +24,28 @@ def decoder_layers(model: nn.Module, list_names: tuple[str, ...] = ("layers",)) 
                         f"supported MoE families: {_supported()}")
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside data-parallel / sharding / adapter wrappers: DDP and DataParallel
+    (`.module`), FSDP1 (`FullyShardedDataParallel.module`), a DeepSpeed engine (`.module`) and a
+    PEFT `PeftModel` (`get_base_model()`). Parameter names are then those of the inner model.
+    FSDP2 (`fully_shard`) does not wrap: it swaps the parameters for DTensors in place."""
+    seen = 0
+    while seen < 8:  # wrappers nest (PEFT inside DDP); a bounded loop never spins on a cycle
+        seen += 1
+        get_base = getattr(model, "get_base_model", None)
+        if callable(get_base) and type(model).__name__.startswith("Peft"):
+            model = get_base()
+            continue
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module) and getattr(model, "config", None) is None:
+            model = inner
+            continue
+        break
+    return model
+
+
 def model_type(model: nn.Module) -> str:
+    model = unwrap_model(model)
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None) or type(model).__name__
 
@@ -32,6 +53,7 @@ def model_type(model: nn.Module) -> str:
 def adapter_for(model: nn.Module) -> type[MoELayer]:
     """The adapter class of `model`'s family (MegablocksLayer for a model of no transformers MoE
     family that contains megablocks blocks); NotAnMoEModel / UnsupportedFamily otherwise."""
+    model = unwrap_model(model)
     mtype = model_type(model)
     adapter = ADAPTERS.get(mtype)
     if adapter is None:
@@ -49,7 +71,9 @@ def adapter_for(model: nn.Module) -> type[MoELayer]:
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every sparse MoE block of `model`, in layer order, each behind its family's adapter.
-    Dense decoder layers (mlp_only_layers, decoder_sparse_step, first_k_dense_replace) are skipped."""
+    Dense decoder layers (mlp_only_layers, decoder_sparse_step, first_k_dense_replace) are skipped.
+    Wrappers (DDP, FSDP1, DeepSpeed, PEFT) are looked through (`unwrap_model`)."""
+    model = unwrap_model(model)
     adapter = adapter_for(model)
     if issubclass(adapter, MegablocksLayer):
         return adapter.find_layers(model)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 from moe_unlearn.atomic import staged_files
+from moe_unlearn.commands import add_model_args, load_from_args
 from moe_unlearn.errors import BadInputError
 
 OUTPUT_FILES = ("attribution.json", "attribution.png")
@@ -37,28 +39,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--coverage", type=float, default=None,
                    help="also choose the experts that cover this share of the forget tokens (for --scope topm), "
                         "stored in attribution.json")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model directory's own Python code to run (off by default)")
+    add_model_args(p)
     return p
 
 
 def load_model_and_tokenizer(model_dir: str | os.PathLike, *, trust_remote_code: bool = False,
-                             device: str | None = None):
-    """Model (eval mode) and tokenizer from a local directory; BadInputError if either does not load."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise BadInputError(f"model directory {path} does not exist; pass a directory written by save_pretrained")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise BadInputError(f"cannot load a causal LM and its tokenizer from {path}: {exc}") from exc
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+                             device: str | None = None, device_map: Any = None, dtype: str | None = None):
+    """Model (eval mode) and tokenizer from a local directory (moe_unlearn.loading: local files only, no
+    code from the folder unless trusted); BadInputError if either does not load."""
+    args = argparse.Namespace(model=model_dir, trust_remote_code=trust_remote_code, device=device,
+                              device_map=device_map, dtype=dtype)
+    return load_from_args(args)
 
 
 def _check_out(out: Path) -> None:
@@ -78,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from moe_unlearn.arch import find_moe_layers
     from moe_unlearn.attribution import attribute_experts
     from moe_unlearn.data import load_texts
+    from moe_unlearn.distributed import init_from_env, is_main
 
     out = Path(args.out)
     _check_out(out)
@@ -88,12 +80,14 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError(f"--coverage must be in (0, 1], got {args.coverage}")
     texts = load_texts(args.data, field=args.field)  # data errors before the (slow) model load
     retain = load_texts(args.retain, field=args.field) if args.retain else None
-    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code,
-                                                device=args.device)
+    init_from_env(args.device)  # under torchrun / accelerate launch: each rank reads its share
+    model, tokenizer = load_from_args(args)
     find_moe_layers(model)  # NotAnMoEModel / UnsupportedFamily before any work
     attribution = attribute_experts(model, texts, tokenizer=tokenizer, batch_size=args.batch_size,
                                     max_length=args.max_length, stability=args.stability, seed=args.seed,
                                     progress=True, retain=retain)
+    if not is_main():  # every rank holds the all-reduced attribution; rank 0 writes it
+        return 0
     if args.coverage is not None:
         from moe_unlearn.attribution import select_targets
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moe_unlearn.commands import add_model_args, load_from_args
 from moe_unlearn.errors import BadInputError
 
 DESCRIPTION = __doc__
@@ -51,37 +52,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens for QA answers (ROUGE-L)")
     p.add_argument("--no-generate", action="store_true", help="skip ROUGE-L and VerbMem (no decoding)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="output directory (report.json, report.md, and "
                                                 "routing_overlap.png when --original or --patch gives routing)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_args(p)
     return p
 
 
-def _load_model(path: str, device: str):
-    from transformers import AutoModelForCausalLM
-
-    if not Path(path).is_dir():
-        raise BadInputError(f"model directory {path} does not exist; pass a folder written by save_pretrained")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise BadInputError(f"cannot load a causal LM from {path}: {exc}") from exc
-    return model.to(device).eval()
-
-
-def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"cannot load a tokenizer from {path}: {exc}; pass --tokenizer DIR") from exc
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from moe_unlearn.data import DEFAULT_TEMPLATE
     from moe_unlearn.eval import PromptFormat, as_items, as_mcq_items, evaluate, record_routing
 
@@ -101,13 +79,11 @@ def run(args: argparse.Namespace) -> int:
     if args.patch and not Path(args.patch).exists():
         raise BadInputError(f"patch {args.patch} does not exist")
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     progress = not args.quiet
-    model = _load_model(args.model, device)
-    tokenizer = _load_tokenizer(args.tokenizer or args.model)
+    model, tokenizer = load_from_args(args, tokenizer_path=args.tokenizer)
     original, original_routing = None, None
     if args.original:
-        original = _load_model(args.original, device)
+        original, _ = load_from_args(args, args.original, tokenizer=False)
     if args.patch:
         from moe_unlearn.unlearning import apply_patch  # lazy: the unlearning package is optional here
 

@@ -12,41 +12,26 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moe_unlearn.errors import BadInputError
+from moe_unlearn.commands import add_model_args
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("inspect", help="print the MoE layers of a local model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", metavar="MODEL_DIR", help="local model directory (save_pretrained layout)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model directory's own Python code to run (off by default)")
+    add_model_args(p, device=False)
     p.add_argument("--load-weights", action="store_true",
                    help="load the weights with from_pretrained instead of building the model on the meta device")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     return p
 
 
-def load_for_inspection(model_dir: str | Path, *, trust_remote_code: bool = False, load_weights: bool = False):
+def load_for_inspection(model_dir: str | Path, *, trust_remote_code: bool = False, load_weights: bool = False,
+                        dtype: str | None = None):
     """The causal LM of a local directory: on the meta device (structure only) or with its weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from moe_unlearn.loading import load_model
 
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise BadInputError(f"model directory {path} does not exist; pass a directory written by save_pretrained")
-    if not (path / "config.json").is_file():
-        raise BadInputError(f"{path} has no config.json; pass a directory written by save_pretrained")
-    try:
-        if load_weights:
-            return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                        local_files_only=True).eval()
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        hint = "" if trust_remote_code else " (if the model ships its own code, pass --trust-remote-code)"
-        raise BadInputError(f"cannot load a causal LM from {path}: {exc}{hint}") from exc
+    return load_model(model_dir, trust_remote_code=trust_remote_code, meta=not load_weights, dtype=dtype)
 
 
 def _shared(layer: dict[str, Any]) -> str:
@@ -82,7 +67,7 @@ def format_table(summary: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from moe_unlearn.arch import model_summary
 
-    model = load_for_inspection(args.model_dir, trust_remote_code=args.trust_remote_code,
+    model = load_for_inspection(args.model_dir, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
                                 load_weights=args.load_weights)
     summary = model_summary(model)
     print(json.dumps(summary, indent=2) if args.json else format_table(summary))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
+from moe_unlearn.commands import add_model_args, load_from_args
 from moe_unlearn.errors import BadInputError
 
 
@@ -57,6 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0 = none)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     t.add_argument("--no-progress", action="store_true")
+    add_model_args(t)
     return p
 
 
@@ -80,24 +81,10 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.batch_size < 1 or args.max_length < 2:
         raise BadInputError("--steps and --batch-size must be >= 1 and --max-length >= 2")
     records = load_finetune_records(args.data)
-    model, tokenizer = _load_model(Path(args.model))
+    model, tokenizer = load_from_args(args)  # --device (default: cuda if available) / --device-map / --dtype
     result = finetune(model, tokenizer, records, config, out_dir=args.out)
     final = {k: round(v, 4) for k, v in result.history.final().items()}
     print(json.dumps({"out": str(result.out_dir), "method": args.method, "steps": result.history.steps[-1:],
                       "trainable_params": result.trainable_params, "final": final,
                       "routing_group_mass": result.routing}))
     return 0
-
-
-def _load_model(path: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (path / "config.json").is_file():
-        raise BadInputError(f"--model {path}: no config.json; pass a folder written by save_pretrained")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"--model {path}: cannot load its tokenizer ({exc}); save the tokenizer into the "
-                            f"model folder with tokenizer.save_pretrained") from exc
-    model = AutoModelForCausalLM.from_pretrained(path)
-    return model, tokenizer

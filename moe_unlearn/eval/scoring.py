@@ -215,7 +215,7 @@ def score_encoded(model: nn.Module, tokenizer, encoded: Sequence[EncodedItem], *
                 rec = cap.records[0]
             else:
                 logits = model(input_ids=ids, attention_mask=mask).logits
-            tok, correct, mu, sigma = (t.cpu() for t in next_token_stats(logits[:, :-1], ids[:, 1:]))
+            tok, correct, mu, sigma = (t.cpu() for t in next_token_stats(logits[:, :-1], ids[:, 1:].to(logits.device)))
             for b, e in enumerate(batch):
                 n = len(e.ids) - 1
                 results.append(ItemScores(tok[b, :n], correct[b, :n], mu[b, :n], sigma[b, :n], e.target_start - 1))

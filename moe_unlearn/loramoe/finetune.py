@@ -31,6 +31,7 @@ from torch import nn
 from moe_unlearn.atomic import staged_files
 from moe_unlearn.data import load_records, pad_batch, pad_token_id
 from moe_unlearn.errors import BadInputError, DataError
+from moe_unlearn.loading import input_device
 from moe_unlearn.loramoe.balance import routing_context
 from moe_unlearn.loramoe.config import LoRAMoEConfig
 from moe_unlearn.loramoe.model import adapter_parameters, add_loramoe, save_loramoe
@@ -248,17 +249,18 @@ def finetune(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]]
     batches = make_batches(examples, config.batch_size, pad_token_id(tokenizer), config.seed)
     observer = RoutingMassObserver() if adapter is not None and adapter.router != "none" else None
     weight = adapter.lbc_weight if adapter is not None else 0.0
-    device = next(model.parameters()).device
+    device = input_device(model)  # the input embedding's device (the first of a device_map model)
 
     def loss_fn(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
         if adapter is None:
-            nll = causal_lm_nll(model(input_ids=ids, attention_mask=mask).logits, batch["labels"].to(device))
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            nll = causal_lm_nll(logits, batch["labels"].to(logits.device))  # device_map: logits on the last GPU
             return {"loss": nll, "nll": nll}
         with routing_context(model, mask, batch["types"]) as ctx:
             logits = model(input_ids=ids, attention_mask=mask).logits
-        nll = causal_lm_nll(logits, batch["labels"].to(device))
+        nll = causal_lm_nll(logits, batch["labels"].to(logits.device))
         if observer is not None:
             observer.update(ctx)
         if weight <= 0:

@@ -4,12 +4,13 @@
     revert_patch(model, result.patch_path)
 """
 
+from moe_unlearn.unlearning.config import UnlearnConfig
 from moe_unlearn.unlearning.engine import UnlearnResult, unlearn
 from moe_unlearn.unlearning.objectives import OBJECTIVES, Objective, ObjectiveInputs, get_objective
 from moe_unlearn.unlearning.patch import apply_patch, read_patch_meta, revert_patch
 from moe_unlearn.unlearning.scopes import SCOPES, ExpertTarget, ScopePlan, SliceParams, resolve_scope
 
 __all__ = ["OBJECTIVES", "SCOPES", "ExpertTarget", "Objective", "ObjectiveInputs", "ScopePlan", "SliceParams",
-           "UnlearnResult", "apply_patch", "get_objective", "read_patch_meta", "resolve_scope", "revert_patch",
+           "UnlearnConfig", "UnlearnResult", "apply_patch", "get_objective", "read_patch_meta", "resolve_scope", "revert_patch",
            "unlearn"]
 

@@ -4,10 +4,14 @@
                      out_dir="patches/req-001")
     revert_patch(model, result.patch_path)    # the model is back to the original, bit-exactly
 
-The path, top to bottom: load and tokenize the data -> choose targets (given, or from an
-attribution) -> resolve the scope into trained tensors / expert slices -> compute reference
-values once with the original weights -> train with the shared loop (moe_unlearn.training)
--> write the patch (or a merged model).
+The run's knobs are one `UnlearnConfig` (moe_unlearn.unlearning.config); keyword arguments of
+`unlearn()` build it. The path, top to bottom, one function per phase:
+  _inputs      checks, load and tokenize the data, choose targets (given, or from an
+               attribution), resolve the scope into trained tensors / expert slices;
+  _references  values of the original model, once (what the objective declares it needs);
+  _loss        the loss of one step (objective + router anchor + retain-routing KL);
+  _train       the shared loop (moe_unlearn.training) over fp32 masters of the trained weights;
+  _outputs     the patch (or a merged model), written by rank 0 under torch.distributed.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +32,24 @@ import torch
 from torch import nn
 
 from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
-from moe_unlearn.arch.discovery import adapter_for, decoder_layers
+from moe_unlearn.arch.discovery import adapter_for, decoder_layers, unwrap_model
 from moe_unlearn.arch.stack import DecoderStack
 from moe_unlearn.atomic import atomic_dir
+from moe_unlearn.distributed import GradAllReduce, RankShard, barrier, check_not_sharded
+from moe_unlearn.distributed import world as dist_world
 from moe_unlearn.errors import BadInputError, DataError, NotAnMoEModel, TrainingDiverged
+from moe_unlearn.loading import input_device
 from moe_unlearn.training import TrainConfig, TrainHistory, TrainHooks, train
 from moe_unlearn.unlearning.anchor import anchor_target, retain_routing_kl, router_anchor_loss
-from moe_unlearn.unlearning.objectives import ObjectiveInputs, get_objective, rmu_steering, sequence_nll
+from moe_unlearn.unlearning.checkpointing import checkpointed
+from moe_unlearn.unlearning.config import UnlearnConfig
+from moe_unlearn.unlearning.objectives import (
+    Objective,
+    ObjectiveInputs,
+    get_objective,
+    rmu_steering,
+    sequence_nll,
+)
 from moe_unlearn.unlearning.patch import PatchEntry, snapshot, write_patch
 from moe_unlearn.unlearning.prefix_cache import PrefixCache
 from moe_unlearn.unlearning.scopes import SCOPES, ExpertTarget, ScopePlan, SliceParams, resolve_scope
@@ -246,9 +262,42 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _align_forget(inp: ObjectiveInputs) -> None:
+    """device_map: move labels, mask and references to where the outputs they meet came out
+    (logits on the lm_head's device, RMU hidden states on that layer's device); a no-op on one device."""
+    out = inp.forget_logits if inp.forget_logits is not None else inp.forget_hidden
+    if out is None:
+        return
+    inp.forget_labels, inp.forget_mask = inp.forget_labels.to(out.device), inp.forget_mask.to(out.device)
+    if inp.forget_ref_logp is not None:
+        inp.forget_ref_logp = inp.forget_ref_logp.to(out.device)
+    if inp.steering is not None and inp.forget_hidden is not None:
+        inp.steering = inp.steering.to(inp.forget_hidden.device)
+
+
+def _align_retain(inp: ObjectiveInputs) -> None:
+    out = inp.retain_logits if inp.retain_logits is not None else inp.retain_hidden
+    if out is None:
+        return
+    inp.retain_labels, inp.retain_mask = inp.retain_labels.to(out.device), inp.retain_mask.to(out.device)
+    if inp.retain_ref_logits is not None:
+        inp.retain_ref_logits = inp.retain_ref_logits.to(out.device)
+
+
 def _entries(plan: ScopePlan) -> list[PatchEntry]:
     return [PatchEntry(n) for n, _ in plan.whole] + [PatchEntry(s.name, s.dim, s.start, s.stop)
                                                     for s in plan.slices]
+
+
+def _last_trained_layer(plan: ScopePlan) -> int | None:
+    """Highest decoder layer holding trained weights; None if anything outside the layers trains."""
+    found = []
+    for name in [n for n, _ in plan.whole] + [s.name for s in plan.slices]:
+        m = _LAYER_RE.search(name)
+        if m is None:
+            return None
+        found.append(int(m.group(1)))
+    return max(found) if found else None
 
 
 def _prefix_start(plan: ScopePlan) -> int | None:
@@ -265,53 +314,13 @@ def _prefix_start(plan: ScopePlan) -> int | None:
 # -- the API -----------------------------------------------------------------------------------
 
 
-def unlearn(
-    model: nn.Module,
-    forget: Any,
-    retain: Any = None,
-    *,
-    tokenizer: Any = None,
-    method: str = "npo",
-    scope: str = "uoe",
-    target: Any = None,
-    top_m: int = 2,
-    topm_layer: int | None = None,
-    allow_shared: bool = False,
-    steps: int | None = 20,
-    epochs: int | None = None,
-    lr: float = 1e-4,
-    batch_size: int = 4,
-    grad_accum: int = 1,
-    max_length: int = 256,
-    lr_schedule: str = "constant",
-    warmup_steps: int = 0,
-    weight_decay: float = 0.0,
-    max_grad_norm: float | None = 1.0,
-    anchor_weight: float = 1.0,
-    retain_routing_weight: float = 0.0,
-    method_kwargs: dict[str, Any] | None = None,
-    prefix_cache: bool = True,
-    prefix_cache_mb: float = 1024,
-    out_dir: str | os.PathLike | None = None,
-    merge: bool = False,
-    model_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    checkpoint_every: int = 0,
-    checkpoint_dir: str | os.PathLike | None = None,
-    seed: int = 0,
-    bf16: bool | str = "auto",
-    progress: bool = True,
-    field: str | None = None,
-    loss_tokens: str = "answer",
-    callbacks: list[TrainHooks] | None = None,
-    router_projection: str | None = None,
-    expert_projection: str | None = None,
-    projection_energy: float = 0.99,
-    retain_weighting: str | None = None,
-    coverage: float | None = None,
-) -> UnlearnResult:
+def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any = None,
+            config: UnlearnConfig | None = None, callbacks: list[TrainHooks] | None = None,
+            **options: Any) -> UnlearnResult:
     """Unlearn `forget` from `model` IN PLACE and write a patch that undoes / redoes it.
 
+    The run's knobs are an `UnlearnConfig` (`config=`), or keyword arguments naming its fields
+    (they override `config`'s values): `unlearn(model, f, r, tokenizer=tok, lr=1e-5)`.
     forget / retain: anything `moe_unlearn.data.load_texts` reads (list of strings, .txt,
       .jsonl, dataset dir) or `TokenizedBatches`. retain is optional except for graddiff.
     method: a name in `objectives.OBJECTIVES` (ga, graddiff, npo, simnpo, rmu); method_kwargs
@@ -326,6 +335,8 @@ def unlearn(
       router trains.
     prefix_cache: with all trained weights in layers >= l, run only layers >= l each step and
       cache the states entering l (bounded by prefix_cache_mb; beyond it they are recomputed).
+    gradient_checkpointing: recompute the activations of the decoder layers above every trained
+      weight in backward instead of keeping them (less memory, one more forward of those layers).
     loss_tokens: "answer" (default): question/answer records score their answer tokens only (the
       prompt gets label -100, as open-unlearning does for TOFU and as the evaluation scores QA);
       plain texts score every token. "all": every token of every text.
@@ -343,248 +354,394 @@ def unlearn(
       forget-critical (see moe_unlearn.unlearning.trace). All three need retain data.
     out_dir: new (or empty) directory for the patch (or, with merge=True, the merged model);
       None writes nothing. The model's own directory is refused.
+    Under torch.distributed (torchrun) the data is split over the ranks and the trained slices'
+    gradients are averaged (moe_unlearn.distributed); only rank 0 writes.
     The model is left in its original train/eval mode with the unlearned weights in place; on a
     NaN/inf loss the original weights are restored, TrainingDiverged is raised and nothing is written.
+
+    The phases, in order: `_inputs` (checks, data, targets, scope) -> `_references` (values of
+    the original model, once) -> `_loss` (the per-step loss) -> `_train` (the shared loop) ->
+    `_outputs` (patch or merged model).
     """
     t0 = time.perf_counter()
-    objective = get_objective(method)
-    if scope not in SCOPES:
-        raise BadInputError(f"unknown scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
-    hp = objective.hparams(method_kwargs)
+    cfg = UnlearnConfig.build(config, **options)
+    run = _inputs(model, forget, retain, tokenizer, cfg)
+    ref = _references(run)
+    loss_fn = _loss(run, ref)
+    history = _train(run, loss_fn, callbacks)
+    return _outputs(run, history, forget, retain, t0)
+
+
+@dataclass
+class _Run:
+    """What the phases share: the checked inputs and everything derived from them once."""
+
+    cfg: UnlearnConfig
+    model: nn.Module
+    objective: Objective
+    hp: dict[str, Any]
+    out_path: Path | None
+    forget_batches: list[dict[str, torch.Tensor]]
+    retain_batches: list[dict[str, torch.Tensor]] | None
+    layers: list[MoELayer]
+    by_idx: dict[int, MoELayer]
+    targets: list[ExpertTarget]
+    plan: ScopePlan
+    device: torch.device
+    runner: _Runner
+    ref_runner: _Runner
+    hidden_layer: int | None  # the layer whose output the objective reads (RMU), else None
+    anchor_layers: dict[int, list[int]]
+    rr_layers: list[int]
+    capture_layers: list[MoELayer]
+    retain_ref_kind: str | None
+    rank: int = 0
+    world_size: int = 1
+    # set by _references: the trained entries, their original values, the model's mode and flags
+    entries: list[PatchEntry] = field(default_factory=list)
+    originals: list[torch.Tensor] = field(default_factory=list)
+    was_training: bool = False
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # projection ranks / energies, TRACE weights
+    # set by _train
+    ckpt_dir: Path | None = None
+    ckpt_existed: bool = False
+
+
+# -- phase 1: inputs ---------------------------------------------------------------------------
+
+
+def _inputs(model: nn.Module, forget: Any, retain: Any, tokenizer: Any, cfg: UnlearnConfig) -> _Run:
+    """Every check that can fail, the data, the targets and the scope, before any weight changes."""
+    model = unwrap_model(model)  # DDP / FSDP1 / DeepSpeed / PEFT wrappers: train the model inside
+    check_not_sharded(model)  # FSDP2 / ZeRO-3 shards: one clear error before any work
+    rank, world_size = dist_world()
+    cfg.progress = cfg.progress and rank == 0
+    objective = get_objective(cfg.method)
+    if cfg.scope not in SCOPES:
+        raise BadInputError(f"unknown scope {cfg.scope!r}; valid scopes: {', '.join(SCOPES)}")
+    hp = objective.hparams(cfg.method_kwargs)
     from moe_unlearn.data import LOSS_TOKENS
 
-    if loss_tokens not in LOSS_TOKENS:
-        raise BadInputError(f"loss_tokens must be one of {', '.join(LOSS_TOKENS)}, got {loss_tokens!r}")
-    out_path = Path(out_dir) if out_dir is not None else None
-    _check_out_dir(out_path, _model_dir(model, model_dir), merge)
+    if cfg.loss_tokens not in LOSS_TOKENS:
+        raise BadInputError(f"loss_tokens must be one of {', '.join(LOSS_TOKENS)}, got {cfg.loss_tokens!r}")
+    out_path = Path(cfg.out_dir) if cfg.out_dir is not None else None
+    _check_out_dir(out_path, _model_dir(model, cfg.model_dir), cfg.merge)
     if objective.requires_retain and retain is None:
-        raise BadInputError(f"method {method!r} needs retain data (retain=...)")
-    if retain_routing_weight and retain is None:
+        raise BadInputError(f"method {cfg.method!r} needs retain data (retain=...)")
+    if cfg.retain_routing_weight and retain is None:
         raise BadInputError("retain_routing_weight > 0 needs retain data (retain=...)")
     from moe_unlearn.unlearning.projection import EXPERT_PROJECTIONS, ROUTER_PROJECTIONS
     from moe_unlearn.unlearning.trace import RETAIN_WEIGHTINGS
 
-    for name, value, valid in (("router_projection", router_projection, ROUTER_PROJECTIONS),
-                               ("expert_projection", expert_projection, EXPERT_PROJECTIONS),
-                               ("retain_weighting", retain_weighting, RETAIN_WEIGHTINGS)):
+    for name, value, valid in (("router_projection", cfg.router_projection, ROUTER_PROJECTIONS),
+                               ("expert_projection", cfg.expert_projection, EXPERT_PROJECTIONS),
+                               ("retain_weighting", cfg.retain_weighting, RETAIN_WEIGHTINGS)):
         if value not in valid:
             raise BadInputError(f"{name} must be one of {[v for v in valid if v]} or None, got {value!r}")
         if value is not None and retain is None:
             raise BadInputError(f"{name}={value!r} needs retain data (retain=...)")
-    if expert_projection is not None and scope not in ("uoe", "topm"):
-        raise BadInputError(f"expert_projection={expert_projection!r} projects trained expert slices: use scope "
-                            f"uoe or topm (got {scope!r})")
-    if not (isinstance(projection_energy, (int, float)) and 0.0 < projection_energy <= 1.0):
-        raise BadInputError(f"projection_energy must be in (0, 1], got {projection_energy!r}")
+    if cfg.expert_projection is not None and cfg.scope not in ("uoe", "topm"):
+        raise BadInputError(f"expert_projection={cfg.expert_projection!r} projects trained expert slices: use scope "
+                            f"uoe or topm (got {cfg.scope!r})")
+    if not (isinstance(cfg.projection_energy, (int, float)) and 0.0 < cfg.projection_energy <= 1.0):
+        raise BadInputError(f"projection_energy must be in (0, 1], got {cfg.projection_energy!r}")
 
-    forget_batches = _batches(forget, tokenizer, batch_size=batch_size, max_length=max_length, field_name=field,
-                              what="forget", loss_tokens=loss_tokens, seed=seed)
-    retain_batches = (_batches(retain, tokenizer, batch_size=batch_size, max_length=max_length,
-                               field_name=field, what="retain", loss_tokens=loss_tokens, seed=seed + 1)
+    data_kw = dict(batch_size=cfg.batch_size, max_length=cfg.max_length, field_name=cfg.field,
+                   loss_tokens=cfg.loss_tokens)
+    forget_batches = _batches(forget, tokenizer, what="forget", seed=cfg.seed, **data_kw)
+    retain_batches = (_batches(retain, tokenizer, what="retain", seed=cfg.seed + 1, **data_kw)
                       if retain is not None else None)
     layers = find_moe_layers(model)
-    if coverage is not None and scope != "topm":
-        raise BadInputError(f"coverage={coverage} selects several experts: use scope 'topm' (got {scope!r})")
-    targets = _parse_targets(target, scope, model=model, forget_source=forget, tokenizer=tokenizer, top_m=top_m,
-                             topm_layer=topm_layer, batch_size=batch_size, max_length=max_length,
-                             progress=progress, coverage=coverage, retain_source=retain)
-    plan = resolve_scope(model, layers, scope, targets, allow_shared=allow_shared)
+    if cfg.coverage is not None and cfg.scope != "topm":
+        raise BadInputError(f"coverage={cfg.coverage} selects several experts: use scope 'topm' (got {cfg.scope!r})")
+    targets = _parse_targets(cfg.target, cfg.scope, model=model, forget_source=forget, tokenizer=tokenizer,
+                             top_m=cfg.top_m, topm_layer=cfg.topm_layer, batch_size=cfg.batch_size,
+                             max_length=cfg.max_length, progress=cfg.progress, coverage=cfg.coverage,
+                             retain_source=retain)
+    plan = resolve_scope(model, layers, cfg.scope, targets, allow_shared=cfg.allow_shared)
     by_idx: dict[int, MoELayer] = {layer.layer_idx: layer for layer in layers}
-    if router_projection is not None and not plan.router_layers:
-        raise BadInputError(f"router_projection={router_projection!r}: scope {scope!r} trains no router")
-    device = next(model.parameters()).device
+    if cfg.router_projection is not None and not plan.router_layers:
+        raise BadInputError(f"router_projection={cfg.router_projection!r}: scope {cfg.scope!r} trains no router")
 
-    # which layers the step must run, and which hidden state RMU reads
-    start = _prefix_start(plan) if prefix_cache else None
-    rmu_layer = None
-    if method == "rmu":
-        num_layers = len(_layer_list(model))
-        rmu_layer = hp["layer"]
-        if rmu_layer is None:
-            trained = {t.layer for t in targets} or None
-            rmu_layer = max(trained) if trained else num_layers // 2
-        if not 0 <= rmu_layer < num_layers:
-            raise BadInputError(f"rmu layer {rmu_layer} out of range (0..{num_layers - 1})")
-        first = _prefix_start(plan)
-        if first is not None and rmu_layer < first:
-            raise BadInputError(f"rmu layer {rmu_layer} is below every trained layer (first: {first}); its output "
-                                "cannot change. Choose layer >= the target layer")
-    runner = _Runner(model, start=start, cache_bytes=int(prefix_cache_mb * 2**20), cache=prefix_cache,
-                     hidden_layer=rmu_layer, need_logits=objective.needs_logits)
-    ref_runner = _Runner(model, start=None, cache_bytes=0, cache=False, hidden_layer=rmu_layer,
+    # which layers the step must run, and which hidden state the objective reads
+    start = _prefix_start(plan) if cfg.prefix_cache else None
+    hidden_layer = _hidden_layer(objective, hp, model, plan, targets)
+    runner = _Runner(model, start=start, cache_bytes=int(cfg.prefix_cache_mb * 2**20), cache=cfg.prefix_cache,
+                     hidden_layer=hidden_layer, need_logits=objective.needs_logits)
+    ref_runner = _Runner(model, start=None, cache_bytes=0, cache=False, hidden_layer=hidden_layer,
                          need_logits=True)
 
-    anchor_layers = {}
-    if scope in ("uoe", "topm") and anchor_weight:
+    anchor_layers: dict[int, list[int]] = {}
+    if cfg.scope in ("uoe", "topm") and cfg.anchor_weight:
         for t in targets:
             if not t.shared:
                 anchor_layers.setdefault(t.layer, []).append(int(t.expert))
-    rr_layers = plan.router_layers if retain_routing_weight else []
-    capture_layers = [by_idx[i] for i in sorted(set(anchor_layers) | set(rr_layers))]
-    retain_ref_kind = objective.retain_reference(hp) if retain_batches is not None else None
+    rr_layers = plan.router_layers if cfg.retain_routing_weight else []
+    return _Run(cfg=cfg, model=model, objective=objective, hp=hp, out_path=out_path, forget_batches=forget_batches,
+                retain_batches=retain_batches, layers=layers, by_idx=by_idx, targets=targets, plan=plan,
+                device=input_device(model),  # the first device of a device_map model
+                runner=runner, ref_runner=ref_runner, hidden_layer=hidden_layer, anchor_layers=anchor_layers,
+                rr_layers=rr_layers,
+                capture_layers=[by_idx[i] for i in sorted(set(anchor_layers) | set(rr_layers))],
+                retain_ref_kind=objective.retain_reference(hp) if retain_batches is not None else None,
+                rank=rank, world_size=world_size)
 
-    was_training = model.training
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    entries = _entries(plan)
-    originals = snapshot(model, entries)
-    model.eval()  # deterministic steps (no dropout); reference values line up with the trained passes
 
-    # -- reference values, computed once with the original weights --------------------------
-    ref: dict[str, dict[int, Any]] = {"f_logp": {}, "r_hidden": {}, "r_scores": {}}
+def _hidden_layer(objective: Objective, hp: dict[str, Any], model: nn.Module, plan: ScopePlan,
+                  targets: list[ExpertTarget]) -> int | None:
+    """The decoder layer whose output a representation objective (RMU) reads: hp["layer"], else
+    the highest target layer, else the middle layer; it must be at or above the trained layers."""
+    if not objective.reads_hidden:
+        return None
+    num_layers = len(_layer_list(model))
+    layer = hp["layer"]
+    if layer is None:
+        trained = {t.layer for t in targets} or None
+        layer = max(trained) if trained else num_layers // 2
+    if not 0 <= layer < num_layers:
+        raise BadInputError(f"{objective.name} layer {layer} out of range (0..{num_layers - 1})")
+    first = _prefix_start(plan)
+    if first is not None and layer < first:
+        raise BadInputError(f"{objective.name} layer {layer} is below every trained layer (first: {first}); its "
+                            "output cannot change. Choose layer >= the target layer")
+    return layer
+
+
+# -- phase 2: references -----------------------------------------------------------------------
+
+
+def _references(run: _Run) -> dict[str, Any]:
+    """Values of the original model, computed once before any step (what the objective declares
+    it needs: forget log-probs, retain hidden states; retain routing for the routing KL); also
+    snapshots the trained weights and puts the model in eval mode (no dropout, so reference
+    values line up with the trained passes)."""
+    model, objective = run.model, run.objective
+    run.entries = _entries(run.plan)
+    run.originals = snapshot(model, run.entries)
+    run.was_training = model.training
+    run.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    ref: dict[str, Any] = {"f_logp": {}, "r_hidden": {}, "r_scores": {}, "steering": None}
+    model.eval()
     with torch.no_grad():
         if objective.forget_reference == "logp":
-            for k, b in enumerate(forget_batches):
-                b = _to(b, device)
-                logits, _ = ref_runner(("f", k), b)
-                ref["f_logp"][k] = -sequence_nll(logits, b["labels"])[0]
-        if retain_batches is not None and (retain_ref_kind == "hidden" or rr_layers):
-            for k, b in enumerate(retain_batches):
-                b = _to(b, device)
-                with RoutingCapture(model, [by_idx[i] for i in rr_layers]) as cap:
-                    _, hidden = ref_runner(("r", k), b)
-                if retain_ref_kind == "hidden":
+            for k, b in enumerate(run.forget_batches):
+                b = _to(b, run.device)
+                logits, _ = run.ref_runner(("f", k), b)
+                ref["f_logp"][k] = -sequence_nll(logits, b["labels"].to(logits.device))[0]
+        if run.retain_batches is not None and (run.retain_ref_kind == "hidden" or run.rr_layers):
+            for k, b in enumerate(run.retain_batches):
+                b = _to(b, run.device)
+                with RoutingCapture(model, [run.by_idx[i] for i in run.rr_layers]) as cap:
+                    _, hidden = run.ref_runner(("r", k), b)
+                if run.retain_ref_kind == "hidden":
                     ref["r_hidden"][k] = hidden
-                if rr_layers:
-                    ref["r_scores"][k] = {i: by_idx[i].scores_from_logits(cap.records[-1].layers[i].logits)
-                                          for i in rr_layers}
-    details: dict[str, Any] = {}
-    trace_w = None
-    if retain_weighting == "trace":
+                if run.rr_layers:
+                    ref["r_scores"][k] = {i: run.by_idx[i].scores_from_logits(cap.records[-1].layers[i].logits)
+                                          for i in run.rr_layers}
+    ref["trace_w"] = None
+    if run.cfg.retain_weighting == "trace":  # retain token weights by how forget-critical their experts are
         from moe_unlearn.unlearning.trace import trace_weights
 
         critical = None
-        if targets:
+        if run.targets:
             critical = {}
-            for t in targets:
+            for t in run.targets:
                 if not t.shared:
                     critical.setdefault(t.layer, []).append(int(t.expert))
-        trace_layers = [by_idx[i] for i in sorted(critical)] if critical is not None else layers
-        trace_w, details["trace"] = trace_weights(model, forget_batches, retain_batches, trace_layers, critical,
-                                                  device)
-    steering = (rmu_steering(model.config.hidden_size, hp["steering_coeff"], seed=seed, device=device)
-                if method == "rmu" else None)
+        trace_layers = [run.by_idx[i] for i in sorted(critical)] if critical is not None else run.layers
+        ref["trace_w"], run.details["trace"] = trace_weights(model, run.forget_batches, run.retain_batches,
+                                                             trace_layers, critical, run.device)
+    if objective.reads_hidden:  # the representation target of RMU: a fixed random direction
+        ref["steering"] = rmu_steering(model.config.hidden_size, run.hp["steering_coeff"], seed=run.cfg.seed,
+                                       device=run.device)
+    return ref
 
-    items = _ForgetRetainPairs(len(forget_batches), len(retain_batches) if retain_batches else 0, seed)
-    need_retain_pass = retain_batches is not None and (
-        objective.name == "rmu" or objective.requires_retain or hp.get("alpha", 0) or rr_layers)
+
+# -- phase 3: the loss of one step ---------------------------------------------------------------
+
+
+def _loss(run: _Run, ref: dict[str, Any]):
+    """loss_fn(item) for the training loop: the objective on one forget batch (and its paired
+    retain batch), plus the router anchor and the retain-routing KL where they are on."""
+    model, objective, hp, cfg, device = run.model, run.objective, run.hp, run.cfg, run.device
+    by_idx, runner = run.by_idx, run.runner
+    need_retain_pass = run.retain_batches is not None and (objective.uses_retain(hp) or bool(run.rr_layers))
 
     def routed(cap: RoutingCapture, layer_idx: int) -> torch.Tensor:
         return by_idx[layer_idx].scores_from_logits(cap.records[-1].layers[layer_idx].logits)
 
     def loss_fn(item: dict[str, Any]) -> dict[str, torch.Tensor]:
         k, rk = item["k"], item["rk"]
-        fb = _to(forget_batches[k], device)
+        fb = _to(run.forget_batches[k], device)
         inp = ObjectiveInputs(forget_labels=fb["labels"], forget_mask=fb["attention_mask"],
-                              forget_ref_logp=ref["f_logp"].get(k), steering=steering)
+                              forget_ref_logp=ref["f_logp"].get(k), steering=ref["steering"])
         rb = None
         if need_retain_pass:
-            rb = _to(retain_batches[rk], device)
-            if trace_w is not None:
-                inp.retain_weight = trace_w[rk].to(device)
-            if retain_ref_kind == "logits":
-                with torch.no_grad(), _original_weights(model, entries, originals):
+            rb = _to(run.retain_batches[rk], device)
+            if ref["trace_w"] is not None:
+                inp.retain_weight = ref["trace_w"][rk].to(device)
+            if run.retain_ref_kind == "logits":
+                with torch.no_grad(), _original_weights(model, run.entries, run.originals):
                     inp.retain_ref_logits = runner(("r", rk), rb)[0]
         terms: dict[str, torch.Tensor] = {}
         extra = []
-        with RoutingCapture(model, capture_layers, detach=False) as cap:
+        with RoutingCapture(model, run.capture_layers, detach=False) as cap:
             inp.forget_logits, inp.forget_hidden = runner(("f", k), fb)
-            if anchor_layers:
+            _align_forget(inp)
+            if run.anchor_layers:
                 fmask = fb["attention_mask"].reshape(-1).bool()
-                vals = [router_anchor_loss(routed(cap, i), fmask,
-                                           anchor_target(by_idx[i].num_experts, exps, device=device))
-                        for i, exps in anchor_layers.items()]
+                vals = []
+                for i, exps in run.anchor_layers.items():  # each router on its own device (device_map)
+                    scores = routed(cap, i)
+                    vals.append(router_anchor_loss(scores, fmask.to(scores.device), anchor_target(
+                        by_idx[i].num_experts, exps, device=scores.device)).to(device))
                 anchor = torch.stack(vals).mean()
                 terms["anchor"] = anchor.detach()
-                extra.append(anchor_weight * anchor)
+                extra.append(cfg.anchor_weight * anchor)
             if rb is not None:
                 cap.clear()
                 inp.retain_logits, inp.retain_hidden = runner(("r", rk), rb)
                 inp.retain_labels, inp.retain_mask = rb["labels"], rb["attention_mask"]
                 inp.retain_ref_hidden = ref["r_hidden"].get(rk)
-                if rr_layers:
+                _align_retain(inp)
+                if run.rr_layers:
                     rmask = rb["attention_mask"].reshape(-1).bool()
-                    rr = torch.stack([retain_routing_kl(ref["r_scores"][rk][i], routed(cap, i), rmask)
-                                      for i in rr_layers]).mean()
+                    rr = torch.stack([retain_routing_kl(ref["r_scores"][rk][i], cur, rmask.to(cur.device)).to(device)
+                                      for i in run.rr_layers for cur in (routed(cap, i),)]).mean()
                     terms["retain_routing"] = rr.detach()
-                    extra.append(retain_routing_weight * rr)
+                    extra.append(cfg.retain_routing_weight * rr)
         out = dict(objective.loss(inp, hp))
-        out["loss"] = out["loss"] + sum(extra) if extra else out["loss"]
+        out["loss"] = out["loss"] + sum(e.to(out["loss"].device) for e in extra) if extra else out["loss"]
         out.update(terms)
         return out
 
-    # -- train --------------------------------------------------------------------------------
+    return loss_fn
+
+
+# -- phase 4: train ----------------------------------------------------------------------------
+
+
+def _train(run: _Run, loss_fn: Any, callbacks: list[TrainHooks] | None) -> TrainHistory:
+    """The shared loop over the trained leaves (fp32 masters for a low-precision model); on any
+    error the original weights are written back. The model's mode and requires_grad flags are
+    restored either way."""
+    model, cfg, plan, device, rank = run.model, run.cfg, run.plan, run.device, run.rank
+    items: Any = _ForgetRetainPairs(len(run.forget_batches), len(run.retain_batches) if run.retain_batches else 0,
+                                    cfg.seed)
+    if run.world_size > 1:  # data parallel: item i of an epoch is rank (i mod world)'s
+        items = RankShard(items, rank, run.world_size)
+        if items.dropped and rank == 0:
+            warnings.warn(f"{items.dropped} of {len(run.forget_batches)} forget batches per epoch are not used: "
+                          f"{run.world_size} ranks take equal shares", stacklevel=3)
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, p in plan.whole:
-        p.requires_grad_(True)
-    slices = SliceParams(plan.slices) if plan.slices else None
-    leaves = [p for _, p in plan.whole] + (slices.shadows if slices else [])
+    slices = SliceParams(plan.slices, plan.whole)  # fp32 masters for a low-precision model
+    leaves = slices.leaves
     projector = None
-    if router_projection is not None or expert_projection is not None:
+    if cfg.router_projection is not None or cfg.expert_projection is not None:
         from moe_unlearn.unlearning.projection import build_projector
 
+        by_idx = run.by_idx
         projector = build_projector(
-            model, retain_batches, energy=projection_energy, device=device, slices=slices,
-            router_layers=[by_idx[i] for i in plan.router_layers] if router_projection else [],
-            experts=[(by_idx[t.layer], int(t.expert)) for t in targets if not t.shared] if expert_projection
-            else [])
-        details["projections"] = projector.report()
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else (
-        out_path.with_name(out_path.name + ".ckpt") if out_path is not None and (checkpoint_every or resume)
+            model, run.retain_batches, energy=cfg.projection_energy, device=device, slices=slices,
+            router_layers=[by_idx[i] for i in plan.router_layers] if cfg.router_projection else [],
+            experts=[(by_idx[t.layer], int(t.expert)) for t in run.targets if not t.shared]
+            if cfg.expert_projection else [])
+        run.details["projections"] = projector.report()
+    out_path = run.out_path
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else (
+        out_path.with_name(out_path.name + ".ckpt") if out_path is not None and (cfg.checkpoint_every or cfg.resume)
         else None)
-    if (checkpoint_every or resume) and ckpt_dir is None:
-        raise BadInputError("checkpoint_every / resume need out_dir or checkpoint_dir")
-    ckpt_existed = ckpt_dir is not None and ckpt_dir.exists()
-    config = TrainConfig(steps=steps if epochs is None else None, epochs=epochs, batch_size=batch_size,
-                         grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
-                         weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, bf16=bf16,
-                         checkpoint_every=checkpoint_every, checkpoint_dir=str(ckpt_dir) if ckpt_dir else None,
-                         resume=resume, progress=progress, desc=f"unlearn {method}/{scope}")
-    # order: shadows written into the model, then projected there (and read back), then the caller's hooks
-    hooks: list[TrainHooks] = ([slices] if slices else []) + ([projector] if projector else []) + list(callbacks or [])
+    run.ckpt_dir = ckpt_dir
     try:
-        history = train(leaves, loss_fn, items, config, hooks=hooks)
+        if (cfg.checkpoint_every or cfg.resume) and ckpt_dir is None:
+            raise BadInputError("checkpoint_every / resume need out_dir or checkpoint_dir")
+        run.ckpt_existed = ckpt_dir is not None and ckpt_dir.exists()
+        shared = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig) if f.name in UnlearnConfig.names()}
+        config = TrainConfig(**{**shared, "steps": cfg.steps if cfg.epochs is None else None,
+                                "checkpoint_every": cfg.checkpoint_every if rank == 0 else 0,  # rank 0 writes
+                                "checkpoint_dir": str(ckpt_dir) if ckpt_dir else None,
+                                "desc": f"unlearn {cfg.method}/{cfg.scope}"})
+        # order: leaves written into the model, then projected there (and read back), then the caller's hooks
+        hooks: list[TrainHooks] = [slices] + ([projector] if projector else [])
+        if run.world_size > 1:  # average the trained leaves' gradients and the logged terms over the ranks
+            hooks.append(GradAllReduce(leaves, slices.write_back))
+        hooks += list(callbacks or [])  # the caller's hooks see averaged gradients and terms
+        upper: list[nn.Module] = []
+        if cfg.gradient_checkpointing:  # the layers above every trained weight: recomputed in backward
+            last = _last_trained_layer(plan)
+            upper = list(_layer_list(model))[last + 1:] if last is not None else []
+        with checkpointed(upper):
+            return train(leaves, loss_fn, items, config, hooks=hooks)
     except BaseException as exc:
         with torch.no_grad():  # leave the model as it was
             params = dict(model.named_parameters())
-            for e, orig in zip(entries, originals, strict=True):
+            for e, orig in zip(run.entries, run.originals, strict=True):
                 e.view(params).copy_(orig.to(device))
-        if isinstance(exc, TrainingDiverged) and ckpt_dir is not None and not ckpt_existed:
+        if isinstance(exc, TrainingDiverged) and ckpt_dir is not None and not run.ckpt_existed:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         raise
     finally:
-        if slices:
-            slices.close()
+        slices.close()
         for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-        model.train(was_training)
+            p.requires_grad_(run.requires_grad[n])
+        model.train(run.was_training)
 
-    # -- output -------------------------------------------------------------------------------
-    info = {"method": method, "scope": scope, "targets": [str(t) for t in targets],
-            "hyperparameters": {**hp, "lr": lr, "steps": steps, "epochs": epochs, "batch_size": batch_size,
-                                "grad_accum": grad_accum, "max_length": max_length, "lr_schedule": lr_schedule,
-                                "warmup_steps": warmup_steps, "weight_decay": weight_decay,
-                                "max_grad_norm": max_grad_norm, "anchor_weight": anchor_weight,
-                                "retain_routing_weight": retain_routing_weight, "seed": seed,
-                                "loss_tokens": loss_tokens, "router_projection": router_projection,
-                                "expert_projection": expert_projection, "projection_energy": projection_energy,
-                                "retain_weighting": retain_weighting, "coverage": coverage},
-            **details,
+
+# -- phase 5: outputs --------------------------------------------------------------------------
+
+
+def _inputs_record(forget: Any, retain: Any, cfg: UnlearnConfig) -> dict[str, Any]:
+    """The data and model paths of a run, where they are paths (so patch.json can replay it)."""
+    rec: dict[str, Any] = {}
+    for key, value in (("forget", forget), ("retain", retain), ("model", cfg.model_dir)):
+        if isinstance(value, (str, os.PathLike)) and Path(value).exists():
+            rec[key] = str(Path(value).resolve())
+    return rec
+
+
+def _outputs(run: _Run, history: TrainHistory, forget: Any, retain: Any, t0: float) -> UnlearnResult:
+    """The patch (or merged model), written by rank 0 only, and the result."""
+    cfg, plan, model, rank = run.cfg, run.plan, run.model, run.rank
+    targets = [str(t) for t in run.targets]
+    replay = cfg.to_dict()
+    replay["target"] = targets or replay["target"]  # an attribution is recorded as the targets it gave
+    replay["out_dir"] = None  # a replay writes somewhere new
+    info = {"method": cfg.method, "scope": cfg.scope, "targets": targets,
+            "hyperparameters": {**run.hp, "lr": cfg.lr, "steps": cfg.steps, "epochs": cfg.epochs,
+                                "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                                "max_length": cfg.max_length, "lr_schedule": cfg.lr_schedule,
+                                "warmup_steps": cfg.warmup_steps, "weight_decay": cfg.weight_decay,
+                                "max_grad_norm": cfg.max_grad_norm, "anchor_weight": cfg.anchor_weight,
+                                "retain_routing_weight": cfg.retain_routing_weight, "seed": cfg.seed,
+                                "loss_tokens": cfg.loss_tokens, "router_projection": cfg.router_projection,
+                                "expert_projection": cfg.expert_projection,
+                                "projection_energy": cfg.projection_energy,
+                                "retain_weighting": cfg.retain_weighting, "coverage": cfg.coverage},
+            **run.details,
             "final_terms": history.final(), "steps_run": len(history.steps),
-            "trainable_params": plan.num_trainable()}
+            "trainable_params": plan.num_trainable(),
+            "config": replay, "inputs": _inputs_record(forget, retain, cfg)}
+    out_path = run.out_path
     patch_path = merged_path = None
-    if out_path is not None and merge:
-        merged_path = _save_merged(model, out_path)
+    if out_path is not None and cfg.merge:
+        merged_path = out_path
+        if rank == 0:  # every rank holds the same weights; one writes
+            _save_merged(model, out_path)
     elif out_path is not None:
-        patch_path = write_patch(out_path, model, entries, originals, info)
-    if ckpt_dir is not None and not ckpt_existed and out_path is not None:
+        patch_path = out_path
+        if rank == 0:
+            write_patch(out_path, model, run.entries, run.originals, info)
+    ckpt_dir = run.ckpt_dir
+    if ckpt_dir is not None and not run.ckpt_existed and out_path is not None and rank == 0:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return UnlearnResult(patch_path=patch_path, merged_path=merged_path, method=method, scope=scope,
-                         targets=[str(t) for t in targets], history=history,
-                         trainable_params=plan.num_trainable(),
+    barrier()  # no rank returns before the patch exists
+    return UnlearnResult(patch_path=patch_path, merged_path=merged_path, method=cfg.method, scope=cfg.scope,
+                         targets=targets, history=history, trainable_params=plan.num_trainable(),
                          optimizer_state_bytes=history.optimizer_state_bytes,
                          wall_time=time.perf_counter() - t0, final_terms=history.final(),
-                         prefix_cache_start=runner.start, details=details)
+                         prefix_cache_start=run.runner.start, details=run.details)
 
 
 def _save_merged(model: nn.Module, out_dir: Path) -> Path:
@@ -592,4 +749,3 @@ def _save_merged(model: nn.Module, out_dir: Path) -> Path:
     with atomic_dir(out_dir) as tmp:  # an existing out_dir can only be empty here (checked by the caller)
         model.save_pretrained(tmp)
     return out_dir
-

@@ -195,6 +195,8 @@ class Objective:
     forget_reference: "logp" = sequence log-probs of the original model on forget batches.
     retain_reference: "logits" (KL) or "hidden" (RMU) on retain batches, from the original model.
     needs_logits: False for representation methods (RMU): the engine may stop at the RMU layer.
+    reads_hidden: the loss reads the output of one decoder layer (hp["layer"]) and a fixed steering
+      direction (RMU); the engine provides forget/retain hidden states and the original model's.
     """
 
     name: str
@@ -203,6 +205,7 @@ class Objective:
     requires_retain: bool = False
     forget_reference: str | None = None
     needs_logits: bool = True
+    reads_hidden: bool = False
 
     def hparams(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Defaults updated with `overrides`; unknown names are an error (typos must not pass silently)."""
@@ -213,8 +216,12 @@ class Objective:
                                 f"valid: {sorted(self.defaults)}")
         return {**self.defaults, **overrides}
 
+    def uses_retain(self, hp: Mapping[str, Any]) -> bool:
+        """Whether a step runs the paired retain batch (when retain data is given)."""
+        return self.requires_retain or self.reads_hidden or bool(hp.get("alpha", 0))
+
     def retain_reference(self, hp: Mapping[str, Any]) -> str | None:
-        if self.name == "rmu":
+        if self.reads_hidden:
             return "hidden"
         return "logits" if hp.get("retain_loss") == "kl" else None
 
@@ -227,7 +234,8 @@ OBJECTIVES: dict[str, Objective] = {
                      forget_reference="logp"),
     "simnpo": Objective("simnpo", simnpo_loss, dict(beta=4.5, delta=0.0, gamma=0.125, alpha=1.0,
                                                     retain_loss="nll")),
-    "rmu": Objective("rmu", rmu_loss, dict(steering_coeff=6.5, alpha=1.0, layer=None), needs_logits=False),
+    "rmu": Objective("rmu", rmu_loss, dict(steering_coeff=6.5, alpha=1.0, layer=None), needs_logits=False,
+                     reads_hidden=True),
 }
 
 

@@ -5,7 +5,8 @@ done with requires_grad on a sub-module. A one-expert scope trains small *shadow
 tensors, one per expert slice: after each backward a gradient hook moves the fused tensor's
 gradient slice into the shadow (and drops the fused gradient), the optimizer updates only
 the shadows (optimizer state proportional to one expert), and after each step the shadow
-is written back into the slice. Every other slice stays bit-identical.
+is written back into the slice. Every other slice stays bit-identical. For a bf16/fp16 model
+the shadows (and masters of trained whole tensors) are fp32, so small updates are not lost.
 """
 
 from __future__ import annotations
@@ -106,46 +107,94 @@ def resolve_scope(model: nn.Module, layers: list[MoELayer], scope: str, targets:
     return plan
 
 
-class SliceParams(TrainHooks):
-    """Shadow leaves for expert slices; pass `.shadows` to `train` and this object as a hook.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-    Call `close()` when done (removes the gradient hooks).
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a trained copy of a `dtype` tensor is kept in: fp32 for bf16/fp16, else `dtype`.
+
+    A bf16 weight near 0.02 moves only in steps of about 1e-4 (8 mantissa bits), so an update
+    of lr 1e-5 rounds back to the same value every step; an fp32 master accumulates it."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+class SliceParams(TrainHooks):
+    """The leaves the optimizer trains for a scope; pass `.leaves` to `train` and this object as a hook.
+
+    - each expert slice gets a shadow leaf (`.shadows`), of the slice's size only;
+    - each trained whole tensor in bf16/fp16 gets an fp32 master leaf; whole tensors already in
+      fp32 train in place (no copy).
+    Shadows and masters are fp32 for a low-precision model (`master_dtype`), so updates below the
+    model dtype's resolution accumulate; after each step they are written back into the model,
+    rounded to its dtype. Gradient hooks move the model tensor's gradient into the leaf (cast to
+    fp32, accumulated there across micro-batches) and drop it. Call `close()` when done.
     """
 
-    def __init__(self, slices: list[ExpertSlice]) -> None:
+    def __init__(self, slices: list[ExpertSlice], whole: list[tuple[str, nn.Parameter]] | None = None) -> None:
         self.slices = list(slices)
-        self.shadows = [nn.Parameter(s.view().detach().clone()) for s in self.slices]
+        self.shadows = [nn.Parameter(s.view().detach().to(master_dtype(s.param.dtype), copy=True))
+                        for s in self.slices]
+        self._handles = []
         by_param: dict[int, list[int]] = {}
         for i, s in enumerate(self.slices):
             by_param.setdefault(id(s.param), []).append(i)
-        self._handles = []
         for idxs in by_param.values():
             param = self.slices[idxs[0]].param
             param.requires_grad_(True)
-            self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(idxs)))
+            self._handles.append(param.register_post_accumulate_grad_hook(self._slice_hook(idxs)))
+        self.masters: list[tuple[nn.Parameter, nn.Parameter]] = []  # (model tensor, fp32 master)
+        in_place: list[nn.Parameter] = []
+        for _, p in whole or []:
+            p.requires_grad_(True)
+            if p.dtype in _LOW_PRECISION:
+                master = nn.Parameter(p.detach().to(torch.float32, copy=True))
+                self.masters.append((p, master))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._master_hook(master)))
+            else:
+                in_place.append(p)
+        self.leaves: list[nn.Parameter] = in_place + [m for _, m in self.masters] + self.shadows
 
-    def _grad_hook(self, idxs: list[int]):
+    @staticmethod
+    def _accumulate(leaf: torch.Tensor, g: torch.Tensor) -> None:
+        if leaf.grad is None:
+            leaf.grad = g.detach().to(leaf.dtype, copy=True)
+        else:
+            leaf.grad.add_(g.to(leaf.dtype))
+
+    def _slice_hook(self, idxs: list[int]):
         def hook(param: torch.Tensor) -> None:
             for i in idxs:
-                s, shadow = self.slices[i], self.shadows[i]
-                g = param.grad.narrow(s.dim, s.start, s.stop - s.start)
-                if shadow.grad is None:
-                    shadow.grad = g.detach().clone()
-                else:
-                    shadow.grad.add_(g)
+                s = self.slices[i]
+                self._accumulate(self.shadows[i], param.grad.narrow(s.dim, s.start, s.stop - s.start))
             param.grad = None  # the fused gradient is not kept: memory of one expert, not E
+        return hook
+
+    def _master_hook(self, master: nn.Parameter):
+        def hook(param: torch.Tensor) -> None:
+            self._accumulate(master, param.grad)
+            param.grad = None
         return hook
 
     @torch.no_grad()
     def write_back(self) -> None:
+        """Copy the leaves into the model (rounded to nearest in the model's dtype)."""
         for s, shadow in zip(self.slices, self.shadows, strict=True):
             s.view().copy_(shadow)
+        for p, master in self.masters:
+            p.data.copy_(master)
 
     @torch.no_grad()
     def read_back(self) -> None:
-        """Copy the slices into the shadows (after a hook changed the model's slices in place)."""
-        for s, shadow in zip(self.slices, self.shadows, strict=True):
-            shadow.copy_(s.view())
+        """Take what a hook changed in the model's slices / tensors in place (a projection) into the
+        leaves. A leaf of the model's dtype is copied; an fp32 master of a bf16/fp16 tensor gets only
+        the change added, so it keeps its precision below the model dtype's resolution."""
+        pairs = [(s.view(), sh) for s, sh in zip(self.slices, self.shadows, strict=True)]
+        pairs += [(p.data, m) for p, m in self.masters]
+        for model_t, leaf in pairs:
+            if leaf.dtype == model_t.dtype:
+                leaf.copy_(model_t)
+            else:  # before the hook the model held round(leaf): add the hook's change
+                leaf.add_(model_t.to(leaf.dtype) - leaf.to(model_t.dtype).to(leaf.dtype))
 
     def after_step(self, step: int) -> None:
         self.write_back()
