@@ -215,8 +215,8 @@ def test_retain_batches_cycle_independently_of_forget_batches():
     pairs = _ForgetRetainPairs(n_forget=3, n_retain=7)
     assert _epoch_len(pairs) == 3
     seen = [item["rk"] for epoch in range(3) for item in pairs(epoch)]
-    assert seen == [0, 1, 2, 3, 4, 5, 6, 0, 1]
-    assert [item["k"] for item in pairs(1)] == [0, 1, 2]
+    assert sorted(seen[:7]) == list(range(7)) and len(set(seen[7:])) == 2  # all 7 used before any repeats
+    assert sorted(item["k"] for item in pairs(1)) == [0, 1, 2]
     assert pairs(2) == pairs(2)  # deterministic per epoch (resume sees the same pairs)
     assert all(item["rk"] is None for item in _ForgetRetainPairs(2, 0)(0))
 
