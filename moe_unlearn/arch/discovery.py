@@ -7,6 +7,7 @@ from torch import nn
 from moe_unlearn.arch.base import MoELayer
 from moe_unlearn.arch.families import ADAPTERS, NOT_SUPPORTED
 from moe_unlearn.arch.megablocks import MegablocksLayer, has_megablocks_blocks
+from moe_unlearn.arch.wrappers import unwrap_model
 from moe_unlearn.errors import NotAnMoEModel, UnsupportedFamily
 
 
@@ -49,7 +50,10 @@ def adapter_for(model: nn.Module) -> type[MoELayer]:
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every sparse MoE block of `model`, in layer order, each behind its family's adapter.
-    Dense decoder layers (mlp_only_layers, decoder_sparse_step, first_k_dense_replace) are skipped."""
+    Dense decoder layers (mlp_only_layers, decoder_sparse_step, first_k_dense_replace) are skipped.
+    DDP / FSDP / PEFT wrappers are seen through (`unwrap_model`): paths and parameter names are those
+    of the bare transformers model."""
+    model = unwrap_model(model)
     adapter = adapter_for(model)
     if issubclass(adapter, MegablocksLayer):
         return adapter.find_layers(model)

@@ -29,6 +29,7 @@ from torch import nn
 from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
 from moe_unlearn.arch.discovery import adapter_for, decoder_layers
 from moe_unlearn.arch.stack import DecoderStack
+from moe_unlearn.arch.wrappers import canonical_parameters, is_peft_layer, unwrap_model
 from moe_unlearn.atomic import atomic_dir
 from moe_unlearn.errors import BadInputError, DataError, NotAnMoEModel, TrainingDiverged
 from moe_unlearn.training import TrainConfig, TrainHistory, TrainHooks, train
@@ -223,7 +224,7 @@ class _Runner:
 def _original_weights(model: nn.Module, entries: list[PatchEntry], originals: list[torch.Tensor]) -> Iterator[None]:
     """Temporarily put the original values back into the trained tensors (reference forward passes
     without a copy of the model)."""
-    params = dict(model.named_parameters())
+    params = canonical_parameters(model)
     saved = []
     with torch.no_grad():
         for e, orig in zip(entries, originals, strict=True):
@@ -345,8 +346,11 @@ def unlearn(
       None writes nothing. The model's own directory is refused.
     The model is left in its original train/eval mode with the unlearned weights in place; on a
     NaN/inf loss the original weights are restored, TrainingDiverged is raised and nothing is written.
+    A DDP / FSDP / PEFT-wrapped model is unlearned through its bare model (`unwrap_model`); patch entries
+    are named as in the stock model, and PEFT's own adapter weights never train or enter the patch.
     """
     t0 = time.perf_counter()
+    model = unwrap_model(model)
     objective = get_objective(method)
     if scope not in SCOPES:
         raise BadInputError(f"unknown scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
@@ -356,6 +360,10 @@ def unlearn(
     if loss_tokens not in LOSS_TOKENS:
         raise BadInputError(f"loss_tokens must be one of {', '.join(LOSS_TOKENS)}, got {loss_tokens!r}")
     out_path = Path(out_dir) if out_dir is not None else None
+    if merge and out_path is not None and any(is_peft_layer(m) for m in model.modules()):
+        raise BadInputError("merge=True on a PEFT-wrapped model would save PEFT's layers inside the model; write "
+                            "a patch instead (it applies to the stock model), or merge_and_unload() the PEFT "
+                            "adapter first")
     _check_out_dir(out_path, _model_dir(model, model_dir), merge)
     if objective.requires_retain and retain is None:
         raise BadInputError(f"method {method!r} needs retain data (retain=...)")
@@ -546,7 +554,7 @@ def unlearn(
         history = train(leaves, loss_fn, items, config, hooks=hooks)
     except BaseException as exc:
         with torch.no_grad():  # leave the model as it was
-            params = dict(model.named_parameters())
+            params = canonical_parameters(model)
             for e, orig in zip(entries, originals, strict=True):
                 e.view(params).copy_(orig.to(device))
         if isinstance(exc, TrainingDiverged) and ckpt_dir is not None and not ckpt_existed:
