@@ -59,7 +59,7 @@ from transformers import AutoModelForCausalLM
 
 import moe_unlearn
 from moe_unlearn.bench_model import BenchModelConfig, FactsConfig, load_or_build
-from moe_unlearn.bench_model.dense import DenseBenchConfig, load_or_build_dense
+from moe_unlearn.bench_model.dense import DenseBenchConfig, load_or_build_dense, world_facts
 from moe_unlearn.loramoe.config import FFN_TARGETS, LoRAMoEConfig
 from moe_unlearn.loramoe.demo_task import (
     fact_records,
@@ -304,7 +304,7 @@ def run_dense(args: argparse.Namespace, methods: list[str], grid: list[float], s
     bench = load_or_build_dense(DenseBenchConfig(), progress=False)
     build_s = time.perf_counter() - t0
     tok, facts = bench.tokenizer, bench.facts
-    trained = list(facts.trained)
+    trained = world_facts(facts)
     rng = random.Random(args.data_seed)
     replayed = set(rng.sample(range(len(trained)), int(args.replay * len(trained))))
     world = fact_records([trained[i] for i in sorted(replayed)], type_label="world")

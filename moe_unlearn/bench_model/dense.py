@@ -37,7 +37,7 @@ from moe_unlearn.bench_model.build import answer_exact_match, default_cache_root
 from moe_unlearn.bench_model.facts import FactsConfig, FactSet, generate_facts
 from moe_unlearn.bench_model.tokenizer import train_tokenizer
 
-DENSE_FORMAT_VERSION = 1
+DENSE_FORMAT_VERSION = 2  # 2: facts and tokenizer corpus in a fixed order
 META_FILE = "bench_meta.json"
 
 
@@ -106,8 +106,14 @@ def _model_config(config: DenseBenchConfig, tokenizer: PreTrainedTokenizerBase):
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
 
 
+def world_facts(facts: FactSet) -> list:
+    """The world knowledge of the dense model: every trained fact, ordered by id (so a regrouping of
+    the unlearning splits does not change the model)."""
+    return sorted(facts.trained, key=lambda f: f.id)
+
+
 def _fact_texts(facts: FactSet) -> list[dict]:
-    return [{"text": t} for f in facts.trained for t in f.training_texts()]
+    return [{"text": t} for f in world_facts(facts) for t in f.training_texts()]
 
 
 def train_dense_model(config: DenseBenchConfig, facts: FactSet, tokenizer: PreTrainedTokenizerBase, *,
@@ -124,13 +130,13 @@ def train_dense_model(config: DenseBenchConfig, facts: FactSet, tokenizer: PreTr
     result = finetune(model, tokenizer, records, FinetuneConfig(**common, steps=config.steps, lr=config.lr,
                                                                 warmup_steps=config.warmup_steps, seed=config.seed))
     steps_run, rounds = config.steps, 0
-    em = answer_exact_match(model, tokenizer, facts.trained)
+    em = answer_exact_match(model, tokenizer, world_facts(facts))
     while em < config.target_em and rounds < config.extra_rounds:
         rounds += 1
         result = finetune(model, tokenizer, records, FinetuneConfig(**common, steps=config.extra_steps,
                                                                     lr=config.lr / 4, seed=config.seed + rounds))
         steps_run += config.extra_steps
-        em = answer_exact_match(model, tokenizer, facts.trained)
+        em = answer_exact_match(model, tokenizer, world_facts(facts))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -151,7 +157,7 @@ def load_or_build_dense(config: DenseBenchConfig | None = None, *, cache_root: s
         meta = json.loads((path / META_FILE).read_text())
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         return DenseBench(model, AutoTokenizer.from_pretrained(path), facts, path, meta, built=False)
-    tokenizer = train_tokenizer(facts.all_texts(), config.vocab_size)
+    tokenizer = train_tokenizer(sorted(facts.all_texts()), config.vocab_size)
     model, stats = train_dense_model(config, facts, tokenizer, progress=progress)
     if stats["exact_match"]["trained"] < config.target_em:
         warnings.warn(f"dense benchmark model {config.name} knows only {stats['exact_match']['trained']:.1%} of its "
@@ -166,4 +172,5 @@ def load_or_build_dense(config: DenseBenchConfig | None = None, *, cache_root: s
     return DenseBench(model, tokenizer, facts, path, meta, built=True)
 
 
-__all__ = ["DenseBench", "DenseBenchConfig", "dense_cache_path", "load_or_build_dense", "train_dense_model"]
+__all__ = ["DenseBench", "DenseBenchConfig", "dense_cache_path", "load_or_build_dense", "train_dense_model",
+           "world_facts"]
