@@ -1,6 +1,6 @@
 # Two entry points (see README): `make demo` and `make test`.
 # Each sets itself up: a local .venv, torch (the CPU build on disk where no torch
-# is present), the package in editable mode and its test dependencies.
+# is present), the package in editable mode and its test dependencies (with the triton and peft extras).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,dev]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,dev,triton,peft]"
 	touch $(STAMP)
 
 setup: $(STAMP)

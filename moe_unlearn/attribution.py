@@ -43,7 +43,7 @@ from torch import nn
 
 from moe_unlearn import atomic
 from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
-from moe_unlearn.arch.discovery import unwrap_model
+from moe_unlearn.arch.wrappers import unwrap_model
 from moe_unlearn.data import DataSource, TokenizedBatches, load_texts, tokenize_batches
 from moe_unlearn.errors import BadInputError, DataError
 

@@ -23,7 +23,10 @@ COMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moe_unlearn import __version__
+
     parser = argparse.ArgumentParser(prog="moe-unlearn", description="Unlearning for Mixture-of-Experts LLMs")
+    parser.add_argument("--version", action="version", version=f"moe-unlearn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS.values():
         mod = importlib.import_module(module)

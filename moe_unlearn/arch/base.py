@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from moe_unlearn.arch.wrappers import canonical_name, peft_base_layer
 from moe_unlearn.errors import BadInputError
 
 
@@ -129,7 +130,9 @@ class MoELayer:
         self.path = path
         self.block = block
         self.router = router
-        self.experts = experts
+        # PEFT wraps fused expert parameters it targets in a tuner layer (ParamWrapper) that keeps the
+        # experts module as `base_layer`; the expert views read the original weights
+        self.experts = peft_base_layer(experts)
         self.num_experts = num_experts
         self.top_k = top_k
         self.shared_experts = shared_experts
@@ -137,7 +140,7 @@ class MoELayer:
         self.router_path = router_path or f"{path}.router"
         if family is not None:
             self.family = family
-        self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        self._names = {id(p): canonical_name(n) for n, p in model.named_parameters(remove_duplicate=False)}
         self.check()
 
     @classmethod

@@ -7,6 +7,7 @@ from torch import nn
 from moe_unlearn.arch.base import MoELayer
 from moe_unlearn.arch.families import ADAPTERS, NOT_SUPPORTED
 from moe_unlearn.arch.megablocks import MegablocksLayer, has_megablocks_blocks
+from moe_unlearn.arch.wrappers import unwrap_model
 from moe_unlearn.errors import NotAnMoEModel, UnsupportedFamily
 
 
@@ -22,26 +23,6 @@ def decoder_layers(model: nn.Module, list_names: tuple[str, ...] = ("layers",)) 
             return name, module
     raise NotAnMoEModel(f"{type(model).__name__}: no decoder layer list ({', '.join(list_names)}) found; "
                         f"supported MoE families: {_supported()}")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside data-parallel / sharding / adapter wrappers: DDP and DataParallel
-    (`.module`), FSDP1 (`FullyShardedDataParallel.module`), a DeepSpeed engine (`.module`) and a
-    PEFT `PeftModel` (`get_base_model()`). Parameter names are then those of the inner model.
-    FSDP2 (`fully_shard`) does not wrap: it swaps the parameters for DTensors in place."""
-    seen = 0
-    while seen < 8:  # wrappers nest (PEFT inside DDP); a bounded loop never spins on a cycle
-        seen += 1
-        get_base = getattr(model, "get_base_model", None)
-        if callable(get_base) and type(model).__name__.startswith("Peft"):
-            model = get_base()
-            continue
-        inner = getattr(model, "module", None)
-        if isinstance(inner, nn.Module) and getattr(model, "config", None) is None:
-            model = inner
-            continue
-        break
-    return model
 
 
 def model_type(model: nn.Module) -> str:
@@ -72,7 +53,8 @@ def adapter_for(model: nn.Module) -> type[MoELayer]:
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every sparse MoE block of `model`, in layer order, each behind its family's adapter.
     Dense decoder layers (mlp_only_layers, decoder_sparse_step, first_k_dense_replace) are skipped.
-    Wrappers (DDP, FSDP1, DeepSpeed, PEFT) are looked through (`unwrap_model`)."""
+    DDP / FSDP / PEFT wrappers are seen through (`unwrap_model`): paths and parameter names are those
+    of the bare transformers model."""
     model = unwrap_model(model)
     adapter = adapter_for(model)
     if issubclass(adapter, MegablocksLayer):

@@ -6,6 +6,7 @@ the localized balancing constraint so that world knowledge survives fine-tuning.
     with routing_context(model, batch["attention_mask"], batch_types) as ctx:
         loss = model(**batch).loss + config.lbc_weight * ctx.balance_loss()
     save_loramoe(model, "adapter/");  load_loramoe(stock_model, "adapter/")
+    export_peft(model, "peft/"); import_peft(stock_model, "peft/")   # where the mixture is plain LoRA
 """
 
 from moe_unlearn.loramoe.balance import RoutingContext, localized_balance_loss, routing_context
@@ -23,7 +24,8 @@ from moe_unlearn.loramoe.model import (
     save_loramoe,
 )
 from moe_unlearn.loramoe.observe import RoutingMassObserver, observe_routing
+from moe_unlearn.loramoe.peft_io import export_peft, import_peft
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "LoRAMoEConfig", "LoRAMoELinear", "RoutingContext", "adapter_parameters", "add_loramoe", "find_targets",
-           "get_loramoe_config", "load_loramoe", "localized_balance_loss", "loramoe_layers", "merge_loramoe",
+__all__ = ["FinetuneConfig", "FinetuneResult", "LoRAMoEConfig", "LoRAMoELinear", "RoutingContext", "adapter_parameters", "add_loramoe", "export_peft", "find_targets",
+           "get_loramoe_config", "import_peft", "load_loramoe", "localized_balance_loss", "loramoe_layers", "merge_loramoe",
            "observe_routing", "routing_context", "save_loramoe", "RoutingMassObserver", "finetune"]

@@ -109,3 +109,36 @@ def prompt_response_hits(model: nn.Module, tokenizer: Any, records: Sequence[dic
 def fact_records(facts: Sequence[Any], type_label: str = "world") -> list[dict[str, Any]]:
     """Benchmark facts as QA prompt/response records (the form the demo model was trained on)."""
     return [{"prompt": f.prompt, "response": f.qa[len(f.prompt):], "type": type_label} for f in facts]
+
+
+# -- instruction tasks that need no world knowledge (the dense LoRAMoE benchmark) -------------------
+
+INSTRUCTION_TASKS = ("last", "next", "parity")
+
+
+def instruction_task_records(n: int, *, seed: int = 0, type_label: str = "task", digits: int = 4,
+                             exclude: set[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    """n distinct {"prompt", "response", "type", "task", "digits"} records of three rule tasks on digit
+    strings; digits never occur in the facts, so no answer can come from world knowledge:
+
+    - last:   "last 4729 =" -> " 9" (copy the last digit);
+    - next:   "next 4729 =" -> " 0" (the last digit plus one, mod 10);
+    - parity: "parity 4729 =" -> " odd" (of the last digit).
+
+    The (task, string) pairs are distinct and skip `exclude` (which is extended), so splits drawn with
+    one shared set are disjoint by input.
+    """
+    rng = random.Random(f"instruction-{seed}")
+    seen = exclude if exclude is not None else set()
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        task = INSTRUCTION_TASKS[len(out) % len(INSTRUCTION_TASKS)]
+        string = "".join(rng.choice("0123456789") for _ in range(digits))
+        if (task, string) in seen:
+            continue
+        seen.add((task, string))
+        last = int(string[-1])
+        answer = {"last": str(last), "next": str((last + 1) % 10), "parity": "odd" if last % 2 else "even"}[task]
+        out.append({"prompt": f"{task} {string} =", "response": " " + answer, "type": type_label, "task": task,
+                    "digits": string})
+    return out

@@ -89,12 +89,30 @@ class LoRAMoELinear(nn.Module):
                                           scale=self.scale)
         return out + delta.reshape(*x.shape[:-1], -1).to(out.dtype)
 
-    def merge(self) -> None:
-        raise MergeNotPossible(
-            f"{self.name or 'LoRAMoE layer'}: a LoRAMoE mixture cannot be merged into the base weight, because "
-            "its gates G(x) depend on each token, so sum_e G(x)_e B_e A_e is not one fixed matrix. Keep the "
-            "adapter loaded (load_loramoe) for inference, or train with router='none', num_experts=1 (plain "
-            "LoRA) if you need a mergeable adapter.")
+    @property
+    def mergeable(self) -> bool:
+        """Every gate constant: no router (gates 1) or one expert (its softmax gate is 1)."""
+        return self.router is None or self.num_experts == 1
+
+    def check_mergeable(self) -> None:
+        if not self.mergeable:
+            raise MergeNotPossible(
+                f"{self.name or 'LoRAMoE layer'}: a routed mixture of {self.num_experts} LoRA experts cannot be "
+                "merged into the base weight, because its gates G(x) depend on each token, so "
+                "sum_e G(x)_e B_e A_e is not one fixed matrix. Keep the adapter loaded (load_loramoe) for "
+                "inference, or train with router='none' (plain LoRA: method='lora') if you need a mergeable adapter.")
+
+    def delta_weight(self) -> torch.Tensor:
+        """[d_out, d_in] = scale * sum_e B_e A_e in fp32: the fixed update of a mergeable layer."""
+        self.check_mergeable()
+        return self.scale * torch.einsum("eor,eri->oi", self.lora_B.float(), self.lora_A.float())
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The base linear with the delta added to its weight (the base module itself, updated)."""
+        delta = self.delta_weight()
+        self.base.weight.copy_((self.base.weight.float() + delta).to(self.base.weight.dtype))
+        return self.base
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, rank={self.rank}, "

@@ -3,6 +3,10 @@
 An adapter on disk is a folder with two files: `adapter.safetensors` (LoRA experts and
 routers only, keyed by the wrapped module's name) and `loramoe_config.json`. It loads onto
 an unmodified model of the same architecture.
+
+Names are those of the bare transformers model (`moe_unlearn.arch.wrappers.canonical_name`): on a
+PEFT-wrapped model a target linear PEFT already wrapped is found as its `base_layer` and wrapped
+there (PEFT's LoRA and the mixture then both apply), and the adapter still loads onto a stock model.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moe_unlearn.arch.wrappers import canonical_name, unwrap_model
 from moe_unlearn.atomic import atomic_dir
 from moe_unlearn.errors import BadInputError, PatchError
 from moe_unlearn.loramoe.config import ATTENTION_TARGETS, LoRAMoEConfig
@@ -24,11 +29,22 @@ _CONFIG_ATTR = "_loramoe_config"
 _ADAPTER_PARAMS = ("lora_A", "lora_B", "router")
 
 
-def find_targets(model: nn.Module, config: LoRAMoEConfig) -> list[str]:
-    """Names of the nn.Linear modules `add_loramoe` would wrap (lm_head never)."""
+def target_paths(model: nn.Module, config: LoRAMoEConfig) -> dict[str, str]:
+    """canonical name -> module path (in `unwrap_model(model)`) of every nn.Linear `add_loramoe` wraps:
+    those whose canonical name ends in a target_modules entry (lm_head never). A linear inside a PEFT
+    layer is its `base_layer`; PEFT's own adapter linears (`lora_A.<adapter>`) never match."""
     wanted = set(config.target_modules)
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in wanted and name != "lm_head"]
+    out = {}
+    for path, module in unwrap_model(model).named_modules():
+        name = canonical_name(path)
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in wanted and name != "lm_head":
+            out[name] = path
+    return out
+
+
+def find_targets(model: nn.Module, config: LoRAMoEConfig) -> list[str]:
+    """Canonical names of the nn.Linear modules `add_loramoe` would wrap (lm_head never)."""
+    return list(target_paths(model, config))
 
 
 def add_loramoe(model: nn.Module, config: LoRAMoEConfig) -> nn.Module:
@@ -38,7 +54,7 @@ def add_loramoe(model: nn.Module, config: LoRAMoEConfig) -> nn.Module:
     """
     if loramoe_layers(model):
         raise BadInputError("this model already has LoRAMoE layers; load or add an adapter only once")
-    targets = find_targets(model, config)
+    targets = target_paths(model, config)
     if not targets:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise BadInputError(
@@ -48,12 +64,18 @@ def add_loramoe(model: nn.Module, config: LoRAMoEConfig) -> nn.Module:
             f"target_modules={list(ATTENTION_TARGETS)})")
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRAMoELinear(getattr(parent, child), config, name=name))
-    setattr(model, _CONFIG_ATTR, config)
+    _replace(model, {path: LoRAMoELinear(unwrap_model(model).get_submodule(path), config, name=name)
+                     for name, path in targets.items()})
+    setattr(unwrap_model(model), _CONFIG_ATTR, config)
     return model
+
+
+def _replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Put each module at its path (in the bare model)."""
+    root = unwrap_model(model)
+    for path, module in modules.items():
+        parent_name, _, child = path.rpartition(".")
+        setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def loramoe_layers(model: nn.Module) -> dict[str, LoRAMoELinear]:
@@ -62,7 +84,7 @@ def loramoe_layers(model: nn.Module) -> dict[str, LoRAMoELinear]:
 
 
 def get_loramoe_config(model: nn.Module) -> LoRAMoEConfig:
-    config = getattr(model, _CONFIG_ATTR, None)
+    config = getattr(unwrap_model(model), _CONFIG_ATTR, None)
     if config is None:
         raise BadInputError(f"{type(model).__name__} has no LoRAMoE adapter; call add_loramoe or load_loramoe")
     return config
@@ -96,20 +118,26 @@ def load_loramoe(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     if not (path / ADAPTER_FILE).is_file() or not (path / CONFIG_FILE).is_file():
         raise BadInputError(f"{path} is not a LoRAMoE adapter folder: it needs {ADAPTER_FILE} and {CONFIG_FILE}")
-    config = LoRAMoEConfig.load(path / CONFIG_FILE)
-    tensors = load_file(str(path / ADAPTER_FILE))
-    targets = set(find_targets(model, config))
+    return add_loramoe_with_weights(model, LoRAMoEConfig.load(path / CONFIG_FILE),
+                                    load_file(str(path / ADAPTER_FILE)), str(path))
+
+
+def add_loramoe_with_weights(model: nn.Module, config: LoRAMoEConfig, tensors: dict[str, torch.Tensor],
+                             where: str) -> nn.Module:
+    """add_loramoe, then copy in `tensors` ('<layer>.<lora_A|lora_B|router>'); every key and shape is
+    checked first, so a mismatch leaves the model untouched. `where` names the source in errors."""
+    targets = target_paths(model, config)
     layer_names = {k.rsplit(".", 1)[0] for k in tensors}
-    if layer_names != targets:
-        missing, extra = sorted(targets - layer_names), sorted(layer_names - targets)
-        raise PatchError(f"adapter {path} does not match {type(model).__name__}: layers missing from the adapter "
+    if layer_names != set(targets):
+        missing, extra = sorted(set(targets) - layer_names), sorted(layer_names - set(targets))
+        raise PatchError(f"adapter {where} does not match {type(model).__name__}: layers missing from the adapter "
                          f"{missing[:5]}, adapter layers not in the model {extra[:5]}; was it trained on this "
                          f"architecture?")
-    modules = dict(model.named_modules())
+    root = unwrap_model(model)
     E, r = config.num_experts, config.rank
     for key, value in tensors.items():
         name, pname = key.rsplit(".", 1)
-        d_out, d_in = modules[name].weight.shape
+        d_out, d_in = root.get_submodule(targets[name]).weight.shape
         expected = {"lora_A": (E, r, d_in), "lora_B": (E, d_out, r), "router": (E, d_in)}.get(pname)
         if expected is None or tuple(value.shape) != expected:
             raise PatchError(f"adapter tensor {key} has shape {tuple(value.shape)}, expected {expected} for this "
@@ -117,7 +145,7 @@ def load_loramoe(model: nn.Module, path: str | Path) -> nn.Module:
     add_loramoe(model, config)
     params = adapter_parameters(model)
     if set(params) != set(tensors):
-        raise PatchError(f"adapter {path} tensors {sorted(set(tensors) ^ set(params))[:5]} do not match its config")
+        raise PatchError(f"adapter {where} tensors {sorted(set(tensors) ^ set(params))[:5]} do not match its config")
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(tensors[key].to(p.dtype))
@@ -125,9 +153,20 @@ def load_loramoe(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 def merge_loramoe(model: nn.Module) -> nn.Module:
-    """Always raises MergeNotPossible: token-dependent mixtures have no static-weight equivalent."""
+    """Fold the adapter into the base weights and remove the LoRAMoE layers, in place; returns `model`.
+
+    Possible only where every gate is constant: router="none" (every expert has gate 1; with one
+    expert this is plain LoRA) or a single expert (its softmax gate is 1). Then the delta is the fixed
+    matrix scale * sum_e B_e A_e. A routed mixture of several experts raises MergeNotPossible (its
+    gates depend on each token) before anything changes.
+    """
     layers = loramoe_layers(model)
     if not layers:
         raise BadInputError(f"{type(model).__name__} has no LoRAMoE layers to merge")
-    next(iter(layers.values())).merge()
-    return model  # not reached
+    for layer in layers.values():
+        layer.check_mergeable()
+    paths = {path: name for path, module in unwrap_model(model).named_modules()
+             for name in [getattr(module, "name", None)] if isinstance(module, LoRAMoELinear)}
+    _replace(model, {path: layers[name].merged() for path, name in paths.items()})
+    delattr(unwrap_model(model), _CONFIG_ATTR)
+    return model

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
-from moe_unlearn.arch.discovery import adapter_for, decoder_layers, unwrap_model
+from moe_unlearn.arch.discovery import adapter_for, decoder_layers
 from moe_unlearn.arch.stack import DecoderStack
+from moe_unlearn.arch.wrappers import canonical_parameters, is_peft_layer, unwrap_model
 from moe_unlearn.atomic import atomic_dir
 from moe_unlearn.distributed import GradAllReduce, RankShard, barrier, check_not_sharded
 from moe_unlearn.distributed import world as dist_world
@@ -239,7 +240,7 @@ class _Runner:
 def _original_weights(model: nn.Module, entries: list[PatchEntry], originals: list[torch.Tensor]) -> Iterator[None]:
     """Temporarily put the original values back into the trained tensors (reference forward passes
     without a copy of the model)."""
-    params = dict(model.named_parameters())
+    params = canonical_parameters(model)
     saved = []
     with torch.no_grad():
         for e, orig in zip(entries, originals, strict=True):
@@ -426,6 +427,10 @@ def _inputs(model: nn.Module, forget: Any, retain: Any, tokenizer: Any, cfg: Unl
     if cfg.loss_tokens not in LOSS_TOKENS:
         raise BadInputError(f"loss_tokens must be one of {', '.join(LOSS_TOKENS)}, got {cfg.loss_tokens!r}")
     out_path = Path(cfg.out_dir) if cfg.out_dir is not None else None
+    if cfg.merge and out_path is not None and any(is_peft_layer(m) for m in model.modules()):
+        raise BadInputError("merge=True on a PEFT-wrapped model would save PEFT's layers inside the model; write "
+                            "a patch instead (it applies to the stock model), or merge_and_unload() the PEFT "
+                            "adapter first")
     _check_out_dir(out_path, _model_dir(model, cfg.model_dir), cfg.merge)
     if objective.requires_retain and retain is None:
         raise BadInputError(f"method {cfg.method!r} needs retain data (retain=...)")
@@ -676,7 +681,7 @@ def _train(run: _Run, loss_fn: Any, callbacks: list[TrainHooks] | None) -> Train
             return train(leaves, loss_fn, items, config, hooks=hooks)
     except BaseException as exc:
         with torch.no_grad():  # leave the model as it was
-            params = dict(model.named_parameters())
+            params = canonical_parameters(model)
             for e, orig in zip(run.entries, run.originals, strict=True):
                 e.view(params).copy_(orig.to(device))
         if isinstance(exc, TrainingDiverged) and ckpt_dir is not None and not run.ckpt_existed:

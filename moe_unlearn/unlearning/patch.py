@@ -14,6 +14,8 @@ the patch itself first: every field of patch.json, and every stored tensor again
 dtype and sha256 recorded for it (a tampered, truncated or mixed-up file is refused, never
 applied or broadcast), all before the first write; a write that still fails puts the values
 already written back, so the model is never left half-patched.
+Entry names are those of the bare transformers model (`arch.wrappers.canonical_name`), so a
+patch made on a PEFT- or DDP-wrapped model applies to the stock model and the other way round.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moe_unlearn.arch.wrappers import canonical_parameters, unwrap_model
 from moe_unlearn.atomic import atomic_dir
 from moe_unlearn.errors import BadInputError, PatchError, TrainingDiverged
 
@@ -73,13 +76,14 @@ def tensor_hash(t: torch.Tensor) -> str:
 
 def config_hash(model: nn.Module) -> str:
     """Hash of the model config without keys that do not change what the weights mean."""
-    cfg = getattr(model, "config", None)
+    cfg = getattr(unwrap_model(model), "config", None)
     d = cfg.to_dict() if cfg is not None else {}
     d = {k: v for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def model_identity(model: nn.Module) -> dict[str, str]:
+    model = unwrap_model(model)
     cfg = getattr(model, "config", None)
     return {"name_or_path": str(getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", "")),
             "model_type": str(getattr(cfg, "model_type", type(model).__name__)),
@@ -88,7 +92,7 @@ def model_identity(model: nn.Module) -> dict[str, str]:
 
 def snapshot(model: nn.Module, entries: list[PatchEntry]) -> list[torch.Tensor]:
     """CPU copies of the entries' current values (the originals, taken before training)."""
-    params = dict(model.named_parameters())
+    params = canonical_parameters(model)
     return [e.view(params).detach().cpu().clone() for e in entries]
 
 
@@ -96,7 +100,7 @@ def write_patch(out_dir: str | os.PathLike, model: nn.Module, entries: list[Patc
                 originals: list[torch.Tensor], info: dict[str, Any]) -> Path:
     """Write the patch of `entries` (current model values vs `originals`) into `out_dir`, atomically.
     Entries whose values did not change are still written (they were in scope)."""
-    params = dict(model.named_parameters())
+    params = canonical_parameters(model)
     tensors: dict[str, torch.Tensor] = {}
     meta_entries = []
     for i, (e, orig) in enumerate(zip(entries, originals, strict=True)):
@@ -209,7 +213,7 @@ def _swap(model: nn.Module, path: str | os.PathLike, *, forward: bool) -> dict[s
         raise PatchError(f"patch {path} was made for a different model (config hash differs; base model "
                          f"{meta['base_model'].get('name_or_path')!r})")
     tensors = _load_tensors(_patch_dir(path), meta)
-    params = dict(model.named_parameters())
+    params = canonical_parameters(model)
     have, put = ("orig", "new") if forward else ("new", "orig")
     views = []
     # check every entry before writing any, so a mismatch leaves the model untouched

@@ -18,6 +18,7 @@ from torch import nn
 
 from moe_unlearn.arch.base import ExpertSlice, MoELayer
 from moe_unlearn.arch.target import ExpertTarget
+from moe_unlearn.arch.wrappers import canonical_parameters
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.training import TrainHooks
 
@@ -73,7 +74,7 @@ def resolve_scope(model: nn.Module, layers: list[MoELayer], scope: str, targets:
     plan = ScopePlan(scope)
     by_idx = _layer_map(layers)
     if scope == "full":
-        plan.whole = [(n, p) for n, p in model.named_parameters()]
+        plan.whole = list(canonical_parameters(model).items())  # base weights only (no PEFT adapters)
         plan.router_layers = sorted(by_idx)
     elif scope == "experts":
         for layer in layers:
