@@ -9,9 +9,11 @@ Steps (each a call into the library):
    trained once, cached);
 2. `attribute_experts` on the forget data, with the retain data for the premise check: the
    SEUF target, its coverage of the forget tokens and its selectivity (forget / retain share);
-3. a small frontier (`moe_unlearn.frontier`): GA and NPO, `full` vs `uoe`, a few learning
-   rates each, from the original weights every time; utility is measured on facts no
-   unlearning run ever sees;
+3. a small frontier (`moe_unlearn.frontier`): NPO; `full`, `uoe` and the best MoE-aware
+   variant of the full benchmark on this model (`cov+grip+null`: the experts covering 80% of the
+   forget tokens, router and expert changes projected off the retain span); two learning rates
+   each (the full benchmark's best ones at 40 steps), from the original weights every time;
+   utility is measured on facts no unlearning run ever sees;
 4. the headline: per method and variant, the best utility at matched forgetting (forget EM at
    most the guess level + 0.05), with the specialisation numbers; the frontier plot.
 
@@ -40,15 +42,15 @@ class DemoConfig:
     """The demo's frontier: one seed, one step count, three learning rates per variant."""
 
     frontier: FrontierConfig = field(default_factory=lambda: FrontierConfig(
-        model="natural", methods=("ga", "npo"), variants=("full", "uoe"),
-        lrs={"full": (3e-4, 1e-3, 3e-3), "uoe": (3e-3, 1e-2, 3e-2)}, steps=(40,), seeds=(0,)))
+        model="natural", methods=("npo",), variants=("full", "uoe", "cov+grip+null"),
+        lrs={"full": (3e-4, 1e-3), "uoe": (3e-2, 1e-1), "cov+grip+null": (3e-2, 1e-1)}, steps=(40,), seeds=(0,)))
 
     @classmethod
     def quick(cls) -> DemoConfig:
         """The CI configuration: the tiny test model, a few steps."""
-        return cls(FrontierConfig(model="natural", methods=("ga", "npo"), variants=("full", "uoe"),
-                                  lrs={"full": (1e-3, 3e-3), "uoe": (1e-2, 3e-2)}, steps=(6,), seeds=(0,),
-                                  batch_size=8, quick=True))
+        return cls(FrontierConfig(model="natural", methods=("ga", "npo"), variants=("full", "uoe", "cov+grip+null"),
+                                  lrs={"full": (1e-3, 3e-3), "uoe": (1e-2, 3e-2), "cov+grip+null": (3e-2,)},
+                                  steps=(6,), seeds=(0,), batch_size=8, quick=True))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
