@@ -29,7 +29,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from moe_unlearn.kernels._common import check_launchable, device_guard, dot_in_fp32, interpreting, new_empty, sm_count
+from moe_unlearn.kernels._common import (
+    check_launchable,
+    device_guard,
+    dot_in_fp32,
+    interpreting,
+    new_empty,
+    sm_count,
+)
 
 from moe_unlearn.ops.routing_stats import RoutingStats, empty_routing_stats
 

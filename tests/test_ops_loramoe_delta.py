@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from moe_unlearn.errors import BackendUnavailable, BadInputError
-from moe_unlearn.ops import dense_gates, loramoe_delta, loramoe_delta_loop, loramoe_delta_torch
-from moe_unlearn.ops import dispatch
+from moe_unlearn.ops import dense_gates, dispatch, loramoe_delta, loramoe_delta_loop, loramoe_delta_torch
 
 
 def make_inputs(T, d_in, d_out, E, r, dtype, seed, topk=None):
