@@ -96,6 +96,28 @@ def lora_case(device, T, d_in, d_out, E, r, dtype, *, strided=False, backward=Tr
     return _compare(["out", "dx", "dA", "dB", "dgates"], got, ref, low, dtype)
 
 
+def routed_case(device, T, d_in, d_out, E, r, K, dtype, seed=0) -> dict:
+    """Top-K with many experts (pairs sorted by expert): forward and gradients in x, A, B and the weights."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(T, d_in, generator=g)
+    A = torch.randn(E, r, d_in, generator=g) / d_in**0.5
+    B = torch.randn(E, d_out, r, generator=g) / r**0.5
+    idx = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(T)]).to(device)  # expert E-1 unused
+    w = torch.rand(T, K, generator=g)
+    dout = torch.randn(T, d_out, generator=g)
+
+    def run(dt, fn, **kw):
+        leaves = [t.to(device=device, dtype=dt).requires_grad_() for t in (x, A, B, w)]
+        out = fn(leaves[0], leaves[1], leaves[2], topk_idx=idx, topk_weight=leaves[3], scale=2.0, **kw)
+        return [out.detach(), *torch.autograd.grad(out, leaves, dout.to(device=device, dtype=dt))]
+
+    got = run(dtype, loramoe_delta, backend="triton")
+    res = _compare(["out", "dx", "dA", "dB", "dweight"], got, run(torch.float32, loramoe_delta_torch),
+                   run(dtype, loramoe_delta_torch), dtype)
+    res["ok"] = bool(res["ok"] and not got[3][E - 1].any() and not got[2][E - 1].any())
+    return res
+
+
 def _compare(names, got, ref, low, dtype) -> dict:
     worst, ok, detail = 0.0, True, {}
     for name, a, b, c in zip(names, got, ref, low, strict=False):
@@ -151,6 +173,9 @@ def checks(device: torch.device, tiny: bool) -> list[tuple[str, callable]]:
             out.append((f"lora_rank{r}_{dn}", lambda s=shape, d=dtype: lora_case(device, *s, d, seed=s[-1])))
         shape = (45, 40, 22, 5, 8) if tiny else (3001, 520, 264, 8, 16)
         out.append((f"lora_strided_{dn}", lambda s=shape, d=dtype: lora_case(device, *s, d, strided=True)))
+
+        rshape = (29, 24, 20, 20, 16, 2) if tiny else (2011, 264, 200, 64, 16, 4)
+        out.append((f"lora_routed_topk_{dn}", lambda s=rshape, d=dtype: routed_case(device, *s, d)))
 
         def poisoned(s=shape, d=dtype):
             with poisoned_buffers():

@@ -30,7 +30,7 @@ def test_gpu_validate_dry_run(tmp_path):
     checks = json.loads((out / "checks.json").read_text())
     assert checks["tiny"] and checks["failed"] == []
     names = {c["name"] for c in checks["checks"]}
-    for kind in ("lora_rank130", "lora_strided", "lora_poisoned", "lora_several_tiles_per_program",
+    for kind in ("lora_rank130", "lora_routed_topk", "lora_strided", "lora_poisoned", "lora_several_tiles_per_program",
                  "routing_E64_K8", "routing_unsorted_given", "routing_neg_inf_rows", "routing_poisoned_many_tiles"):
         assert any(n.startswith(kind) for n in names), kind
     assert all(c["ok"] for c in checks["checks"])

@@ -291,3 +291,49 @@ def test_gpu_cuda_forward_matches_torch(dtype):
     tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(acc.float(), base.float() + ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("T,d_in,d_out,E,r,K,dtype", [
+    (53, 40, 36, 20, 16, 3, torch.float32),   # 20 experts x 16 > 256 columns: routed through the sorted pairs
+    (37, 24, 20, 33, 8, 2, torch.bfloat16),
+    (0, 24, 20, 33, 8, 2, torch.float32),
+])
+def test_routed_topk_matches_reference(T, d_in, d_out, E, r, K, dtype):
+    """Many experts: top-K runs on pairs sorted by expert (cost follows K). Forward, gradients in x, A, B and the
+    weights, and accumulation into `out` match the dense torch reference; experts nobody picked get dA = dB = 0."""
+    from moe_unlearn.ops.api import routed_pays
+
+    assert routed_pays(E, r) and not routed_pays(8, 16)
+    x, A, B, g = make_inputs(T, d_in, d_out, E, r, dtype, seed=E + r, topk=K)
+    gen = torch.Generator().manual_seed(T)
+    if T:  # expert E - 1 is never picked
+        g["topk_idx"] = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(T)])
+    dout = torch.randn(T, d_out, generator=torch.Generator().manual_seed(2)).to(dtype)
+    got = run_with_grads(loramoe_delta, x, A, B, g, dout, scale=1.5, backend="triton")
+    if T == 0:
+        assert got[0].shape == (0, d_out) and got[1].shape == (0, d_in) and got[4].shape == (0, K)
+        assert not got[2].any() and not got[3].any()
+        return
+    assert_matches_reference(got, x, A, B, g, dout, 1.5, dtype)
+    unused = sorted(set(range(E)) - set(g["topk_idx"].flatten().tolist()))
+    assert E - 1 in unused and not got[2][unused].any() and not got[3][unused].any()
+    base = torch.randn(T, d_out).to(dtype)
+    with torch.no_grad():
+        acc = loramoe_delta(x, A, B, out=base.clone(), scale=1.5, backend="triton", **g)
+    ref = base.float() + loramoe_delta_torch(x.float(), A.float(), B.float(), topk_idx=g["topk_idx"],
+                                             topk_weight=g["topk_weight"].float(), scale=1.5)
+    torch.testing.assert_close(acc.float(), ref, rtol=2e-2 if dtype != torch.float32 else 1e-4,
+                               atol=2e-2 if dtype != torch.float32 else 1e-4)
+
+
+def test_topk_values_checked():
+    x, A, B, g = make_inputs(6, 16, 12, 4, 4, torch.float32, seed=14, topk=2)
+    bad = g["topk_idx"].clone()
+    bad[2, 1] = 4
+    with pytest.raises(BadInputError, match="topk_idx values"):
+        loramoe_delta(x, A, B, topk_idx=bad, topk_weight=g["topk_weight"])
+    dup = g["topk_idx"].clone()
+    dup[3] = torch.tensor([1, 1])
+    with pytest.raises(BadInputError, match="twice"):
+        loramoe_delta(x, A, B, topk_idx=dup, topk_weight=g["topk_weight"])

@@ -56,7 +56,13 @@ def _check_values(seq_ids: torch.Tensor, topk_idx: torch.Tensor | None, num_seqs
     if seq_sorted and seq_ids.shape[0] > 1:
         checks.append((seq_ids[1:] >= seq_ids[:-1]).all())
         msgs.append("seq_sorted=True but seq_ids are not non-decreasing")
-    if seq_ids.device.type != "cuda" or os.environ.get("MOE_UNLEARN_SYNC_CHECKS") == "1":
+    _assert_all(checks, msgs, seq_ids.device)
+
+
+def _assert_all(checks: list[torch.Tensor], msgs: list[str], device: torch.device) -> None:
+    """BadInputError for the first failed check (one host sync) on CPU tensors or with
+    MOE_UNLEARN_SYNC_CHECKS=1; device-side assertions without a sync on CUDA tensors."""
+    if device.type != "cuda" or os.environ.get("MOE_UNLEARN_SYNC_CHECKS") == "1":
         ok = torch.stack(checks).tolist()
         for good, msg in zip(ok, msgs, strict=True):
             _need(good, msg)
@@ -147,6 +153,14 @@ def routing_stats(
     return routing_stats_torch(logits, **kwargs)
 
 
+def routed_pays(E: int, r: int) -> bool:
+    """Top-K through the routed (sorted-by-expert) kernels when the dense mixture no longer fits the fused
+    on-chip forward (E * r_pad > 256 columns, e.g. E=64 top-4): then densified gates would cost E/K times the
+    FLOPs. Narrow mixtures (E=8, r=16) keep the dense fused kernel, which reads x once."""
+    r_pad = 1 << max(0, (r - 1).bit_length())
+    return E * max(r_pad, 1) > 256
+
+
 def loramoe_delta(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -181,6 +195,11 @@ def loramoe_delta(
         _check_index("topk_idx", topk_idx, tuple(topk_idx.shape))
         _check_float("topk_weight", topk_weight, 2)
         _need(topk_weight.shape == topk_idx.shape, "topk_weight must have the shape of topk_idx")
+        if topk_idx.numel():
+            srt = topk_idx.sort(dim=1).values
+            _assert_all([srt[:, 0].min() >= 0, srt[:, -1].max() < E, (srt[:, 1:] != srt[:, :-1]).all()],
+                        [f"topk_idx values must lie in [0, E={E})", f"topk_idx values must lie in [0, E={E})",
+                         "topk_idx must not name an expert twice in one row"], x.device)
     else:
         _need(topk_idx is None and topk_weight is None, "pass dense gates or topk_idx/topk_weight, not both")
         _check_float("gates", gates, 2)
@@ -199,6 +218,10 @@ def loramoe_delta(
         idx = topk_idx.long() if topk_idx is not None else None
         delta = loramoe_delta_torch(x, A, B, gates, topk_idx=idx, topk_weight=topk_weight, scale=scale)
         return delta if out is None else out.add_(delta)
+    if name == "triton" and gates is None and routed_pays(E, r):
+        from moe_unlearn.kernels.loramoe_routed import loramoe_delta_routed_triton
+
+        return loramoe_delta_routed_triton(x, A, B, topk_idx, topk_weight, scale=scale, out=out)
     if gates is None:
         # Top-K becomes dense gates through torch's scatter, so weight gradients come from its autograd.
         gates = dense_gates(E, topk_idx.long(), topk_weight)
