@@ -1,8 +1,11 @@
 """Shared microbenchmark harness: timing, bandwidth reference, environment record, JSON output.
 
 Timing uses CUDA events on a GPU (per-run start/end events, after warm-up) and perf_counter on the
-CPU; the median of many runs is reported. Bandwidth fractions are taken against a large
-device-to-device copy measured in the same process, so they describe this device at this moment.
+CPU; the median of many runs is reported. `bench_ms` (the ops benchmark) also flushes the L2 cache
+before every run on a GPU (triton.testing.do_bench when Triton is importable, else a 256 MB write), so
+shapes that fit L2 are not timed from cache. Bandwidth fractions are taken against a large
+device-to-device copy, FLOP fractions against a large matmul, both measured in the same process, so
+they describe this device at this moment.
 """
 
 from __future__ import annotations
@@ -58,6 +61,41 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 5, 
             break
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
     return Timing(statistics.median(times), q[0], q[3], len(times))
+
+
+def bench_ms(fn: Callable[[], object], device: torch.device, *, runs: int = 50, flush_l2: bool = True) -> Timing:
+    """Median (p20, p80) ms of fn() with the L2 cache flushed before each run on a GPU."""
+    if device.type != "cuda":
+        return time_fn(fn, device, warmup=0 if runs <= 1 else 1 if runs <= 3 else 3, runs=runs)
+    try:
+        from triton.testing import do_bench
+    except Exception:
+        do_bench = None
+    if do_bench is not None and flush_l2:
+        med, p20, p80 = do_bench(fn, warmup=10, rep=max(20, runs * 2), quantiles=[0.5, 0.2, 0.8])
+        return Timing(med, p20, p80, runs)
+    scratch = torch.empty(64 << 20, dtype=torch.float32, device=device)
+
+    def flushed():
+        if flush_l2:
+            scratch.zero_()
+        fn()
+
+    t = time_fn(flushed, device, runs=runs)
+    if flush_l2:  # subtract the flush itself, timed alone
+        f = time_fn(lambda: scratch.zero_(), device, runs=runs)
+        t = Timing(max(t.median_ms - f.median_ms, 1e-6), max(t.p20_ms - f.median_ms, 1e-6),
+                   max(t.p80_ms - f.median_ms, 1e-6), t.runs)
+    return t
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int | None = None) -> float:
+    """Achieved TFLOP/s of one large square matmul (the compute reference for FLOP fractions)."""
+    n = n or (8192 if device.type == "cuda" else 512)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t = time_fn(lambda: a @ b, device, warmup=3, runs=10 if device.type == "cuda" else 3)
+    return 2 * n**3 / (t.median_ms * 1e-3) / 1e12
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -11,6 +12,27 @@ import torch
 def interpreting() -> bool:
     """Kernels run through the Triton CPU interpreter (TRITON_INTERPRET=1, read at decoration time)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_launchable(t: torch.Tensor) -> None:
+    """Compiled kernels need CUDA tensors and the interpreter CPU tensors; anything else is refused.
+
+    Under TRITON_INTERPRET=1 a CUDA tensor would be copied to the CPU and run through the interpreter
+    (slow, and Triton 3.6's interpreter fails with numpy >= 2.4), so it is an error, not a fallback."""
+    if t.device.type == "cuda" and interpreting():
+        raise RuntimeError("Triton kernels were decorated under TRITON_INTERPRET=1 (the CPU interpreter) but got a "
+                           "CUDA tensor; unset TRITON_INTERPRET before importing moe_unlearn to run compiled kernels")
+    if t.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"compiled Triton kernels need CUDA tensors, got a {t.device.type} tensor "
+                           "(set TRITON_INTERPRET=1 before importing moe_unlearn to interpret them on the CPU)")
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` current while launching: Triton launches on torch.cuda.current_device()'s stream,
+    not on the tensor's device, so a layer placed on cuda:1 by a device_map would otherwise run on cuda:0."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def new_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -24,7 +46,7 @@ def dot_in_fp32(*dtypes: torch.dtype) -> bool:
 
     fp16/bf16 operands of one dtype go to the tensor cores with fp32 accumulation. fp32 inputs stay
     exact fp32 (tf32 would change top-K choices and gradients versus the torch reference). Under the
-    interpreter bf16 dot is broken (SPEC section 6), so bf16 is converted to fp32 at once there.
+    interpreter bf16 arithmetic is broken (numpy has no bfloat16), so bf16 is converted to fp32 at once there.
     """
     first = dtypes[0]
     if any(d != first for d in dtypes) or first == torch.float32:

@@ -14,7 +14,10 @@ bit-for-bit reproducible:
   [programs + S, E] buffer exclusively (slots of consecutive programs never
   collide because p + s grows strictly from one program to the next). A second
   kernel sums, for each sequence, the slots of the programs that saw it, in
-  program order.
+  program order (finding the sequence's token range by binary search), and the
+  score / count partials.
+
+No host sync when the caller says the ids are sorted; graph-capturable then.
 
 Cost note: a tile loops once per distinct sequence it contains, so very short
 sequences (much shorter than BLOCK_T) cost more compute; the memory traffic stays
@@ -26,9 +29,23 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from moe_unlearn.kernels._common import dot_in_fp32, interpreting, new_empty, sm_count
+from moe_unlearn.kernels._common import (
+    check_launchable,
+    device_guard,
+    dot_in_fp32,
+    interpreting,
+    new_empty,
+    sm_count,
+)
 
 from moe_unlearn.ops.routing_stats import RoutingStats, empty_routing_stats
+
+
+@triton.jit
+def _sortable_key(v):
+    """fp32 -> int32 whose signed order is the float order (-inf lowest; NaN above +inf)."""
+    b = v.to(tl.int32, bitcast=True)
+    return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
 
 
 @triton.jit
@@ -51,6 +68,7 @@ def _routing_stats_kernel(
     col_ok = cols < E
     score_acc = tl.zeros([E_PAD], dtype=tl.float32)
     count_acc = tl.zeros([E_PAD], dtype=tl.int32)
+    prev_last = -1  # last sequence id of the previous tile: its slot continues, every other slot starts fresh
     for tile in range(0, tiles_per_prog):
         offs = (pid * tiles_per_prog + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
         in_b = offs < T
@@ -95,15 +113,19 @@ def _routing_stats_kernel(
                 ik = tl.load(idx_in_ptr + rows * stride_it + k * stride_ik, mask=in_b, other=-1)
                 selected = selected | (cols[None, :] == ik[:, None])
         else:
-            # Select on the logits: the same order as the scores (both maps are monotonic) without
-            # the ties that rounding of exp can create. Ties go to the lowest expert index.
-            remaining = masked_logits
+            # Select on the logits: the same order as the scores (both maps are monotonic) without the ties
+            # that rounding of exp can create. One max per pick over packed 64-bit keys (order-preserving
+            # value bits high, E_PAD - 1 - index low): ties go to the lowest index, and a picked column
+            # (key -1) or a padding column (key -2) never wins again, so the K indices are distinct even
+            # when fewer than K logits are finite.
+            vkey = _sortable_key(masked_logits).to(tl.int64) + 2147483648  # >= 0
+            keys = tl.where(col_ok[None, :], (vkey << 8) | (E_PAD - 1 - cols)[None, :], -2)
             for k in tl.static_range(K):
-                best = tl.max(remaining, axis=1)
-                ik = tl.min(tl.where(remaining == best[:, None], cols[None, :], E_PAD), axis=1)
+                best = tl.max(keys, axis=1)
+                ik = (E_PAD - 1 - (best & 0xFF)).to(tl.int32)
                 hit = cols[None, :] == ik[:, None]
                 selected = selected | hit
-                remaining = tl.where(hit, float("-inf"), remaining)
+                keys = tl.where(hit, -1, keys)
                 if RETURN_TOPK:
                     tl.store(idx_out_ptr + rows * K + k, ik.to(tl.int64), mask=in_b)
 
@@ -112,7 +134,7 @@ def _routing_stats_kernel(
         score_acc += tl.sum(tl.where(valid[:, None], scores, 0.0), axis=0)
         count_acc += tl.sum(keep.to(tl.int32), axis=0)
 
-        seqs = tl.load(seq_ptr + offs, mask=in_b, other=-1)
+        seqs = tl.load(seq_ptr + offs, mask=in_b, other=-1).to(tl.int32)
         s_first = tl.min(tl.where(in_b, seqs, 2147483647), axis=0)
         s_last = tl.max(seqs, axis=0)
         for s in range(s_first, s_last + 1):
@@ -121,32 +143,64 @@ def _routing_stats_kernel(
             ntok = tl.sum((in_seq & valid).to(tl.int32), axis=0)
             slot = pid + s
             gptr = slot_gate_ptr + slot.to(tl.int64) * E_PAD + cols
-            tl.store(gptr, tl.load(gptr) + part)
             tptr = slot_tok_ptr + slot
-            tl.store(tptr, tl.load(tptr) + ntok)
+            if s == prev_last:
+                part += tl.load(gptr)
+                ntok += tl.load(tptr)
+            tl.store(gptr, part)
+            tl.store(tptr, ntok)
+        prev_last = s_last
     tl.store(part_score_ptr + pid * E_PAD + cols, score_acc)
     tl.store(part_count_ptr + pid * E_PAD + cols, count_acc)
 
 
 @triton.jit
-def _reduce_slots_kernel(
-    slot_gate_ptr, slot_tok_ptr, starts_ptr, gate_sum_ptr, tokens_ptr, E, chunk,
-    E_PAD: tl.constexpr,
+def _lower_bound(seq_ptr, T, value, n_iter):
+    """First position p in the sorted seq[0:T] with seq[p] >= value (T if none); n_iter >= log2(T + 1)."""
+    lo = tl.zeros([1], dtype=tl.int64)
+    hi = tl.zeros([1], dtype=tl.int64) + T
+    for _ in range(0, n_iter):
+        mid = (lo + hi) // 2
+        go_right = (lo < hi) & (tl.load(seq_ptr + mid, mask=mid < T, other=0).to(tl.int64) < value)
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(go_right | (lo >= hi), hi, mid)
+    return lo
+
+
+@triton.jit
+def _reduce_kernel(
+    slot_gate_ptr, slot_tok_ptr, seq_ptr, part_score_ptr, part_count_ptr, gate_sum_ptr, tokens_ptr,
+    score_sum_ptr, count_ptr, T, S, E, chunk, n_prog, n_iter,
+    E_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """Programs 0..S-1: one sequence each (its slots, in program order). Program S: score sums and selection
+    counts over the per-program partials, in a fixed order. Deterministic; no atomics."""
     s = tl.program_id(0)
     cols = tl.arange(0, E_PAD)
-    t0 = tl.load(starts_ptr + s)
-    t1 = tl.load(starts_ptr + s + 1)
-    first = t0 // chunk
-    n_progs = tl.where(t1 > t0, (tl.maximum(t1, 1) - 1) // chunk - first + 1, 0)
-    acc = tl.zeros([E_PAD], dtype=tl.float32)
-    ntok = tl.zeros([1], dtype=tl.int64)
-    for i in range(0, n_progs):
-        slot = first + i + s
-        acc += tl.load(slot_gate_ptr + slot * E_PAD + cols)
-        ntok += tl.load(slot_tok_ptr + slot + tl.arange(0, 1)).to(tl.int64)
-    tl.store(gate_sum_ptr + s * E + cols, acc, mask=cols < E)
-    tl.store(tokens_ptr + s + tl.arange(0, 1), ntok)
+    if s < S:
+        t0 = _lower_bound(seq_ptr, T, s, n_iter)
+        t1 = _lower_bound(seq_ptr, T, s + 1, n_iter)
+        first = t0 // chunk
+        n_progs = tl.where(t1 > t0, (tl.maximum(t1, 1) - 1) // chunk - first + 1, 0)
+        acc = tl.zeros([E_PAD], dtype=tl.float32)
+        ntok = tl.zeros([1], dtype=tl.int64)
+        for i in range(0, tl.max(n_progs, axis=0)):
+            slot = tl.max(first, axis=0) + i + s
+            acc += tl.load(slot_gate_ptr + slot * E_PAD + cols)
+            ntok += tl.load(slot_tok_ptr + slot + tl.arange(0, 1)).to(tl.int64)
+        tl.store(gate_sum_ptr + s.to(tl.int64) * E + cols, acc, mask=cols < E)
+        tl.store(tokens_ptr + s + tl.arange(0, 1), ntok)
+    else:
+        pp = tl.arange(0, BLOCK_P)
+        sc = tl.zeros([BLOCK_P, E_PAD], dtype=tl.float32)
+        cn = tl.zeros([BLOCK_P, E_PAD], dtype=tl.int64)
+        for p0 in range(0, n_prog, BLOCK_P):
+            m = ((p0 + pp) < n_prog)[:, None]
+            off = (p0 + pp)[:, None] * E_PAD + cols[None, :]
+            sc += tl.load(part_score_ptr + off, mask=m, other=0.0)
+            cn += tl.load(part_count_ptr + off, mask=m, other=0).to(tl.int64)
+        tl.store(score_sum_ptr + cols, tl.sum(sc, axis=0), mask=cols < E)
+        tl.store(count_ptr + cols, tl.sum(cn, axis=0), mask=cols < E)
 
 
 def _config(T: int, E_PAD: int, device: torch.device) -> tuple[int, int]:
@@ -174,11 +228,14 @@ def routing_stats_triton(
     router_bias: torch.Tensor | None = None,
     score_fn: str = "softmax",
     return_topk: bool = False,
+    seq_sorted: bool | None = None,
     block_t: int | None = None,
     tiles_per_prog: int | None = None,
 ) -> RoutingStats:
     """Launcher with the contract of `routing_stats_torch` (inputs already validated by the caller).
-    `block_t` / `tiles_per_prog` override the heuristic (tests use them to cover the partial logic)."""
+    `seq_sorted`: True = seq_ids are non-decreasing (no check, no host sync), False = sort them, None =
+    find out (one host sync). Two launches when sorted (pass + reduce): int64/int32 ids and bool masks are
+    read as they are. `block_t` / `tiles_per_prog` override the heuristic (tests cover the partial logic)."""
     fused = logits is None
     src = hidden if fused else logits
     device = src.device
@@ -197,27 +254,31 @@ def routing_stats_triton(
         return empty_routing_stats(gate_sum, tokens, E,
                                    idx_out if idx_out is not None else (topk_idx.long() if return_topk else None))
 
-    seq = seq_ids.to(torch.int32)
-    is_sorted = bool((seq[1:] >= seq[:-1]).all().item()) if T > 1 else True
+    check_launchable(src)
+    if seq_sorted is None:
+        # The one host sync left; callers that know their ids are sorted pass seq_sorted=True.
+        seq_sorted = bool((seq_ids[1:] >= seq_ids[:-1]).all().item()) if T > 1 else True
     perm = None
-    if not is_sorted:
-        seq, perm = torch.sort(seq, stable=True)
-        perm = perm.to(torch.int32)
+    seq = seq_ids
+    if not seq_sorted:
+        seq, perm = torch.sort(seq_ids, stable=True)
     seq = seq.contiguous()
-    starts = torch.searchsorted(seq, torch.arange(S + 1, dtype=torch.int32, device=device))
 
     bt, tiles = _config(T, E_PAD, device)
     bt = block_t or bt
     tiles = tiles_per_prog or tiles
     chunk = bt * tiles
     n_prog = triton.cdiv(T, chunk)
-    slot_gate = torch.zeros((n_prog + S, E_PAD), dtype=torch.float32, device=device)
-    slot_tok = torch.zeros((n_prog + S,), dtype=torch.int32, device=device)
+    # Every slot the reduction reads was written by the pass (a program writes the slot of each sequence it
+    # meets), so the buffers start uninitialised.
+    slot_gate = new_empty((n_prog + S, E_PAD), torch.float32, device)
+    slot_tok = new_empty((n_prog + S,), torch.int32, device)
     part_score = new_empty((n_prog, E_PAD), torch.float32, device)
     part_count = new_empty((n_prog, E_PAD), torch.int32, device)
+    score_sum = new_empty((E,), torch.float32, device)
+    select_count = new_empty((E,), torch.int64, device)
 
-    dummy = slot_gate  # stands in for absent pointers (never dereferenced: the flags are constexpr)
-    mask_u8 = mask.to(torch.uint8) if mask is not None else None
+    dummy = part_score  # stands in for absent pointers (never dereferenced: the flags are constexpr)
     if fused:
         dot_fp32 = dot_in_fp32(hidden.dtype, router_weight.dtype)
         block_h = 128 if interpreting() else 64
@@ -230,23 +291,23 @@ def routing_stats_triton(
         lg, slt, sle = logits, logits.stride(0), logits.stride(1)
         hd, sht, shh, wt, swe, swh = dummy, 0, 0, dummy, 0, 0
     ti, sit, sik = (topk_idx, topk_idx.stride(0), topk_idx.stride(1)) if topk_idx is not None else (dummy, 0, 0)
-    _routing_stats_kernel[(n_prog,)](
-        lg, slt, sle, hd, sht, shh, wt, swe, swh,
-        router_bias if router_bias is not None else dummy, H,
-        perm if perm is not None else dummy, seq, mask_u8 if mask_u8 is not None else dummy,
-        ti, sit, sik, idx_out if idx_out is not None else dummy,
-        slot_gate, slot_tok, part_score, part_count,
-        T, E, tiles,
-        K=K, E_PAD=E_PAD, BLOCK_T=bt, BLOCK_H=block_h,
-        FUSED_GEMM=fused, HAS_BIAS=router_bias is not None, HAS_PERM=perm is not None,
-        HAS_MASK=mask is not None, GIVEN_TOPK=topk_idx is not None, RETURN_TOPK=idx_out is not None,
-        SIGMOID=score_fn == "sigmoid", DOT_FP32=dot_fp32,
-    )
-    if S > 0:
-        _reduce_slots_kernel[(S,)](slot_gate, slot_tok, starts, gate_sum, tokens, E, chunk, E_PAD=E_PAD)
-    # Fixed-order sums over the per-program partials (torch reductions use no atomics).
-    score_sum = part_score[:, :E].sum(0)
-    select_count = part_count[:, :E].sum(0, dtype=torch.int64)
+    with device_guard(device):
+        _routing_stats_kernel[(n_prog,)](
+            lg, slt, sle, hd, sht, shh, wt, swe, swh,
+            router_bias if router_bias is not None else dummy, H,
+            perm if perm is not None else dummy, seq, mask if mask is not None else dummy,
+            ti, sit, sik, idx_out if idx_out is not None else dummy,
+            slot_gate, slot_tok, part_score, part_count,
+            T, E, tiles,
+            K=K, E_PAD=E_PAD, BLOCK_T=bt, BLOCK_H=block_h,
+            FUSED_GEMM=fused, HAS_BIAS=router_bias is not None, HAS_PERM=perm is not None,
+            HAS_MASK=mask is not None, GIVEN_TOPK=topk_idx is not None, RETURN_TOPK=idx_out is not None,
+            SIGMOID=score_fn == "sigmoid", DOT_FP32=dot_fp32,
+            num_warps=4, num_stages=1 if interpreting() else 3,
+        )
+        _reduce_kernel[(S + 1,)](
+            slot_gate, slot_tok, seq, part_score, part_count, gate_sum, tokens, score_sum, select_count,
+            T, S, E, chunk, n_prog, int(T).bit_length() + 1, E_PAD=E_PAD, BLOCK_P=32)
     out_idx = None
     if return_topk:
         out_idx = idx_out if idx_out is not None else topk_idx.long()

@@ -1,16 +1,16 @@
-"""loramoe_delta: Triton forward/backward (interpreter on the CPU) and the CUDA forward against the torch
-reference and its autograd."""
+"""loramoe_delta: Triton forward/backward (interpreter on the CPU, compiled on a GPU) and the CUDA forward
+against the torch reference and its autograd. TRITON_INTERPRET is decided in conftest.py."""
 
-import os
+import contextlib
+import types
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import moe_unlearn.kernels._common as kcommon
+import moe_unlearn.kernels.loramoe_delta as ld_kernel
+import pytest
+import torch
 
-import moe_unlearn.kernels.loramoe_delta as ld_kernel  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from moe_unlearn.errors import BackendUnavailable, BadInputError  # noqa: E402
-from moe_unlearn.ops import dense_gates, loramoe_delta, loramoe_delta_loop, loramoe_delta_torch  # noqa: E402
+from moe_unlearn.errors import BackendUnavailable, BadInputError
+from moe_unlearn.ops import dense_gates, dispatch, loramoe_delta, loramoe_delta_loop, loramoe_delta_torch
 
 
 def make_inputs(T, d_in, d_out, E, r, dtype, seed, topk=None):
@@ -61,11 +61,14 @@ CASES = [
     # T, d_in, d_out, E, r, dtype, topk
     (150, 40, 33, 5, 4, torch.float32, None),
     (70, 24, 50, 3, 16, torch.float32, 2),
-    (130, 64, 40, 7, 64, torch.float16, None),
+    (130, 64, 40, 7, 64, torch.float16, None),  # 7 x 64 columns: unfused (shrink + expand) path
     (77, 48, 56, 6, 8, torch.float16, 2),
+    (91, 40, 36, 5, 8, torch.bfloat16, None),
+    (45, 24, 20, 2, 200, torch.bfloat16, None),  # r > 128: the rank is split into two 128-column chunks
 ]
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("T,d_in,d_out,E,r,dtype,topk", CASES)
 def test_triton_forward_and_grads_match_reference(T, d_in, d_out, E, r, dtype, topk):
     x, A, B, g = make_inputs(T, d_in, d_out, E, r, dtype, seed=T + r, topk=topk)
@@ -74,23 +77,97 @@ def test_triton_forward_and_grads_match_reference(T, d_in, d_out, E, r, dtype, t
     assert_matches_reference(got, x, A, B, g, dout, 2.0, dtype)
 
 
-def test_small_blocks_split_reduction_and_poisoned_buffers(monkeypatch):
-    """Many tiles in every grid dimension and a 3-way split of the T reductions (dA, dB), with every
-    buffer the launchers allocate filled with NaN first: nothing may read memory it did not write."""
+@pytest.mark.interpret
+@pytest.mark.parametrize("E,r,cols_max,rank_chunk_max", [
+    (5, 8, 16, 128),   # 3 expert blocks of 2 x 8 columns (unfused, last block half padding)
+    (5, 8, 64, 128),   # one 8 x 8 block: fused forward (several token tiles per program) + one-pass dx/dA
+    (3, 24, 32, 16),   # r = 24 -> padded 32 -> two 16-column rank chunks per expert (dgates summed over chunks)
+])
+def test_small_blocks_split_reduction_and_poisoned_buffers(monkeypatch, E, r, cols_max, rank_chunk_max):
+    """Many tiles in every grid dimension, a 3-way split of the T reductions (dA, dB), with every buffer the
+    launchers allocate filled with NaN first: nothing may read memory it did not write."""
     monkeypatch.setattr(ld_kernel, "new_empty",
                         lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
-    T, d_in, d_out, E, r = 90, 40, 36, 5, 8
+    monkeypatch.setattr(kcommon, "sm_count", lambda device: 1)
+    monkeypatch.setattr(ld_kernel, "sm_count", lambda device: 1)  # one program walks every token tile
+    T, d_in, d_out = 90, 40, 36
     x, A, B, g = make_inputs(T, d_in, d_out, E, r, torch.float32, seed=11)
     gates = g["gates"]
-    cfg = ld_kernel.KernelConfig(block_t=16, block_k=16, experts_per_block=2, rank_pad=8, split_t=3)
+    cfg = ld_kernel.make_config(E, r, block_t=16, block_k=16, split_t=3, cols_max=cols_max,
+                                rank_chunk_max=rank_chunk_max)
+    assert cfg.fused == (cols_max == 64) and cfg.rank_chunks == (2 if r == 24 else 1)
     out, h = ld_kernel.loramoe_delta_forward(x, A, B, gates, 0.5, config=cfg)
     dout = torch.randn(T, d_out)
     grads = ld_kernel.loramoe_delta_backward(dout, x, A, B, gates, h, 0.5, config=cfg)
     ref = run_with_grads(loramoe_delta_torch, x, A, B, g, dout, scale=0.5)
     for a, b in zip([out, *grads], ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # The fused forward without a backward writes no h, and the same delta.
+    out2, h2 = ld_kernel.loramoe_delta_forward(x, A, B, gates, 0.5, config=cfg, save_h=False)
+    assert (h2 is None) == cfg.fused
+    torch.testing.assert_close(out2, ref[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.interpret
+def test_zero_width_output_gives_zero_gradients(monkeypatch):
+    """d_out = 0: the delta is empty and every gradient is exactly zero (was NaN gate gradients: the saved h
+    was an unwritten buffer)."""
+    monkeypatch.setattr(ld_kernel, "new_empty",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    x, A, B, g = make_inputs(20, 16, 0, 3, 4, torch.float32, seed=12)
+    got = run_with_grads(loramoe_delta, x, A, B, g, torch.zeros(20, 0), backend="triton")
+    assert got[0].shape == (20, 0)
+    for grad in got[1:]:
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_launchers_guard_the_tensor_device(monkeypatch):
+    """Triton launches on the current CUDA device, so every launcher makes the tensor's device current."""
+    seen = []
+
+    def recording_guard(device):
+        seen.append(device)
+        return contextlib.nullcontext()
+
+    assert isinstance(kcommon.device_guard(torch.device("cpu")), contextlib.nullcontext)
+    guard = kcommon.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    if not kcommon.interpreting():
+        pytest.skip("the launch half runs under the interpreter")
+    monkeypatch.setattr(ld_kernel, "device_guard", recording_guard)
+    x, A, B, g = make_inputs(20, 16, 12, 3, 4, torch.float32, seed=13)
+    run_with_grads(loramoe_delta, x, A, B, g, torch.randn(20, 12), backend="triton")
+    assert len(seen) == 2 and all(d == x.device for d in seen)  # forward and backward
+
+
+def test_launchers_refuse_the_wrong_device_kind(monkeypatch):
+    """Interpreted kernels refuse CUDA tensors and compiled kernels CPU tensors (no silent CPU copies)."""
+    monkeypatch.setattr(kcommon, "interpreting", lambda: True)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kcommon.check_launchable(types.SimpleNamespace(device=torch.device("cuda", 0)))  # only .device is read
+    kcommon.check_launchable(torch.zeros(1))
+    monkeypatch.setattr(kcommon, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        kcommon.check_launchable(torch.zeros(1))
+
+
+def test_auto_dispatch_prefers_triton_and_never_the_cuda_extension(monkeypatch):
+    """On CUDA tensors the automatic choice is Triton, even with the CUDA extension built (never measured faster);
+    under TRITON_INTERPRET=1 Triton is refused for CUDA tensors and auto falls to torch, not to the interpreter."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv("MOE_UNLEARN_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "cuda_extension", lambda: object())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for op in ("loramoe_delta", "routing_stats"):
+        assert dispatch.choose_backend(op, cuda, cuda_ops=(op,)) == "triton"
+        assert dispatch.choose_backend(op, cuda, backend="cuda", cuda_ops=(op,)) == "cuda"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.choose_backend("loramoe_delta", cuda, cuda_ops=("loramoe_delta",)) == "torch"
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+        dispatch.choose_backend("loramoe_delta", cuda, backend="triton")
+
+
+@pytest.mark.interpret
 def test_accumulates_into_out_with_gradients():
     T, d_in, d_out, E, r = 60, 32, 24, 4, 4
     x, A, B, g = make_inputs(T, d_in, d_out, E, r, torch.float32, seed=3, topk=2)
@@ -111,6 +188,7 @@ def test_accumulates_into_out_with_gradients():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.interpret
 def test_empty_batch_and_non_contiguous_inputs():
     E, r, d_in, d_out = 3, 4, 20, 18
     x0, A, B, g = make_inputs(0, d_in, d_out, E, r, torch.float32, seed=5)
@@ -139,6 +217,7 @@ def test_stacked_reference_equals_per_expert_loop():
                                loramoe_delta_loop(x, A, B, g["gates"], scale=0.7), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.interpret
 def test_dispatch_and_bad_inputs(monkeypatch):
     x, A, B, g = make_inputs(8, 16, 12, 3, 4, torch.float32, seed=9)
     monkeypatch.delenv("MOE_UNLEARN_BACKEND", raising=False)
@@ -212,3 +291,49 @@ def test_gpu_cuda_forward_matches_torch(dtype):
     tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(acc.float(), base.float() + ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("T,d_in,d_out,E,r,K,dtype", [
+    (53, 40, 36, 20, 16, 3, torch.float32),   # 20 experts x 16 > 256 columns: routed through the sorted pairs
+    (37, 24, 20, 33, 8, 2, torch.bfloat16),
+    (0, 24, 20, 33, 8, 2, torch.float32),
+])
+def test_routed_topk_matches_reference(T, d_in, d_out, E, r, K, dtype):
+    """Many experts: top-K runs on pairs sorted by expert (cost follows K). Forward, gradients in x, A, B and the
+    weights, and accumulation into `out` match the dense torch reference; experts nobody picked get dA = dB = 0."""
+    from moe_unlearn.ops.api import routed_pays
+
+    assert routed_pays(E, r) and not routed_pays(8, 16)
+    x, A, B, g = make_inputs(T, d_in, d_out, E, r, dtype, seed=E + r, topk=K)
+    gen = torch.Generator().manual_seed(T)
+    if T:  # expert E - 1 is never picked
+        g["topk_idx"] = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(T)])
+    dout = torch.randn(T, d_out, generator=torch.Generator().manual_seed(2)).to(dtype)
+    got = run_with_grads(loramoe_delta, x, A, B, g, dout, scale=1.5, backend="triton")
+    if T == 0:
+        assert got[0].shape == (0, d_out) and got[1].shape == (0, d_in) and got[4].shape == (0, K)
+        assert not got[2].any() and not got[3].any()
+        return
+    assert_matches_reference(got, x, A, B, g, dout, 1.5, dtype)
+    unused = sorted(set(range(E)) - set(g["topk_idx"].flatten().tolist()))
+    assert E - 1 in unused and not got[2][unused].any() and not got[3][unused].any()
+    base = torch.randn(T, d_out).to(dtype)
+    with torch.no_grad():
+        acc = loramoe_delta(x, A, B, out=base.clone(), scale=1.5, backend="triton", **g)
+    ref = base.float() + loramoe_delta_torch(x.float(), A.float(), B.float(), topk_idx=g["topk_idx"],
+                                             topk_weight=g["topk_weight"].float(), scale=1.5)
+    torch.testing.assert_close(acc.float(), ref, rtol=2e-2 if dtype != torch.float32 else 1e-4,
+                               atol=2e-2 if dtype != torch.float32 else 1e-4)
+
+
+def test_topk_values_checked():
+    x, A, B, g = make_inputs(6, 16, 12, 4, 4, torch.float32, seed=14, topk=2)
+    bad = g["topk_idx"].clone()
+    bad[2, 1] = 4
+    with pytest.raises(BadInputError, match="topk_idx values"):
+        loramoe_delta(x, A, B, topk_idx=bad, topk_weight=g["topk_weight"])
+    dup = g["topk_idx"].clone()
+    dup[3] = torch.tensor([1, 1])
+    with pytest.raises(BadInputError, match="twice"):
+        loramoe_delta(x, A, B, topk_idx=dup, topk_weight=g["topk_weight"])

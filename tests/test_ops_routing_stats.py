@@ -1,15 +1,12 @@
-"""routing_stats: Triton (interpreter on the CPU) and CUDA backends against the torch reference."""
+"""routing_stats: Triton (interpreter on the CPU, compiled on a GPU) and CUDA backends against the torch
+reference. TRITON_INTERPRET is decided in conftest.py."""
 
-import os
+import moe_unlearn.kernels.routing_stats as rs_kernel
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import moe_unlearn.kernels.routing_stats as rs_kernel  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from moe_unlearn.errors import BackendUnavailable, BadInputError  # noqa: E402
-from moe_unlearn.ops import choose_backend, routing_stats, routing_stats_torch  # noqa: E402
+from moe_unlearn.errors import BackendUnavailable, BadInputError
+from moe_unlearn.ops import choose_backend, routing_stats, routing_stats_torch
 
 FIELDS = ("gate_sum", "select_count", "score_sum", "tokens_per_seq")
 
@@ -39,9 +36,12 @@ CASES = [
     (130, 6, 2, 3, torch.float32, True, "sigmoid", True, True, False),
     (99, 5, 2, 4, torch.float16, True, "softmax", False, True, True),
     (70, 3, 1, 2, torch.float32, False, "sigmoid", True, False, True),
+    (163, 64, 8, 6, torch.bfloat16, False, "softmax", False, True, False),
+    (88, 7, 3, 3, torch.bfloat16, True, "sigmoid", True, False, False),
 ]
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("T,E,K,S,dtype,fused,score_fn,is_sorted,masked,given", CASES)
 def test_triton_matches_torch(T, E, K, S, dtype, fused, score_fn, is_sorted, masked, given):
     gen = torch.Generator().manual_seed(hash((T, E, K)) % 2**31)
@@ -64,6 +64,7 @@ def test_triton_matches_torch(T, E, K, S, dtype, fused, score_fn, is_sorted, mas
     assert_stats_close(got, ref, check_topk=True)
 
 
+@pytest.mark.interpret
 def test_many_programs_tiles_and_short_sequences():
     """Small blocks force many programs x several tiles, with sequences (some empty) crossing program
     boundaries: exercises the slot bookkeeping and the fixed-order reduction."""
@@ -78,11 +79,14 @@ def test_many_programs_tiles_and_short_sequences():
     kw = dict(top_k=K, seq_ids=seq, num_seqs=S, mask=mask)
     ref = routing_stats_torch(logits, **kw)
     for block_t, tiles in [(16, 1), (16, 3), (32, 2)]:
-        got = rs_kernel.routing_stats_triton(logits, block_t=block_t, tiles_per_prog=tiles, **kw)
-        assert_stats_close(got, ref)
+        for sorted_flag in (None, True):  # told, or found out
+            got = rs_kernel.routing_stats_triton(logits, block_t=block_t, tiles_per_prog=tiles,
+                                                 seq_sorted=sorted_flag, **kw)
+            assert_stats_close(got, ref)
     assert ref.tokens_per_seq[3] == 0 and ref.tokens_per_seq[10] == 0
 
 
+@pytest.mark.interpret
 def test_empty_batch_and_non_contiguous_logits():
     E, S = 7, 3
     empty = routing_stats(torch.zeros(0, E), top_k=2, seq_ids=torch.zeros(0, dtype=torch.long), num_seqs=S,
@@ -101,6 +105,7 @@ def test_empty_batch_and_non_contiguous_logits():
                        check_topk=True)
 
 
+@pytest.mark.interpret
 def test_outputs_poisoned_before_the_call(monkeypatch):
     def poisoned(shape, dtype, device):
         t = torch.empty(shape, dtype=dtype, device=device)
@@ -115,6 +120,7 @@ def test_outputs_poisoned_before_the_call(monkeypatch):
     assert_stats_close(got, routing_stats_torch(logits, **kw), check_topk=True)
 
 
+@pytest.mark.interpret
 def test_deterministic_bitwise():
     gen = torch.Generator().manual_seed(4)
     T, E, S = 260, 12, 6
@@ -124,6 +130,59 @@ def test_deterministic_bitwise():
     b = rs_kernel.routing_stats_triton(logits, block_t=32, tiles_per_prog=2, **kw)
     for name in FIELDS:
         assert torch.equal(getattr(a, name), getattr(b, name))
+
+
+@pytest.mark.interpret
+def test_own_topk_distinct_when_fewer_than_k_logits_are_finite():
+    """Rows with 1 or 2 finite logits and K = 3: the K indices stay distinct (finite ones first, the rest the
+    lowest-index -inf columns) and the stats equal torch's for that selection."""
+    gen = torch.Generator().manual_seed(9)
+    T, E, K, S = 40, 6, 3, 2
+    logits = torch.full((T, E), float("-inf"))
+    for t in range(T):
+        cols = torch.randperm(E, generator=gen)[: 1 + t % 2]
+        logits[t, cols] = torch.randn(len(cols), generator=gen)
+    seq = (torch.arange(T) >= T // 2).long()
+    got = routing_stats(logits, top_k=K, seq_ids=seq, num_seqs=S, return_topk=True, backend="triton")
+    idx = got.topk_idx
+    for t in range(T):
+        row = idx[t].tolist()
+        assert len(set(row)) == K, row
+        n_fin = 1 + t % 2
+        assert set(row[:n_fin]) == set(torch.isfinite(logits[t]).nonzero().flatten().tolist())
+        rest = sorted(set(range(E)) - set(row[:n_fin]))[: K - n_fin]
+        assert row[n_fin:] == rest
+    ref = routing_stats_torch(logits, top_k=K, seq_ids=seq, num_seqs=S, topk_idx=idx)
+    assert_stats_close(got, ref)
+
+
+def test_values_checked_without_sync_on_cuda_and_sortedness_promise(monkeypatch):
+    """CPU: bad ids and a false seq_sorted=True promise raise BadInputError. CUDA tensors: the checks are
+    device-side assertions (torch._assert_async), so no host sync; we record them instead of running CUDA."""
+    seq = torch.tensor([0, 1, 1, 0])
+    logits = torch.randn(4, 3)
+    with pytest.raises(BadInputError, match="seq_sorted"):
+        routing_stats(logits, top_k=1, seq_ids=seq, num_seqs=2, seq_sorted=True)
+    with pytest.raises(BadInputError, match="seq_sorted must be"):
+        routing_stats(logits, top_k=1, seq_ids=seq, num_seqs=2, seq_sorted="yes")
+    from moe_unlearn.ops import api
+
+    asserted, stacked = [], []
+    monkeypatch.setattr(torch, "_assert_async", lambda cond, msg: asserted.append((bool(cond), msg)))
+    real_stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacked.append(1) or real_stack(*a, **k))
+
+    class OnCuda(torch.Tensor):  # a CPU tensor that reports a CUDA device: the checks only branch on .device
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    api._check_values(seq.as_subclass(OnCuda), None, 2, 3, True)
+    assert not stacked  # no host-side check
+    assert [ok for ok, _ in asserted] == [True, True, False] and "seq_sorted=True" in asserted[-1][1]
+    monkeypatch.setenv("MOE_UNLEARN_SYNC_CHECKS", "1")
+    with pytest.raises(BadInputError, match="seq_sorted"):
+        api._check_values(seq.as_subclass(OnCuda), None, 2, 3, True)
 
 
 def test_bad_inputs_raise_one_clear_error():
@@ -141,6 +200,7 @@ def test_bad_inputs_raise_one_clear_error():
         routing_stats(logits, top_k=2, seq_ids=seq, num_seqs=1, backend="fast")
 
 
+@pytest.mark.interpret
 def test_dispatch_rules(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("MOE_UNLEARN_BACKEND", raising=False)

@@ -6,6 +6,8 @@ routing_stats.py / loramoe_delta.py are the ground truth the other backends are 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from moe_unlearn.errors import BadInputError
@@ -41,6 +43,34 @@ def _same_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
                   "move all inputs to one device")
 
 
+def _check_values(seq_ids: torch.Tensor, topk_idx: torch.Tensor | None, num_seqs: int, E: int,
+                  seq_sorted: bool | None) -> None:
+    """Range checks of the ids (and sortedness when promised). CPU tensors, or MOE_UNLEARN_SYNC_CHECKS=1: one
+    host sync and a clear BadInputError. CUDA tensors otherwise: torch._assert_async, checked on the device
+    without a sync (a violation stops the CUDA context with the message below)."""
+    msgs = [f"seq_ids must lie in [0, num_seqs={num_seqs})", f"seq_ids must lie in [0, num_seqs={num_seqs})"]
+    checks = [seq_ids.min() >= 0, seq_ids.max() < num_seqs]
+    if topk_idx is not None:
+        checks += [topk_idx.min() >= 0, topk_idx.max() < E]
+        msgs += [f"topk_idx values must lie in [0, E={E})"] * 2
+    if seq_sorted and seq_ids.shape[0] > 1:
+        checks.append((seq_ids[1:] >= seq_ids[:-1]).all())
+        msgs.append("seq_sorted=True but seq_ids are not non-decreasing")
+    _assert_all(checks, msgs, seq_ids.device)
+
+
+def _assert_all(checks: list[torch.Tensor], msgs: list[str], device: torch.device) -> None:
+    """BadInputError for the first failed check (one host sync) on CPU tensors or with
+    MOE_UNLEARN_SYNC_CHECKS=1; device-side assertions without a sync on CUDA tensors."""
+    if device.type != "cuda" or os.environ.get("MOE_UNLEARN_SYNC_CHECKS") == "1":
+        ok = torch.stack(checks).tolist()
+        for good, msg in zip(ok, msgs, strict=True):
+            _need(good, msg)
+        return
+    for cond, msg in zip(checks, msgs, strict=True):
+        torch._assert_async(cond, msg)
+
+
 def routing_stats(
     logits: torch.Tensor | None,
     *,
@@ -54,10 +84,16 @@ def routing_stats(
     router_bias: torch.Tensor | None = None,
     score_fn: str = "softmax",
     return_topk: bool = False,
+    seq_sorted: bool | None = None,
     backend: str | None = None,
 ) -> RoutingStats:
     """Per-expert routing statistics of one batch (see RoutingStats and routing_stats_torch for the
-    contract). `backend`: None/'auto', 'torch', 'triton' or 'cuda' (else $MOE_UNLEARN_BACKEND)."""
+    contract). `backend`: None/'auto', 'torch', 'triton' or 'cuda' (else $MOE_UNLEARN_BACKEND).
+
+    `seq_sorted`: True promises non-decreasing seq_ids (the kernels then need no sort and no host sync),
+    False has them sorted, None finds out (one host sync on a GPU). Value checks of seq_ids / topk_idx raise
+    BadInputError on CPU tensors; on CUDA tensors they are device-side assertions (no host sync, so the call
+    stays graph-capturable), or BadInputError with MOE_UNLEARN_SYNC_CHECKS=1."""
     if logits is None:
         _need(hidden is not None and router_weight is not None,
               "routing_stats needs logits [T, E], or hidden [T, H] and router_weight [E, H]")
@@ -90,35 +126,39 @@ def routing_stats(
         _need(tuple(mask.shape) == (T,), f"mask must have shape ({T},), got {tuple(mask.shape)}")
     _same_device(device, seq_ids=seq_ids, mask=mask, topk_idx=topk_idx, router_weight=router_weight,
                  router_bias=router_bias)
+    _need(seq_sorted in (None, True, False), f"seq_sorted must be None, True or False, got {seq_sorted!r}")
     if T > 0:
-        # One host sync for all value checks: a bad id would otherwise be a device-side assert on CUDA.
-        checks = [seq_ids.min() < 0, seq_ids.max() >= num_seqs]
-        if topk_idx is not None:
-            checks += [topk_idx.min() < 0, topk_idx.max() >= E]
-        bad = torch.stack(checks).tolist()
-        _need(not (bad[0] or bad[1]), f"seq_ids must lie in [0, num_seqs={num_seqs})")
-        _need(len(bad) == 2 or not (bad[2] or bad[3]), f"topk_idx values must lie in [0, E={E})")
+        _check_values(seq_ids, topk_idx, num_seqs, E, seq_sorted)
 
     if topk_idx is not None:
         topk_idx = topk_idx.long()
     kwargs = dict(top_k=top_k, seq_ids=seq_ids, num_seqs=num_seqs, mask=mask, topk_idx=topk_idx, hidden=hidden,
                   router_weight=router_weight, router_bias=router_bias, score_fn=score_fn, return_topk=return_topk)
+    compiled_kwargs = dict(kwargs, seq_sorted=seq_sorted)
     unsupported = {}
     if E > 256:
         unsupported["cuda"] = unsupported["triton"] = f"E={E} > 256 experts is only supported by backend='torch'"
     if logits is None:
         unsupported["cuda"] = "the CUDA kernel takes logits; pass logits or use backend='triton'"
-    name = choose_backend("routing_stats", device, backend=backend, preference=("cuda", "triton"),
-                          cuda_ops=("routing_stats",), unsupported=unsupported)
+    name = choose_backend("routing_stats", device, backend=backend, cuda_ops=("routing_stats",),
+                          unsupported=unsupported)
     if name == "triton":
         from moe_unlearn.kernels.routing_stats import routing_stats_triton
 
-        return routing_stats_triton(logits, **kwargs)
+        return routing_stats_triton(logits, **compiled_kwargs)
     if name == "cuda":
         from moe_unlearn.ops.cuda_backend import routing_stats_cuda
 
-        return routing_stats_cuda(logits, **kwargs)
+        return routing_stats_cuda(logits, **compiled_kwargs)
     return routing_stats_torch(logits, **kwargs)
+
+
+def routed_pays(E: int, r: int) -> bool:
+    """Top-K through the routed (sorted-by-expert) kernels when the dense mixture no longer fits the fused
+    on-chip forward (E * r_pad > 256 columns, e.g. E=64 top-4): then densified gates would cost E/K times the
+    FLOPs. Narrow mixtures (E=8, r=16) keep the dense fused kernel, which reads x once."""
+    r_pad = 1 << max(0, (r - 1).bit_length())
+    return E * max(r_pad, 1) > 256
 
 
 def loramoe_delta(
@@ -155,6 +195,11 @@ def loramoe_delta(
         _check_index("topk_idx", topk_idx, tuple(topk_idx.shape))
         _check_float("topk_weight", topk_weight, 2)
         _need(topk_weight.shape == topk_idx.shape, "topk_weight must have the shape of topk_idx")
+        if topk_idx.numel():
+            srt = topk_idx.sort(dim=1).values
+            _assert_all([srt[:, 0].min() >= 0, srt[:, -1].max() < E, (srt[:, 1:] != srt[:, :-1]).all()],
+                        [f"topk_idx values must lie in [0, E={E})", f"topk_idx values must lie in [0, E={E})",
+                         "topk_idx must not name an expert twice in one row"], x.device)
     else:
         _need(topk_idx is None and topk_weight is None, "pass dense gates or topk_idx/topk_weight, not both")
         _check_float("gates", gates, 2)
@@ -167,12 +212,16 @@ def loramoe_delta(
     grad_inputs = (x, A, B, gates, topk_weight, out)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
     unsupported = {"cuda": "the CUDA loramoe_delta is forward-only; use backend='triton' for training"} if needs_grad else {}
-    name = choose_backend("loramoe_delta", x.device, backend=backend, preference=("triton", "cuda"),
-                          cuda_ops=("loramoe_delta",), unsupported=unsupported)
+    name = choose_backend("loramoe_delta", x.device, backend=backend, cuda_ops=("loramoe_delta",),
+                          unsupported=unsupported)
     if name == "torch":
         idx = topk_idx.long() if topk_idx is not None else None
         delta = loramoe_delta_torch(x, A, B, gates, topk_idx=idx, topk_weight=topk_weight, scale=scale)
         return delta if out is None else out.add_(delta)
+    if name == "triton" and gates is None and routed_pays(E, r):
+        from moe_unlearn.kernels.loramoe_routed import loramoe_delta_routed_triton
+
+        return loramoe_delta_routed_triton(x, A, B, topk_idx, topk_weight, scale=scale, out=out)
     if gates is None:
         # Top-K becomes dense gates through torch's scatter, so weight gradients come from its autograd.
         gates = dense_gates(E, topk_idx.long(), topk_weight)

@@ -27,6 +27,7 @@ def routing_stats_cuda(
     router_bias: torch.Tensor | None = None,
     score_fn: str = "softmax",
     return_topk: bool = False,
+    seq_sorted: bool | None = None,
 ) -> RoutingStats:
     ext = cuda_extension()
     device = logits.device
@@ -41,7 +42,9 @@ def routing_stats_cuda(
                                    idx_out if idx_out is not None else (topk_idx if return_topk else None))
     seq = seq_ids.to(torch.int32)
     perm = None
-    if T > 1 and not bool((seq[1:] >= seq[:-1]).all()):
+    if seq_sorted is None:
+        seq_sorted = T <= 1 or bool((seq[1:] >= seq[:-1]).all())
+    if not seq_sorted:
         seq, perm = torch.sort(seq, stable=True)
         perm = perm.to(torch.int32)
     seq = seq.contiguous()

@@ -3,9 +3,13 @@
 Rules (issue 6):
 - `backend=` (kwarg) wins, else the environment variable MOE_UNLEARN_BACKEND
   (torch | triton | cuda; empty or "auto" = choose automatically).
-- Automatic choice: on a CUDA tensor the op's preferred compiled backend that is
+- Automatic choice: on a CUDA tensor the first backend of AUTO_PREFERENCE[op] that is
   built/importable and supports the call, else torch. On a CPU tensor always torch
-  (Triton on the CPU is the slow interpreter, useful only for tests).
+  (Triton on the CPU is the slow interpreter, useful only for tests). The CUDA extension is
+  not in AUTO_PREFERENCE: it was never measured faster than Triton (its routing_stats spends a
+  warp per token, its loramoe_delta is plain fp32 FMA), so it runs only when asked for by name.
+- Triton on a CUDA tensor needs compiled kernels: under TRITON_INTERPRET=1 the kernels were
+  decorated for the interpreter and would run on CPU copies, so that is refused, not done.
 - An explicitly requested backend that cannot run raises BackendUnavailable: a
   silent fallback could change results (other rounding, other tie-breaking).
 """
@@ -23,6 +27,9 @@ from moe_unlearn.errors import BackendUnavailable, BadInputError
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "MOE_UNLEARN_BACKEND"
+# Compiled backends tried, in order, by the automatic choice on CUDA tensors. Change an entry only with a
+# benchmark (benchmarks/bench_ops.py on the GPU) that shows the other backend faster for that op.
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {"routing_stats": ("triton",), "loramoe_delta": ("triton",)}
 
 
 def requested_backend(backend: str | None = None) -> str | None:
@@ -68,6 +75,9 @@ def _why_not(name: str, op: str, device: torch.device, cuda_ops: Sequence[str]) 
         if not triton_importable():
             return "triton is not importable; install triton (Linux) or use backend='torch'"
         if device.type == "cuda":
+            if triton_interpreting():
+                return ("TRITON_INTERPRET=1 is set, so the kernels are the CPU interpreter's; unset it before "
+                        "importing moe_unlearn to run compiled kernels on CUDA tensors")
             return None
         if device.type == "cpu" and triton_interpreting():
             return None
@@ -89,13 +99,13 @@ def choose_backend(
     device: torch.device,
     *,
     backend: str | None = None,
-    preference: Sequence[str] = ("cuda", "triton"),
+    preference: Sequence[str] | None = None,
     cuda_ops: Sequence[str] = (),
     unsupported: dict[str, str] | None = None,
 ) -> str:
     """Pick the backend for one call of `op` on tensors living on `device`.
 
-    `preference`: the compiled backends to try in order on a CUDA device.
+    `preference`: the compiled backends to try in order on a CUDA device (default AUTO_PREFERENCE[op]).
     `cuda_ops`: the names this call can use from the CUDA extension (empty = none).
     `unsupported`: backend -> reason, for arguments a backend does not handle in this call.
     """
@@ -108,6 +118,8 @@ def choose_backend(
         return wanted
     if device.type != "cuda":
         return "torch"
+    if preference is None:
+        preference = AUTO_PREFERENCE.get(op, ("triton",))
     for name in preference:
         if name not in unsupported and _why_not(name, op, device, cuda_ops) is None:
             return name

@@ -4,7 +4,7 @@ Contract and plain torch references (the ground truth for the Triton/CUDA backen
 The public entry point with backend dispatch is `moe_unlearn.ops.loramoe_delta`.
 
 Shapes: x [T, d_in], A [E, r, d_in], B [E, d_out, r]; gates either dense [T, E] or
-top-K (idx [T, K] int64, weight [T, K]). Uses the identity (SPEC section 4)
+top-K (idx [T, K] int64, weight [T, K]). Uses the identity
     sum_i g_i B_i A_i x = B_cat ((g (x) 1_r) * (A_stack x)),
 A_stack [E*r, d_in], B_cat [d_out, E*r], so the mixture is two GEMMs and one gate.
 """
