@@ -99,7 +99,7 @@ def test_bench_world_tofu_forms_are_deterministic_and_well_formed():
 def test_tofu_evaluate_end_to_end_with_reference_models():
     facts = generate_facts(FactsConfig(entities_per_domain=3, neighbor_entities=1, holdout_entities=2))
     tok = word_tokenizer_for(facts)
-    forget, retain = tofu_records(facts.forget, facts.trained), tofu_records(facts.retain[:2], facts.trained)
+    forget, retain = tofu_records(facts.forget, facts.trained), tofu_records(facts.retain_train[:2], facts.trained)
     model, other = tiny_model("qwen3_moe", seed=0), tiny_model("qwen3_moe", seed=5)
     same = tofu_evaluate(model, tok, forget=forget, retain=retain, reference=model, max_new_tokens=2)
     assert same.forget_quality == pytest.approx(1.0)  # identical truth-ratio distributions

@@ -33,12 +33,14 @@ SUMMARY_KEYS = ("nll", "token_accuracy", "exact_match", "rouge_l", "verbmem")
 
 @dataclass
 class UnlearnRequest:
-    """One unlearning request: its name, forget records (for unlearning and for the forget metrics)
-    and optionally never-trained texts of the same kind (holdout, for MIA / PrivLeak)."""
+    """One unlearning request: its name, forget records (for the forget metrics, and for unlearning
+    unless `train` gives what the unlearning loss should see instead, e.g. the bench's
+    `unlearning_records`), and optionally never-trained texts of the same kind (holdout, for MIA)."""
 
     name: str
     forget: ItemsLike
     holdout: ItemsLike | None = None
+    train: Any = None
 
 
 Mode = Callable[[nn.Module, Any, UnlearnRequest, Any, Path, dict[str, Any]], Callable[[], None]]
@@ -48,7 +50,8 @@ def _stacked(model: nn.Module, tokenizer, request: UnlearnRequest, retain, out_d
              unlearn_kwargs: dict[str, Any]) -> Callable[[], None]:
     from moe_unlearn.unlearning import revert_patch, unlearn
 
-    res = unlearn(model, _records(request.forget), _records(retain) if retain is not None else None,
+    data = request.train if request.train is not None else _records(request.forget)
+    res = unlearn(model, data, None if retain is None else _records(retain),
                   tokenizer=tokenizer, out_dir=out_dir, **unlearn_kwargs)
     return lambda: revert_patch(model, res.patch_path)
 
@@ -57,8 +60,10 @@ MODES: dict[str, Mode] = {"stacked": _stacked}
 
 
 def _records(data: ItemsLike) -> Any:
-    """What `unlearn` reads: paths as they are, lists of EvalItem as their texts / QA dicts."""
-    if isinstance(data, (str, os.PathLike)):
+    """What `unlearn` reads: paths and lists of strings / dicts as they are, EvalItem as texts / QA dicts."""
+    from moe_unlearn.eval.items import EvalItem
+
+    if isinstance(data, (str, os.PathLike)) or not any(isinstance(d, EvalItem) for d in data):
         return data
     out = []
     for it in as_items(data):
@@ -111,11 +116,15 @@ class SequentialResult:
         return {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
 
 
+Extra = Callable[[nn.Module], Mapping[str, float]] | None
+
+
 def _metrics(model, tokenizer, forget_splits: Mapping[str, ItemsLike], utility: Mapping[str, ItemsLike],
-             holdout: ItemsLike | None, eval_kwargs: dict[str, Any], mia_split: str | None) -> dict[str, float]:
+             holdout: ItemsLike | None, eval_kwargs: dict[str, Any], mia_split: str | None,
+             extra: Extra = None) -> dict[str, float]:
     from moe_unlearn.eval.suite import evaluate
 
-    flat: dict[str, float] = {}
+    flat: dict[str, float] = dict(extra(model)) if extra is not None else {}
     splits = {f"forget_{k}": v for k, v in forget_splits.items()} | dict(utility)
     rep = evaluate(model, tokenizer, extra_splits=splits, progress=False, **eval_kwargs)
     for key, value in rep.summary().items():
@@ -143,10 +152,11 @@ def evaluate_sequential(model: nn.Module, tokenizer, requests: Sequence[UnlearnR
                         utility: Mapping[str, ItemsLike] | None = None, mode: str = "stacked",
                         unlearn_kwargs: Mapping[str, Any] | None = None,
                         eval_kwargs: Mapping[str, Any] | None = None, work_dir: str | os.PathLike | None = None,
-                        restore: bool = True) -> SequentialResult:
+                        restore: bool = True, extra_metrics: Extra = None) -> SequentialResult:
     """Sustainability: apply `requests` one after another (mode), evaluate after each (module docstring).
     retain: what unlearning preserves and a utility split; utility: further {name: data} splits.
-    eval_kwargs go to `evaluate` (e.g. reference_auc, convention, generate). The model is restored
+    eval_kwargs go to `evaluate` (e.g. reference_auc, convention, generate); extra_metrics(model) ->
+    {name: value} adds numbers to every row (TOFU's forget quality, say). The model is restored
     (every request undone in reverse order) unless restore=False."""
     apply = _check(mode, work_dir)
     if not requests:
@@ -161,7 +171,8 @@ def evaluate_sequential(model: nn.Module, tokenizer, requests: Sequence[UnlearnR
     work = Path(work_dir)
     t0 = time.perf_counter()
     first = requests[0].name
-    steps = [StepResult(0, None, 0, _metrics(model, tokenizer, forget, util, holdouts.get(first), ekw, first),
+    steps = [StepResult(0, None, 0, _metrics(model, tokenizer, forget, util, holdouts.get(first), ekw, first,
+                                             extra_metrics),
                         eval_seconds=time.perf_counter() - t0)]
     undo: list[Callable[[], None]] = []
     try:
@@ -169,7 +180,7 @@ def evaluate_sequential(model: nn.Module, tokenizer, requests: Sequence[UnlearnR
             t0 = time.perf_counter()
             undo.append(apply(model, tokenizer, req, retain, work / f"step{k}_{req.name}", ukw))
             t1 = time.perf_counter()
-            metrics = _metrics(model, tokenizer, forget, util, holdouts.get(req.name), ekw, req.name)
+            metrics = _metrics(model, tokenizer, forget, util, holdouts.get(req.name), ekw, req.name, extra_metrics)
             steps.append(StepResult(k, req.name, sum(len(forget[r.name]) for r in requests[:k]), metrics,
                                     unlearn_seconds=t1 - t0, eval_seconds=time.perf_counter() - t1))
     finally:
@@ -185,9 +196,11 @@ def evaluate_scalability(model: nn.Module, tokenizer, forget: ItemsLike, sizes: 
                          holdout: ItemsLike | None = None, mode: str = "stacked",
                          unlearn_kwargs: Mapping[str, Any] | None = None,
                          eval_kwargs: Mapping[str, Any] | None = None,
-                         work_dir: str | os.PathLike | None = None) -> SequentialResult:
+                         work_dir: str | os.PathLike | None = None, train: Callable[[int], Any] | None = None,
+                         extra_metrics: Extra = None) -> SequentialResult:
     """Scalability: for each n in `sizes`, unlearn the first n forget records from the original model,
-    evaluate the forget subset and the utility splits, undo. The model is the original afterwards."""
+    evaluate the forget subset and the utility splits, undo. The model is the original afterwards.
+    train(n): what the unlearning loss sees for size n (default: the first n records themselves)."""
     apply = _check(mode, work_dir)
     items = as_items(forget, "forget")
     if not sizes or any(not 1 <= n <= len(items) for n in sizes):
@@ -196,15 +209,17 @@ def evaluate_scalability(model: nn.Module, tokenizer, forget: ItemsLike, sizes: 
     hold = as_items(holdout, "holdout") if holdout is not None else None
     ukw, ekw = dict(unlearn_kwargs or {}), dict(eval_kwargs or {})
     t0 = time.perf_counter()
-    steps = [StepResult(0, None, 0, _metrics(model, tokenizer, {"all": items}, util, hold, ekw, "all"),
+    steps = [StepResult(0, None, 0, _metrics(model, tokenizer, {"all": items}, util, hold, ekw, "all", extra_metrics),
                         eval_seconds=time.perf_counter() - t0)]
     for k, n in enumerate(sizes, start=1):
         sub = items[:n]
         t0 = time.perf_counter()
-        undo = apply(model, tokenizer, UnlearnRequest(f"n{n}", sub), retain, Path(work_dir) / f"size{n}", ukw)
+        req = UnlearnRequest(f"n{n}", sub, train=train(n) if train is not None else None)
+        undo = apply(model, tokenizer, req, retain, Path(work_dir) / f"size{n}", ukw)
         try:
             t1 = time.perf_counter()
-            metrics = _metrics(model, tokenizer, {"subset": sub, "all": items}, util, hold, ekw, "subset")
+            metrics = _metrics(model, tokenizer, {"subset": sub, "all": items}, util, hold, ekw, "subset",
+                               extra_metrics)
             steps.append(StepResult(k, f"first {n}", n, metrics, unlearn_seconds=t1 - t0,
                                     eval_seconds=time.perf_counter() - t1))
         finally:
