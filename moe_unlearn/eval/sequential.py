@@ -126,7 +126,8 @@ def _metrics(model, tokenizer, forget_splits: Mapping[str, ItemsLike], utility: 
 
     flat: dict[str, float] = dict(extra(model)) if extra is not None else {}
     splits = {f"forget_{k}": v for k, v in forget_splits.items()} | dict(utility)
-    rep = evaluate(model, tokenizer, extra_splits=splits, progress=False, **eval_kwargs)
+    quality_kwargs = {k: v for k, v in eval_kwargs.items() if k not in ("reference_auc", "reference_model")}
+    rep = evaluate(model, tokenizer, extra_splits=splits, progress=False, **quality_kwargs)
     for key, value in rep.summary().items():
         if key.split(".")[-1] in SUMMARY_KEYS:
             flat[key] = value
