@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, forget=splits.pop("forget"), retain=splits.pop("retain"),
         holdout=splits.pop("holdout", None), extra_splits=splits or None, mcq=mcq, original=original,
         original_routing=original_routing, target=args.target, reference_auc=args.reference_auc,
-        reference_model=_load_model(args.reference_model, device) if args.reference_model else None,
+        reference_model=load_from_args(args, args.reference_model, tokenizer=False)[0] if args.reference_model
+        else None,
         convention=args.convention, knowmem_icl=icl, verbmem_max_new_tokens=args.verbmem_max_new_tokens,
         lm_eval_tasks=args.lm_eval_task or None, lm_eval_include_path=args.lm_eval_include,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, generate=not args.no_generate,

@@ -29,6 +29,7 @@ def _sizes(text: str) -> list[int]:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from moe_unlearn.commands import add_model_args
     from moe_unlearn.unlearning import OBJECTIVES, SCOPES
 
     p = subparsers.add_parser("evaluate-sequential", help="MUSE sustainability / scalability evaluation",
@@ -49,16 +50,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--convention", choices=("muse", "open-unlearning"), default="muse")
     p.add_argument("--no-generate", action="store_true", help="skip ROUGE-L and VerbMem")
-    p.add_argument("--device", default=None)
+    add_model_args(p)
     p.add_argument("--out", required=True, help="new output directory")
     p.add_argument("--quiet", action="store_true")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from moe_unlearn.commands.evaluate import _load_model, _load_tokenizer
+    from moe_unlearn.commands import load_from_args
     from moe_unlearn.eval.items import as_items
     from moe_unlearn.eval.sequential import MODES, UnlearnRequest, evaluate_scalability, evaluate_sequential
 
@@ -78,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
     retain = as_items(args.retain, "retain")
     utility = {n: as_items(f, n) for n, f in args.split}
     holdout = as_items(args.holdout, "holdout") if args.holdout else None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = _load_model(args.model, device), _load_tokenizer(args.model)
+    model, tok = load_from_args(args)
     ukw = dict(method=args.method, scope=args.scope, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                progress=not args.quiet)
     ekw = dict(convention=args.convention, generate=not args.no_generate)
