@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "attribute": "moe_unlearn.commands.attribute",
     "unlearn": "moe_unlearn.commands.unlearn",
     "evaluate": "moe_unlearn.commands.evaluate",
+    "evaluate-sequential": "moe_unlearn.commands.evaluate_sequential",
     "demo": "moe_unlearn.commands.demo",
     "frontier": "moe_unlearn.commands.frontier",
     "loramoe": "moe_unlearn.commands.loramoe",

@@ -65,6 +65,27 @@ def _iter_jsonl(path: Path) -> Iterator[_Located]:
         yield _Located(f"{path} line {lineno}", obj)
 
 
+def _iter_json(path: Path) -> Iterator[_Located]:
+    """A .json file holding one list of records or strings (MUSE ships its splits this way)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(obj, list):
+        raise DataError(f"{path}: a .json data file must hold a list of records or strings, got "
+                        f"{type(obj).__name__}; use .jsonl for one record per line")
+    for i, item in enumerate(obj):
+        where = f"{path} item {i}"
+        if isinstance(item, str):
+            yield _Located(where, {"text": item})
+        elif isinstance(item, dict):
+            yield _Located(where, item)
+        else:
+            raise DataError(f"{where}: expected a JSON object or string, got {type(item).__name__}")
+
+
 def _iter_txt(path: Path) -> Iterator[_Located]:
     for lineno, line in _iter_file_lines(path):
         if line.strip():
@@ -98,11 +119,13 @@ def _iter_source(source: DataSource) -> Iterator[_Located]:
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
             yield from _iter_jsonl(path)
+        elif suffix == ".json":
+            yield from _iter_json(path)
         elif suffix == ".txt":
             yield from _iter_txt(path)
         else:
             raise DataError(f"{path}: unknown data format {suffix!r}; use .txt (one document per line), "
-                            ".jsonl, or a directory written by datasets' save_to_disk")
+                            ".jsonl, .json (a list of records or strings, as MUSE ships), or a directory written by datasets' save_to_disk")
         return
     if hasattr(source, "column_names"):  # a datasets.Dataset object
         yield from _iter_dataset(source, "dataset")

@@ -65,10 +65,12 @@ def test_nll_accuracy_exact_match_on_planted_model():
 
 
 def test_mia_through_evaluate_on_planted_model():
+    # two scored tokens per text: MUSE's int(n * 0.4) keeps none, so this uses open-unlearning's max(1, .)
     rep = evaluate(BigramStub(), word_tokenizer(), forget=["q b c", "q a c"], holdout=["q d d", "d d q"],
-                   prompt_format=FMT, generate=False, progress=False, reference_auc=0.5)
+                   prompt_format=FMT, generate=False, progress=False, reference_auc=0.5,
+                   convention="open-unlearning")
     assert rep.mia.auc["loss"] == 1.0 and rep.mia.auc["min_k"] == 1.0
-    assert rep.mia.privleak["loss"] == pytest.approx(100.0)
+    assert rep.mia.privleak["loss"] == pytest.approx(-100.0)
     assert rep.mia.mean_forget["loss"] == pytest.approx((0.6 + 0.75) / 2, abs=1e-5)
 
 
@@ -83,7 +85,7 @@ def test_mcq_sum_vs_length_normalised(tmp_path):
     res = mcq_accuracy(BigramStub(), word_tokenizer(), path, template="{question}")
     assert res.n == 4
     assert res.accuracy == pytest.approx(3 / 4)  # the sum always picks "a"
-    assert res.accuracy_norm == pytest.approx(1 / 4)  # the per-token mean always picks "b c"
+    assert res.accuracy_norm == pytest.approx(1 / 4)  # per byte (-1.0 vs -1.2 / 3) always picks "b c"
     assert res.chance == pytest.approx((0.5 * 3 + 0.25) / 4)
 
 

@@ -36,10 +36,13 @@ def test_auc_rejects_empty_and_nan():
 
 
 def test_privleak_formula_and_reference_validation():
-    assert privleak(0.75, 0.5) == pytest.approx(50.0)
-    assert privleak(0.25, 0.5) == pytest.approx(-50.0)
+    # MUSE: AUC' = 1 - AUC; (0.25 - 0.5) / 0.5 = -50% (forget still leaks); (0.75 - 0.5) / 0.5 = +50%
+    assert privleak(0.75, 0.5) == pytest.approx(-50.0)
+    assert privleak(0.25, 0.5) == pytest.approx(50.0)
+    # retrained AUC 0.6 (ours) = 0.4 in MUSE's orientation; unlearned 0.9 -> (0.1 - 0.4) / 0.4 = -75%
+    assert privleak(0.9, 0.6) == pytest.approx(-75.0)
     with pytest.raises(BadInputError):
-        privleak(0.5, 0.0)
+        privleak(0.5, 1.0)
 
 
 def test_loss_and_min_k_on_given_logprobs():
@@ -85,7 +88,8 @@ def test_mia_result_aucs_and_privleak_per_attack():
     holdout = [text_scores(lp, mu, sigma, "some forget text") for lp in logp_h]
     res = mia_result(forget, holdout, reference_auc={"loss": 0.5})
     assert res.auc == {"loss": 1.0, "zlib": 1.0, "min_k": 1.0, "min_k_pp": 1.0}
-    assert res.privleak == {"loss": pytest.approx(100.0)}
+    assert res.privleak == {"loss": pytest.approx(-100.0)}  # leaks like a model that memorised the forget set
+    assert res.auc_muse == {"loss": 0.0, "zlib": 0.0, "min_k": 0.0, "min_k_pp": 0.0}
     assert res.mean_forget["loss"] < res.mean_holdout["loss"]
     with pytest.raises(BadInputError):
         mia_result(forget, holdout, reference_auc={"lossy": 0.5})

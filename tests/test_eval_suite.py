@@ -29,7 +29,7 @@ def word_tokenizer():
 FORGET = [{"question": "w1 w2 w3", "answer": "w4 w5"}, {"question": "w6", "answer": "w7 w8 w9"},
           {"text": "w10 w11 w12 w13 w14 w15 w16 w17"}]
 RETAIN = [{"question": "w20 w21", "answer": "w22"}, {"text": "w30 w31 w32 w33 w34"}]
-HOLDOUT = ["w40 w41 w42 w43", "w50 w51 w52", "w60 w61 w62 w63 w64"]
+HOLDOUT = ["w40 w41 w42 w43", "w50 w51 w52 w53", "w60 w61 w62 w63 w64"]  # >= 3 scored tokens: MUSE's Min-40% keeps int(0.4 n) >= 1
 MCQ = [{"question": "w1 w2", "choices": ["w3", "w4 w5", "w6", "w7"], "answer": "B"},
        {"question": "w8", "choices": ["w9", "w10"], "answer": 0}]
 
@@ -51,7 +51,7 @@ def test_evaluate_against_itself(model, tmp_path):
     neighbor = [{"question": "w70", "answer": "w71", "text": "w70 w72 w71 w73 w74"}]  # QA with a statement
     rep = evaluate(model, tok, forget=FORGET, retain=RETAIN, holdout=HOLDOUT, mcq=MCQ, original=model,
                    extra_splits={"neighbor": neighbor}, target=(1, 3), reference_auc=0.5, batch_size=2,
-                   max_new_tokens=8, progress=False)
+                   max_new_tokens=8, verbmem_max_new_tokens=8, progress=False)
     assert set(rep.splits) == {"forget", "retain", "holdout", "neighbor"}
     nb = rep.splits["neighbor"]
     assert (nb.n_qa, nb.n_text) == (1, 0) and nb.exact_match is not None and 0 <= nb.verbmem <= 100
@@ -165,7 +165,8 @@ def test_cli_with_patch_writes_all_reports(model, tmp_path):
              (("forget", FORGET), ("retain", RETAIN), ("holdout", HOLDOUT), ("mcq", MCQ))}
     args = ["evaluate", "--model", str(model_dir), "--patch", str(tmp_path / "patch"),
             "--forget", str(files["forget"]), "--retain", str(files["retain"]), "--holdout", str(files["holdout"]),
-            "--mcq", str(files["mcq"]), "--target", "1:2", "--max-new-tokens", "4", "--quiet"]
+            "--mcq", str(files["mcq"]), "--target", "1:2", "--max-new-tokens", "4", "--verbmem-max-new-tokens", "4",
+            "--quiet"]
     bad = tmp_path / "bad_out"
     assert main(args + ["--split", f"neighbor={tmp_path / 'missing.jsonl'}", "--out", str(bad)]) == 2
     assert not bad.exists()
@@ -178,6 +179,7 @@ def test_cli_with_patch_writes_all_reports(model, tmp_path):
     assert routing["overlap"][0] == 1.0 and routing["overlap"][1] < 1.0
     assert routing["target"] == [1, 2]
     assert 0 <= rep["mcq"]["accuracy"] <= 1 and set(rep["mia"]["auc"]) == {"loss", "zlib", "min_k", "min_k_pp"}
+    assert 0 <= rep["mcq_letters"]["accuracy"] <= 1 and rep["meta"]["convention"]["name"] == "muse"
 
 
 @pytest.mark.gpu

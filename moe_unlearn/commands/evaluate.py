@@ -23,6 +23,16 @@ def _target(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _reference_auc(text: str):
+    if text.startswith("muse-"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--reference-auc takes a number or muse-news / muse-books, got {text!r}") \
+            from None
+
+
 def _named_split(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
@@ -45,7 +55,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="an extra split to score (repeatable), e.g. neighbor=neighbor.jsonl")
     p.add_argument("--mcq", help=".jsonl of {question, choices, answer (index or letter)}")
     p.add_argument("--target", type=_target, help="LAYER:EXPERT whose gate mass on forget tokens is reported")
-    p.add_argument("--reference-auc", type=float, help="MIA AUC of a retrained model, for PrivLeak")
+    p.add_argument("--reference-auc", type=_reference_auc,
+                   help="MIA AUC (this report's orientation) of a model retrained without the forget set, or "
+                        "muse-news / muse-books for MUSE's published retrained AUCs; gives MUSE's PrivLeak")
+    p.add_argument("--reference-model", help="model directory retrained without the forget set: its MIA AUCs "
+                                             "on the same forget/holdout give PrivLeak (instead of --reference-auc)")
+    p.add_argument("--convention", choices=("muse", "open-unlearning"), default="muse",
+                   help="benchmark convention for MIA tokens, Min-K%% rounding, VerbMem length, ROUGE stemming "
+                        "and KnowMem stops (default: muse)")
+    p.add_argument("--knowmem-icl", help="QA .jsonl/.json of few-shot examples for MUSE's KnowMem prompt")
+    p.add_argument("--verbmem-max-new-tokens", type=int, default=128,
+                   help="VerbMem: new tokens generated and reference tokens compared (MUSE: 128)")
+    p.add_argument("--lm-eval-task", action="append", default=[], metavar="TASK",
+                   help="an lm-evaluation-harness task to run on the (patched) model (repeatable; needs "
+                        "pip install 'moe-unlearn[eval]')")
+    p.add_argument("--lm-eval-include", help="folder of local lm-eval task YAML files for --lm-eval-task")
     p.add_argument("--template", default=None,
                    help="QA text template with {question} and {answer} (default: moe_unlearn.data's "
                         "'Question: {question}\\nAnswer: {answer}'); write a new line as \\n")
@@ -63,8 +87,16 @@ def run(args: argparse.Namespace) -> int:
     from moe_unlearn.data import DEFAULT_TEMPLATE
     from moe_unlearn.eval import PromptFormat, as_items, as_mcq_items, evaluate, record_routing
 
-    if args.batch_size < 1 or args.max_new_tokens < 0:
-        raise BadInputError("--batch-size must be >= 1 and --max-new-tokens >= 0")
+    if args.batch_size < 1 or args.max_new_tokens < 0 or args.verbmem_max_new_tokens < 1:
+        raise BadInputError("--batch-size and --verbmem-max-new-tokens must be >= 1 and --max-new-tokens >= 0")
+    if args.reference_auc is not None and args.reference_model:
+        raise BadInputError("give --reference-auc or --reference-model, not both")
+    if args.reference_model and not Path(args.reference_model).is_dir():
+        raise BadInputError(f"--reference-model {args.reference_model} is not a model directory")
+    if args.lm_eval_task:
+        from moe_unlearn.eval.lm_eval_bridge import require_lm_eval
+
+        require_lm_eval()
     template = (args.template or DEFAULT_TEMPLATE).replace("\\n", "\n")
     fmt = PromptFormat.from_template(template)
     # read every input before loading anything, so a bad file fails fast and writes nothing
@@ -76,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
             raise BadInputError(f"--split {name}=... clashes with another split of that name; rename it")
         splits[name] = as_items(path, name)
     mcq = as_mcq_items(args.mcq) if args.mcq else None
+    icl = as_items(args.knowmem_icl, "knowmem-icl") if args.knowmem_icl else None
     if args.patch and not Path(args.patch).exists():
         raise BadInputError(f"patch {args.patch} does not exist")
 
@@ -96,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, forget=splits.pop("forget"), retain=splits.pop("retain"),
         holdout=splits.pop("holdout", None), extra_splits=splits or None, mcq=mcq, original=original,
         original_routing=original_routing, target=args.target, reference_auc=args.reference_auc,
+        reference_model=load_from_args(args, args.reference_model, tokenizer=False)[0] if args.reference_model
+        else None,
+        convention=args.convention, knowmem_icl=icl, verbmem_max_new_tokens=args.verbmem_max_new_tokens,
+        lm_eval_tasks=args.lm_eval_task or None, lm_eval_include_path=args.lm_eval_include,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, generate=not args.no_generate,
         prompt_format=fmt, progress=progress)
     report.meta.update({"model_dir": args.model, "patch": args.patch, "original_dir": args.original})

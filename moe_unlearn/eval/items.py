@@ -5,6 +5,8 @@ Accepted inputs for a split (see `as_items`):
   save_to_disk folder, or a `datasets.Dataset` (all read by `moe_unlearn.data.load_records`);
 - a list of `EvalItem`, of `str` (plain texts), or of dicts with `question`+`answer` or `text`
   (the record format of `moe_unlearn.data.load_records` and of the benchmark generator).
+MUSE's files read as they are: knowmem `{question, answer}` QA lists, privleak lists of texts, and
+verbmem `{prompt, gt}` records (a text `prompt + gt` whose VerbMem prefix is exactly `prompt`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,13 @@ class EvalItem:
     question: str | None = None
     answer: str | None = None
     text: str | None = None
+    prefix: str | None = None  # VerbMem prompt of a MUSE {prompt, gt} record: text = prefix + gt
 
     def __post_init__(self) -> None:
+        if self.prefix is not None and (self.text is None or not self.text.startswith(self.prefix)
+                                        or len(self.text) == len(self.prefix) or not self.prefix):
+            raise DataError(f"a VerbMem item needs a non-empty prefix that starts its text and a continuation "
+                            f"after it; got prefix={self.prefix!r}, text={self.text!r}")
         if (self.question is None) != (self.answer is None) or (self.question is None and self.text is None):
             raise DataError("an EvalItem holds question and answer, or text, or all three; got "
                             f"question={self.question!r}, answer={self.answer!r}, text={self.text!r}")
@@ -43,6 +50,11 @@ class EvalItem:
     @property
     def is_qa(self) -> bool:
         return self.question is not None
+
+    @property
+    def continuation(self) -> str | None:
+        """The true VerbMem continuation of a {prompt, gt} item (None for other items)."""
+        return None if self.prefix is None else self.text[len(self.prefix):]
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,9 @@ def item_from_record(record: Any, where: str = "record") -> EvalItem:
     if isinstance(record, str):
         return EvalItem(text=record)
     if isinstance(record, Mapping):
+        if record.get("gt") is not None and record.get("prompt") is not None:  # MUSE verbmem
+            prompt, gt = str(record["prompt"]), str(record["gt"])
+            return EvalItem(text=prompt + gt, prefix=prompt)
         q, a, t = _first(record, QUESTION_FIELDS), _first(record, ANSWER_FIELDS), _first(record, TEXT_FIELDS)
         t = None if t is None else str(t)
         if q is not None and a is not None:

@@ -1,15 +1,17 @@
-"""Quality of a split: NLL, answer-token accuracy, exact match, QA ROUGE-L and VerbMem.
+"""Quality of a split: NLL, answer-token accuracy, exact match, QA ROUGE-L (KnowMem) and VerbMem.
 
-Conventions (SPEC section 5):
 - nll: mean over items of the item's mean token NLL on its target tokens (QA: answer tokens;
   text: every token after the first), in nats.
 - token_accuracy: mean over items of the fraction of target tokens that are the argmax.
 - exact_match (QA items only): 1 when every answer token is the argmax given the question and the
   true preceding answer tokens, i.e. greedy decoding reproduces the answer's tokens exactly.
-- rouge_l (QA items): greedy answer (<= max_new_tokens, cut at EOS and at the first stop string)
-  vs the true answer, ROUGE-L F1 x 100 (rouge-score, Porter stemmer on), mean over items.
-- verbmem (every item with a text: plain texts and QA items that carry a statement): prefix -> greedy continuation vs the true continuation (both at most
-  128 tokens; the model generates as many tokens as the true continuation has), ROUGE-L F1 x 100.
+- rouge_l (QA items, MUSE's KnowMem): greedy answer (<= max_new_tokens, cut at EOS and at the
+  first stop string) vs the true answer, ROUGE-L F1 x 100 (rouge-score), mean over items;
+  rouge_l_recall the same with recall (TOFU's ROUGE).
+- verbmem (every item with a text: plain texts, MUSE {prompt, gt} records, QA items that carry a
+  statement): prefix -> greedy continuation vs the true continuation, ROUGE-L F1 x 100.
+Stemming and the VerbMem length follow the evaluation convention (`moe_unlearn.eval.conventions`):
+MUSE scores without stemming, open-unlearning with the Porter stemmer.
 """
 
 from __future__ import annotations
@@ -23,21 +25,21 @@ import numpy as np
 from moe_unlearn.eval.scoring import ItemScores
 
 
-@lru_cache(maxsize=1)
-def _scorer():
+@lru_cache(maxsize=2)
+def _scorer(stemmer: bool):
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stemmer)
 
 
-def rouge_l(prediction: str, reference: str) -> float:
+def rouge_l(prediction: str, reference: str, *, stemmer: bool = True) -> float:
     """ROUGE-L F1 x 100 of one prediction against one reference (rouge-score library)."""
-    return float(_scorer().score(reference, prediction)["rougeL"].fmeasure * 100.0)
+    return float(_scorer(stemmer).score(reference, prediction)["rougeL"].fmeasure * 100.0)
 
 
-def rouge_l_recall(prediction: str, reference: str) -> float:
+def rouge_l_recall(prediction: str, reference: str, *, stemmer: bool = True) -> float:
     """ROUGE-L recall x 100 (how much of the reference the prediction reproduces)."""
-    return float(_scorer().score(reference, prediction)["rougeL"].recall * 100.0)
+    return float(_scorer(stemmer).score(reference, prediction)["rougeL"].recall * 100.0)
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:

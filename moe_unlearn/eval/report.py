@@ -25,12 +25,15 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 @dataclass
 class EvalReport:
     """splits: quality per split name; mia: forget-vs-holdout membership inference (needs both);
-    mcq: multiple-choice accuracy; routing: shift against the original model per split;
+    mcq / mcq_letters: multiple-choice accuracy, cloze and lm-eval's letter protocol; lm_eval:
+    lm-evaluation-harness results per task; routing: shift against the original model per split;
     examples: a few greedy generations per split; meta: settings and timings."""
 
     splits: dict[str, SplitMetrics]
     mia: MIAResult | None = None
     mcq: McqResult | None = None
+    mcq_letters: McqResult | None = None
+    lm_eval: dict[str, Any] | None = None
     routing: dict[str, RoutingComparison] = field(default_factory=dict)
     examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -47,6 +50,8 @@ class EvalReport:
             "splits": {k: dataclasses.asdict(v) for k, v in self.splits.items()},
             "mia": dataclasses.asdict(self.mia) if self.mia else None,
             "mcq": dataclasses.asdict(self.mcq) if self.mcq else None,
+            "mcq_letters": dataclasses.asdict(self.mcq_letters) if self.mcq_letters else None,
+            "lm_eval": self.lm_eval,
             "routing": routing,
             "examples": self.examples,
             "meta": self.meta,
@@ -64,6 +69,8 @@ class EvalReport:
             splits={k: SplitMetrics(**v) for k, v in d["splits"].items()},
             mia=MIAResult(**d["mia"]) if d.get("mia") else None,
             mcq=McqResult(**d["mcq"]) if d.get("mcq") else None,
+            mcq_letters=McqResult(**d["mcq_letters"]) if d.get("mcq_letters") else None,
+            lm_eval=d.get("lm_eval"),
             routing=routing, examples=d.get("examples", {}), meta=d.get("meta", {}),
         )
 
@@ -89,6 +96,12 @@ class EvalReport:
                     flat[f"mia.{group}.{attack}"] = value
         if self.mcq:
             flat["mcq.accuracy"], flat["mcq.accuracy_norm"] = self.mcq.accuracy, self.mcq.accuracy_norm
+        if self.mcq_letters:
+            flat["mcq_letters.accuracy"] = self.mcq_letters.accuracy
+        for task, metrics in (self.lm_eval or {}).items():
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    flat[f"lm_eval.{task}.{key}"] = float(value)
         for name, r in self.routing.items():
             flat[f"routing.{name}.overlap"], flat[f"routing.{name}.kl"] = r.overlap_mean, r.kl_mean
             flat[f"routing.{name}.load_entropy"] = sum(r.load_entropy) / len(r.layers)
@@ -107,16 +120,24 @@ class EvalReport:
                        f"{_fmt(s.rouge_l, 1)} | {_fmt(s.verbmem, 1)} |")
         if self.mia:
             m = self.mia
-            out += ["", f"## Membership inference (forget n={m.n_forget} vs holdout n={m.n_holdout}; "
-                    "AUC 0.5 = indistinguishable, 1 = forget texts recognised as members)", "",
-                    "| attack | AUC | PrivLeak % |", "|---|---:|---:|"]
+            out += ["", f"## Membership inference (forget n={m.n_forget} vs holdout n={m.n_holdout}, {m.tokens} "
+                    "tokens; AUC 0.5 = indistinguishable, 1 = forget texts recognised as members; MUSE's AUC "
+                    "= 1 - AUC; PrivLeak as MUSE defines it: 0 = like the retrained model, -100 = like the "
+                    "original)", "",
+                    "| attack | AUC | AUC (MUSE) | PrivLeak % |", "|---|---:|---:|---:|"]
             for a in MIA_ATTACKS:
                 leak = m.privleak.get(a) if m.privleak else None
-                out.append(f"| {a} | {_fmt(m.auc[a])} | {_fmt(leak, 1)} |")
-        if self.mcq:
-            q = self.mcq
-            out += ["", f"## Multiple choice: accuracy {_fmt(q.accuracy)} (length-normalised {_fmt(q.accuracy_norm)}, "
-                    f"chance {_fmt(q.chance)}, n={q.n})"]
+                out.append(f"| {a} | {_fmt(m.auc[a])} | {_fmt(1 - m.auc[a])} | {_fmt(leak, 1)} |")
+        for title, q in (("cloze", self.mcq), ("lm-eval letters A-D", self.mcq_letters)):
+            if q:
+                out += ["", f"## Multiple choice ({title}): accuracy {_fmt(q.accuracy)} (byte-normalised "
+                        f"{_fmt(q.accuracy_norm)}, chance {_fmt(q.chance)}, n={q.n})"]
+        if self.lm_eval:
+            out += ["", "## lm-evaluation-harness", "", "| task | metric | value |", "|---|---|---:|"]
+            for task, metrics in self.lm_eval.items():
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        out.append(f"| {task} | {key} | {_fmt(float(value))} |")
         if self.routing:
             out += ["", "## Routing vs the original model", "",
                     "| split | tokens | overlap | KL(orig‖new) | load entropy (orig → new) | target gate mass "
