@@ -31,8 +31,12 @@ def _is_peft(obj: object) -> bool:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model inside DDP / DataParallel / FSDP and PEFT wrappers (the model itself if bare)."""
     for _ in range(8):  # wrappers nest at most a few deep (DDP around a PeftModel)
-        if type(model).__name__ in _MODEL_WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
+        inner = getattr(model, "module", None)
+        # DDP / DataParallel / FSDP1 / DeepSpeed engines and other `.module` wrappers: a model of their own
+        # has a config, a wrapper does not
+        if isinstance(inner, nn.Module) and (type(model).__name__ in _MODEL_WRAPPERS
+                                             or getattr(model, "config", None) is None):
+            model = inner
         elif _is_peft(model) and hasattr(model, "get_base_model"):
             model = model.get_base_model()
         elif _is_peft(model) and isinstance(getattr(model, "model", None), nn.Module):  # a bare tuner (LoraModel)
