@@ -43,14 +43,15 @@ class DemoConfig:
 
     frontier: FrontierConfig = field(default_factory=lambda: FrontierConfig(
         model="natural", methods=("npo",), variants=("full", "uoe", "cov+grip+null"),
-        lrs={"full": (3e-4, 1e-3), "uoe": (3e-2, 1e-1), "cov+grip+null": (3e-2, 1e-1)}, steps=(40,), seeds=(0,)))
+        lrs={"full": (3e-4, 1e-3), "uoe": (3e-2, 1e-1), "cov+grip+null": (3e-2, 1e-1)}, steps=(40,), seeds=(0,),
+        probes=("replay",)))
 
     @classmethod
     def quick(cls) -> DemoConfig:
         """The CI configuration: the tiny test model, a few steps."""
         return cls(FrontierConfig(model="natural", methods=("ga", "npo"), variants=("full", "uoe", "cov+grip+null"),
                                   lrs={"full": (1e-3, 3e-3), "uoe": (1e-2, 3e-2), "cov+grip+null": (3e-2,)},
-                                  steps=(6,), seeds=(0,), batch_size=8, quick=True))
+                                  steps=(6,), seeds=(0,), batch_size=8, quick=True, probes=("replay",)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,13 +83,16 @@ def headline(data: dict[str, Any]) -> str:
              f"{data['original']['utility_em']:.3f}; guess level {level:.3f}", "",
              f"best utility EM at matched forgetting (forget EM <= {level + 0.05:.3f}):",
              f"{'method':8s} {'variant':10s} {'steps':>5s} {'lr':>7s} {'forget EM':>9s} {'utility EM':>10s} "
-             f"{'neighbor EM':>11s}"]
+             f"{'neighbor EM':>11s} {'replay EM':>9s}"]
     for (m, v, n), p in sorted(matched(data).items()):
         if p is None:
             lines.append(f"{m:8s} {v:10s} {n:5d} {'-':>7s} {'(no lr of the grid forgets that much)':>32s}")
         else:
+            replay = p.get("forget_em_replay")
             lines.append(f"{m:8s} {v:10s} {n:5d} {p['lr']:7.0e} {p['forget_em']:9.3f} {p['utility_em']:10.3f} "
-                         f"{p['neighbor_em']:11.3f}")
+                         f"{p['neighbor_em']:11.3f} {'-' if replay is None else format(replay, '.3f'):>9s}")
+    lines.append("replay EM: forget EM with the original model's routing forced at every MoE layer; near the "
+                 "original's = forgotten by the router, not erased")
     return "\n".join(lines)
 
 

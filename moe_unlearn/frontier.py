@@ -41,6 +41,8 @@ from moe_unlearn.errors import BadInputError, DataError, TrainingDiverged
 from moe_unlearn.training import TrainHooks
 
 MATCH_MARGIN = 0.05  # "forgotten" = median forget EM <= guess level + this
+PROBES = ("replay", "paraphrase", "relearn")
+PROBE_KEYS = ("forget_em_replay", "paraphrase_em", "completion_em", "relearn_relative_to_reference")
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,12 @@ class FrontierConfig:
     max_length: int = 64
     eval_batch_size: int = 64
     quick: bool = False  # the tiny test bench model instead of the real one
+    # extra measurements per run (see moe_unlearn.eval.replay / .relearn): "replay" (forget EM / NLL
+    # with the original routing forced), "paraphrase" (second-question and completion EM),
+    # "relearn" (held-forget EM while fine-tuning on a part of the forget facts; costly: only at the
+    # largest step count and only for the variants in relearn_variants, all when empty)
+    probes: tuple[str, ...] = ()
+    relearn_variants: tuple[str, ...] = ()
 
     def grid(self, variant: str) -> tuple[float, ...]:
         return tuple(self.lrs.get(variant, default_lrs(variant)))
@@ -133,6 +141,12 @@ class FrontierConfig:
             raise BadInputError(f"steps must be positive integers, got {list(self.steps)}")
         if not self.seeds:
             raise BadInputError("give at least one seed")
+        bad = [p for p in self.probes if p not in PROBES]
+        if bad:
+            raise BadInputError(f"unknown probe(s) {bad}; known: {', '.join(PROBES)}")
+        bad = [v for v in self.relearn_variants if v not in self.variants]
+        if bad:
+            raise BadInputError(f"relearn_variants {bad} are not among the variants run ({', '.join(self.variants)})")
         for v in self.variants:
             g = self.grid(v)
             if not g or any(not (isinstance(x, (int, float)) and 0 < x < 1) for x in g):
@@ -148,13 +162,18 @@ def run_key(run: dict[str, Any]) -> tuple:
 class _Evaluator:
     """Scores the model on every split the frontier reports, against the original routing."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, facts: Any, batch_size: int) -> None:
-        from moe_unlearn.bench_model import qa_records
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, facts: Any, batch_size: int,
+                 probes: Sequence[str] = ()) -> None:
+        from moe_unlearn.bench_model import completion_records, paraphrase_records, qa_records
         from moe_unlearn.eval import record_routing
 
-        self.model, self.tok, self.batch_size = model, tokenizer, batch_size
+        self.model, self.tok, self.batch_size, self.probes = model, tokenizer, batch_size, tuple(probes)
         self.data = {name: qa_records(facts.splits[name])
                      for name in ("forget", "utility", "neighbor", "holdout", "retain_train")}
+        self.probe_data: dict[str, Any] = {}
+        if "paraphrase" in self.probes:
+            self.probe_data = {"extra": {"forget_paraphrase": paraphrase_records(facts.forget)},
+                               "completion": completion_records(facts.forget)}
         self.routing = {name: record_routing(model, tokenizer, self.data[name], batch_size=batch_size)
                         for name in ("forget", "retain_train", "utility")}
 
@@ -162,10 +181,18 @@ class _Evaluator:
         from moe_unlearn.eval import evaluate
 
         rep = evaluate(self.model, self.tok, forget=self.data["forget"], holdout=self.data["holdout"],
-                       extra_splits={k: self.data[k] for k in ("utility", "neighbor", "retain_train")},
+                       extra_splits={**{k: self.data[k] for k in ("utility", "neighbor", "retain_train")},
+                                     **self.probe_data.get("extra", {})},
+                       completion=self.probe_data.get("completion"),
+                       replay="original" if "replay" in self.probes else None,
                        original_routing=self.routing, batch_size=self.batch_size, generate=False, progress=False)
         s, r = rep.splits, rep.routing
-        return {"forget_em": s["forget"].exact_match, "utility_em": s["utility"].exact_match,
+        probes = {}
+        if "replay" in self.probes:
+            probes.update(forget_em_replay=s["forget_replay"].exact_match, forget_nll_replay=s["forget_replay"].nll)
+        if "paraphrase" in self.probes:
+            probes.update(paraphrase_em=s["forget_paraphrase"].exact_match, completion_em=s["completion"].exact_match)
+        return {**probes, "forget_em": s["forget"].exact_match, "utility_em": s["utility"].exact_match,
                 "neighbor_em": s["neighbor"].exact_match, "holdout_em": s["holdout"].exact_match,
                 "retain_train_em": s["retain_train"].exact_match, "forget_nll": s["forget"].nll,
                 "utility_nll": s["utility"].nll, "overlap_forget": r["forget"].overlap_mean,
@@ -188,6 +215,51 @@ class _EvalAt(TrainHooks):
             t = time.perf_counter()
             self.results[step] = {**self.evaluate(), "seconds": round(t - self.t0 - self.eval_time, 2)}
             self.eval_time += time.perf_counter() - t
+
+
+class _RelearnProbe:
+    """The relearning probe of moe_unlearn.eval.relearn on a bench model: fine-tune on a fixed 15% of
+    the forget facts (QA + first statement), score the other forget facts; the original's and the
+    retrained reference's curves are measured once per results file."""
+
+    def __init__(self, facts: Any, tokenizer: Any) -> None:
+        from moe_unlearn.bench_model import qa_records, unlearning_records
+        from moe_unlearn.eval.relearn import RelearnConfig, split_indices
+
+        self.config = RelearnConfig()
+        tr, held = split_indices(len(facts.forget), self.config.fraction, self.config.seed)
+        self.train = unlearning_records([facts.forget[i] for i in tr])
+        self.held = qa_records([facts.forget[i] for i in held])
+        self.tok = tokenizer
+
+    def curve(self, model: torch.nn.Module) -> dict[str, Any]:
+        from moe_unlearn.eval.relearn import relearn_curve
+
+        return relearn_curve(model, self.tok, self.train, self.held, self.config).to_dict()
+
+    def baselines(self, model: torch.nn.Module, config: FrontierConfig, cache_dir: Any, progress: bool) -> dict:
+        from dataclasses import asdict
+
+        from moe_unlearn.bench_model import bench_config, load_or_build
+
+        ref = load_or_build(bench_config(config.model, quick=config.quick, retrained=True), cache_root=cache_dir,
+                            progress=progress)
+        orig, refc = self.curve(model), self.curve(ref.model)
+        level = 0.5 * orig["em"][0]
+        return {"config": asdict(self.config), "n_train_facts": len(self.train) // 2, "n_held_facts": len(self.held),
+                "original": orig, "reference": refc, "level": level, "reference_steps_to_half": _steps_to(refc, level)}
+
+    def run(self, model: torch.nn.Module, base: dict[str, Any] | None) -> dict[str, Any]:
+        curve = self.curve(model)
+        if not base:
+            return {"relearn_curve": curve}
+        steps, ref = _steps_to(curve, base["level"]), base["reference_steps_to_half"]
+        rel = None if steps is None else round(steps / (ref if ref is not None else self.config.steps + 1), 4)
+        return {"relearn_curve": curve, "relearn_steps_to_half": steps, "relearn_relative_to_reference": rel}
+
+
+def _steps_to(curve: dict[str, Any], level: float) -> int | None:
+    return next((s for s, e in zip(curve["steps"], curve["em"], strict=True) if e >= level - 1e-12), None)
 
 
 # -- specialisation ---------------------------------------------------------------------------
@@ -249,7 +321,8 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
     model, tok, facts = bench.model, bench.tokenizer, bench.facts
     forget, retain = unlearning_records(facts.forget), unlearning_records(facts.retain_train)
     t0 = time.perf_counter()
-    evaluator = _Evaluator(model, tok, facts, config.eval_batch_size)
+    evaluator = _Evaluator(model, tok, facts, config.eval_batch_size, config.probes)
+    relearn = _RelearnProbe(facts, tok) if "relearn" in config.probes else None
     attr = attribute_experts(model, forget, tokenizer=tok, retain=retain, batch_size=config.eval_batch_size,
                              progress=False)
     target = attr.target()
@@ -273,6 +346,8 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
         log(f"original: forget EM {original['forget_em']:.3f}, utility EM {original['utility_em']:.3f}, guess level "
             f"{original['holdout_em']:.3f}; target {target}, coverage {data['specialisation']['coverage']:.2f}, selectivity "
             f"{data['specialisation']['selectivity']}")
+    if relearn is not None and "relearn" not in data:  # the original's and the retrained reference's curves
+        data["relearn"] = relearn.baselines(model, config, cache_dir, progress)
     done = {run_key(r) for r in data["runs"]}
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # seed-major order: an interrupted run leaves whole grids for the first seeds, not whole methods
@@ -292,6 +367,8 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
             params, targets = res.trainable_params, res.targets
         except TrainingDiverged as exc:  # a NaN/inf loss: the steps evaluated before it still count
             diverged, params, targets = str(exc), None, None
+        if relearn is not None and not diverged and (not config.relearn_variants or vname in config.relearn_variants):
+            hook.results[max(config.steps)].update(relearn.run(model, data.get("relearn")))
         model.load_state_dict(snapshot)  # every run starts from the original weights
         for n in config.steps:
             if (method, vname, float(lr), int(seed), int(n)) in done:
@@ -358,6 +435,10 @@ def curves(data: dict[str, Any]) -> dict[tuple[str, str, int], list[dict[str, An
             vals = [r[key] for r in rs]
             point[key] = _median(vals)
             point[key + "_range"] = (min(vals), max(vals))
+        for key in PROBE_KEYS:  # probe fields, in runs that measured them
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            if vals:
+                point[key] = _median(vals)
         out.setdefault((m, v, n), []).append(point)
     return out
 

@@ -57,7 +57,7 @@ def quick_frontier(tmp_path_factory, bench_cache):
     root = tmp_path_factory.mktemp("frontier")
     cfg = FrontierConfig(model="natural", methods=("ga",), variants=("full", "uoe"),
                          lrs={"full": (1e-3,), "uoe": (1e-2, 3e-2)}, steps=(2, 4), seeds=(0,), batch_size=8,
-                         quick=True)
+                         quick=True, probes=("replay", "paraphrase"))
     logs: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -73,7 +73,10 @@ def test_results_file_has_the_documented_fields(quick_frontier):
     assert len(data["runs"]) == 3 * 2  # 3 (variant, lr) trajectories x 2 step counts
     fields = {"method", "variant", "scope", "lr", "steps", "seed", "forget_em", "utility_em", "neighbor_em",
               "holdout_em", "forget_nll", "utility_nll", "overlap_forget", "overlap_retain", "trainable_params",
-              "seconds"}
+              "seconds", "forget_em_replay", "forget_nll_replay", "paraphrase_em", "completion_em"}
+    # the original replayed on its own routing is itself
+    assert data["original"]["forget_em_replay"] == data["original"]["forget_em"]
+    assert data["original"]["forget_nll_replay"] == pytest.approx(data["original"]["forget_nll"], abs=1e-5)
     for r in data["runs"]:
         assert fields <= set(r), fields - set(r)
         for k in ("forget_em", "utility_em", "neighbor_em", "holdout_em", "overlap_forget", "overlap_retain"):
@@ -158,7 +161,8 @@ def test_matched_forgetting_rule_by_hand():
 
 def test_cli_refuses_bad_input_before_any_work(tmp_path, capsys):
     for argv in (["--model", "dense"], ["--methods", "npo,magic"], ["--variants", "uoe+zzz"], ["--lrs", "5"],
-                 ["--steps", "0"], ["--batch-size", "0"]):
+                 ["--steps", "0"], ["--batch-size", "0"], ["--probes", "replay,xray"],
+                 ["--probes", "relearn", "--relearn-variants", "cov"]):
         assert main(["frontier", "--out", str(tmp_path), *argv]) == 2, argv
         assert "error:" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

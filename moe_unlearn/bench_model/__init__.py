@@ -24,12 +24,15 @@ from moe_unlearn.bench_model.facts import (
     Fact,
     FactsConfig,
     FactSet,
+    completion_records,
     generate_facts,
+    paraphrase_records,
     qa_records,
     unlearning_records,
 )
 from moe_unlearn.bench_model.tokenizer import train_tokenizer
 
 __all__ = ["BENCH_MODELS", "SPLITS", "TRAINED_SPLITS", "BenchModel", "BenchModelConfig", "Fact", "FactSet", "FactsConfig", "answer_exact_match", "bench_config",
+           "completion_records", "paraphrase_records",
            "build_bench_model", "cache_path", "default_cache_root", "generate_facts", "load_bench_model",
            "load_or_build", "qa_records", "train_tokenizer", "unlearning_records"]

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from moe_unlearn.atomic import write_text
-from moe_unlearn.errors import BadInputError
+from moe_unlearn.errors import BadInputError, DataError
 
 DOMAINS = ("people", "places", "compounds", "species")
 SPLITS = ("forget", "retain_train", "utility", "neighbor", "holdout")
@@ -272,6 +272,27 @@ def unlearning_records(facts: Iterable[Fact]) -> list[dict[str, str]]:
 def qa_records(facts: Iterable[Fact]) -> list[dict[str, str]]:
     """The QA form of each fact, as the evaluation scores it (exact match of the answer)."""
     return [{"question": f.question, "answer": f.answer} for f in facts]
+
+
+def paraphrase_records(facts: Iterable[Fact]) -> list[dict[str, str]]:
+    """Per fact its second question (never trained, never used in unlearning) with the same answer:
+    does the forgetting hold when the question is asked differently?"""
+    return [{"question": q, "answer": f.answer} for f in facts for q in f.question_paraphrases[:1]]
+
+
+def completion_prompt(statement: str, answer: str) -> str:
+    """The statement up to (not including) the space before its answer's last occurrence."""
+    i = statement.rfind(answer)
+    if i < 1 or statement[i - 1] != " ":
+        raise DataError(f"statement {statement!r} does not hold {answer!r} after a space; cannot cut a prompt")
+    return statement[: i - 1]
+
+
+def completion_records(facts: Iterable[Fact]) -> list[dict[str, str]]:
+    """Per fact its second statement cut before the answer, {question: prefix, answer}: a completion
+    (no QA template) of a statement the unlearning never saw; score with `evaluate(completion=...)`."""
+    return [{"question": completion_prompt(f.paraphrases[0], f.answer), "answer": f.answer}
+            for f in facts if f.paraphrases]
 
 
 def write_records(facts: Iterable[Fact], path: str | os.PathLike) -> str:

@@ -53,6 +53,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--holdout", help="never-trained texts; enables the membership-inference AUCs")
     p.add_argument("--split", action="append", type=_named_split, default=[], metavar="NAME=FILE",
                    help="an extra split to score (repeatable), e.g. neighbor=neighbor.jsonl")
+    p.add_argument("--completion", help=".jsonl of {question: statement cut before the answer, answer}: scored on "
+                                        "prefix + ' ' + answer without the QA template (a format probe)")
+    p.add_argument("--replay", choices=("original", "current"), default=None,
+                   help="also score forget with the original model's routing forced at every MoE layer (its gate "
+                        "values, or the current router's); needs --original or --patch")
     p.add_argument("--mcq", help=".jsonl of {question, choices, answer (index or letter)}")
     p.add_argument("--target", type=_target, help="LAYER:EXPERT whose gate mass on forget tokens is reported")
     p.add_argument("--reference-auc", type=_reference_auc,
@@ -109,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
         splits[name] = as_items(path, name)
     mcq = as_mcq_items(args.mcq) if args.mcq else None
     icl = as_items(args.knowmem_icl, "knowmem-icl") if args.knowmem_icl else None
+    completion = as_items(args.completion, "completion") if args.completion else None
+    if args.replay and not (args.original or args.patch):
+        raise BadInputError("--replay needs the original routing: give --original or --patch")
     if args.patch and not Path(args.patch).exists():
         raise BadInputError(f"patch {args.patch} does not exist")
 
@@ -134,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         convention=args.convention, knowmem_icl=icl, verbmem_max_new_tokens=args.verbmem_max_new_tokens,
         lm_eval_tasks=args.lm_eval_task or None, lm_eval_include_path=args.lm_eval_include,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, generate=not args.no_generate,
-        prompt_format=fmt, progress=progress)
+        prompt_format=fmt, completion=completion, replay=args.replay, progress=progress)
     report.meta.update({"model_dir": args.model, "patch": args.patch, "original_dir": args.original})
     paths = report.write_all(args.out)
     print(report.to_markdown())

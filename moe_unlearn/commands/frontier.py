@@ -52,6 +52,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the tiny test bench model (seconds, for smoke tests)")
     p.add_argument("--cache-dir", default=None, help="bench model cache (default $MOE_UNLEARN_CACHE or "
                                                      "~/.cache/moe-unlearn)")
+    p.add_argument("--probes", type=_names, default=(),
+                   help="extra measurements per run, comma-separated: replay (forget EM with the original routing "
+                        "forced), paraphrase (second-question and completion EM), relearn (fine-tune on 15%% of "
+                        "the forget facts, EM on the rest over steps; costly)")
+    p.add_argument("--relearn-variants", type=_names, default=(),
+                   help="run the relearn probe only for these variants (default: all)")
     p.add_argument("--progress", action="store_true", help="progress bars")
     return p
 
@@ -64,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     cfg = FrontierConfig(model=args.model, methods=args.methods, variants=args.variants, steps=args.steps,
                          seeds=args.seeds, batch_size=args.batch_size, quick=args.quick,
-                         lrs={v: args.lrs for v in args.variants} if args.lrs else {})
+                         lrs={v: args.lrs for v in args.variants} if args.lrs else {}, probes=args.probes,
+                         relearn_variants=args.relearn_variants)
     cfg.validate()  # every input checked before the model loads
     res = run_frontier(cfg, out_dir=args.out, cache_dir=args.cache_dir, progress=args.progress,
                        log=lambda s: print(s, flush=True))

@@ -34,7 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--forget", default=None, help=".txt (one document per line), .jsonl, or a save_to_disk dir")
     p.add_argument("--retain", default=None, help="retain data (same formats); needed by graddiff")
     p.add_argument("--field", default=None, help="jsonl/dataset field holding the text")
-    p.add_argument("--method", default=None, choices=sorted(OBJECTIVES), help="default npo")
+    p.add_argument("--method", default=None, choices=[*sorted(OBJECTIVES), "ablate"],
+                   help="default npo; ablate (uoe/topm): zero the targets' down projections, no training")
     p.add_argument("--scope", default=None, choices=SCOPES, help="default uoe")
     p.add_argument("--target", action="append", default=None, metavar="L:E",
                    help="target expert LAYER:EXPERT (repeat for topm; 'L:shared' needs --allow-shared)")

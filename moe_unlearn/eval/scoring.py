@@ -138,6 +138,9 @@ class RoutingRecording:
                    g_{i,t} of SPEC section 2; 0 for the other experts).
     num_experts[l]: routed experts of layer l. tokens_per_item: real tokens of each item.
     fingerprint: hash of the token ids; recordings are comparable only if fingerprints match.
+    topk_weight[l]: [N, K] fp32, the weights the block applied to those experts (after any
+                   renormalisation), for routing replay (moe_unlearn.eval.replay); None in recordings
+                   made before it was kept.
     Record once with `record_routing` and pass as `original_routing` to reuse it.
     """
 
@@ -146,6 +149,7 @@ class RoutingRecording:
     num_experts: dict[int, int]
     tokens_per_item: list[int]
     fingerprint: str
+    topk_weight: dict[int, torch.Tensor] | None = None
 
     @property
     def layers(self) -> list[int]:
@@ -209,6 +213,7 @@ def score_encoded(model: nn.Module, tokenizer, encoded: Sequence[EncodedItem], *
     layers = find_moe_layers(model) if record_routing else []
     idx_parts: dict[int, list[torch.Tensor]] = {lay.layer_idx: [] for lay in layers}
     score_parts: dict[int, list[torch.Tensor]] = {lay.layer_idx: [] for lay in layers}
+    weight_parts: dict[int, list[torch.Tensor]] = {lay.layer_idx: [] for lay in layers}
     results: list[ItemScores] = []
     was_training = model.training
     model.eval()
@@ -234,9 +239,11 @@ def score_encoded(model: nn.Module, tokenizer, encoded: Sequence[EncodedItem], *
                 k = routing.topk_idx.shape[1]
                 idx3 = routing.topk_idx.reshape(len(batch), width, k).cpu()
                 gate3 = gate.reshape(len(batch), width, k).cpu()
+                weight3 = routing.topk_weight.reshape(len(batch), width, k).cpu()
                 for b, e in enumerate(batch):
                     idx_parts[lay.layer_idx].append(idx3[b, : len(e.ids)])
                     score_parts[lay.layer_idx].append(gate3[b, : len(e.ids)])
+                    weight_parts[lay.layer_idx].append(weight3[b, : len(e.ids)])
     finally:
         model.train(was_training)
     routing_rec = None
@@ -247,5 +254,6 @@ def score_encoded(model: nn.Module, tokenizer, encoded: Sequence[EncodedItem], *
             num_experts={lay.layer_idx: lay.num_experts for lay in layers},
             tokens_per_item=[len(e.ids) for e in encoded],
             fingerprint=fingerprint(encoded),
+            topk_weight={i: torch.cat(p).float() for i, p in weight_parts.items()},
         )
     return ScoredSplit(results, routing_rec, list(encoded))

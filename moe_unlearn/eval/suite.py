@@ -157,6 +157,7 @@ def evaluate(
     holdout: ItemsLike | None = None,
     extra_splits: Mapping[str, ItemsLike] | None = None,
     mcq: ItemsLike | None = None,
+    completion: ItemsLike | None = None,
     original: nn.Module | None = None,
     original_routing: Mapping[str, RoutingRecording] | None = None,
     target: Sequence[int] | None = None,
@@ -177,6 +178,7 @@ def evaluate(
     lm_eval_include_path: str | None = None,
     lm_eval_limit: int | None = None,
     min_k_ratio: float = MIN_K_RATIO,
+    replay: str | None = None,
     progress: bool = True,
 ) -> EvalReport:
     """Evaluate `model` on every split given and return an EvalReport.
@@ -206,6 +208,13 @@ def evaluate(
       here) or `original_routing` ({split name: RoutingRecording} from `record_routing` with the
       same tokenizer and prompt_format, e.g. recorded before applying a patch); `target` =
       (layer, expert) adds that expert's gate mass -- see eval.routing.
+    - replay ("original" | "current", needs forget and the original routing): the forget split
+      scored again with the original model's top-K experts forced at every MoE layer (with its
+      gate values, or the current router's) -> split "forget_replay" (see eval.replay). Forget EM
+      coming back under replay = the forgetting was done by the router, not by erasing.
+    - completion: statements cut before their answer ({question: prefix, answer} records, e.g.
+      from a paraphrase the unlearning never saw) -> split "completion", scored on the answer
+      tokens of prefix + " " + answer with no QA template (a format probe).
     The model is put in eval mode during the call and restored afterwards.
     """
     if original is not None and original_routing is not None:
@@ -228,6 +237,17 @@ def evaluate(
         raw[name] = data
     if not raw and mcq is None:
         raise BadInputError("nothing to evaluate: give at least one of forget, retain, holdout, extra_splits, mcq")
+    if replay is not None:
+        from moe_unlearn.eval.replay import REPLAY_GATES
+
+        if replay not in REPLAY_GATES:
+            raise BadInputError(f"replay must be one of {', '.join(REPLAY_GATES)} or None, got {replay!r}")
+        if forget is None or (original is None and "forget" not in (original_routing or {})):
+            raise BadInputError("replay needs the forget split and the original routing on it (original=... or "
+                                "original_routing={'forget': ...})")
+    for name in ("forget_replay", "completion"):
+        if name in raw:
+            raise BadInputError(f"extra split {name!r} clashes with a built-in split name; rename it")
     if original_routing is not None:
         unknown = set(original_routing) - set(raw)
         if unknown:
@@ -246,6 +266,11 @@ def evaluate(
         from moe_unlearn.eval.lm_eval_bridge import require_lm_eval
 
         require_lm_eval()
+    completion_fmt = PromptFormat(template="{question}", answer_prefix=" ", max_length=fmt.max_length)
+    completion_items = as_items(completion, "completion") if completion is not None else None
+    if completion_items is not None and not all(it.is_qa for it in completion_items):
+        raise BadInputError("completion records need {question: prefix, answer}, not plain texts")
+    completion_enc = encode_items(tokenizer, completion_items, completion_fmt) if completion_items else None
 
     t0 = time.perf_counter()
     report = EvalReport(splits={})
@@ -271,6 +296,16 @@ def evaluate(
             else:
                 orig = original_routing[name]
             report.routing[name] = compare_routing(scored[name].routing, orig, target if name == "forget" else None)
+            if name == "forget" and replay is not None:
+                from moe_unlearn.eval.replay import score_replayed
+
+                rep = score_replayed(model, tokenizer, enc, orig, gates=replay, batch_size=batch_size,
+                                     progress=progress)
+                report.splits["forget_replay"] = split_metrics(rep.items, [it.is_qa for it in items[name]])
+    if completion_enc is not None:
+        comp = score_encoded(model, tokenizer, completion_enc, batch_size=batch_size, progress=progress,
+                             desc="completion: scoring")
+        report.splits["completion"] = split_metrics(comp.items, [True] * len(completion_enc))
 
     if "forget" in scored and "holdout" in scored:
         ref = reference_auc
@@ -303,6 +338,6 @@ def evaluate(
         "prompt_template": fmt.template, "answer_prefix": fmt.answer_prefix, "min_k_ratio": min_k_ratio,
         "convention": dataclasses.asdict(conv), "knowmem_shots": shots.count("Question: "),
         "stop_strings": list(stops),
-        "target": list(target) if target is not None else None,
+        "target": list(target) if target is not None else None, "replay_gates": replay,
     }
     return report

@@ -325,7 +325,8 @@ def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any
     forget / retain: anything `moe_unlearn.data.load_texts` reads (list of strings, .txt,
       .jsonl, dataset dir) or `TokenizedBatches`. retain is optional except for graddiff.
     method: a name in `objectives.OBJECTIVES` (ga, graddiff, npo, simnpo, rmu); method_kwargs
-      override its hyperparameters (e.g. {"beta": 0.1, "retain_loss": "kl"}).
+      override its hyperparameters (e.g. {"beta": 0.1, "retain_loss": "kl"}). "ablate" (uoe/topm)
+      trains nothing: the targets' down projections are zeroed, as a patch.
     coverage (topm): choose the targets with `select_targets(attribution, coverage)`: experts added
       greedily (forget mass x selectivity) until they cover that share of the forget tokens.
     scope: full | experts | routers | uoe | topm. target (uoe/topm): "L:E", (L, E), a list of
@@ -366,6 +367,13 @@ def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any
     """
     t0 = time.perf_counter()
     cfg = UnlearnConfig.build(config, **options)
+    if cfg.method == "ablate":  # no training: the targets' down projections zeroed (moe_unlearn.unlearning.ablate)
+        from moe_unlearn.unlearning.ablate import ablate
+
+        return ablate(model, forget, retain, tokenizer=tokenizer, scope=cfg.scope, target=cfg.target, top_m=cfg.top_m,
+                      topm_layer=cfg.topm_layer, coverage=cfg.coverage, batch_size=cfg.batch_size,
+                      max_length=cfg.max_length, progress=cfg.progress, out_dir=cfg.out_dir, merge=cfg.merge,
+                      model_dir=cfg.model_dir)
     run = _inputs(model, forget, retain, tokenizer, cfg)
     ref = _references(run)
     loss_fn = _loss(run, ref)
