@@ -29,7 +29,7 @@ from moe_unlearn.atomic import write_json
 from moe_unlearn.frontier import VARIANTS, device_name, matched
 
 RESULTS = Path(__file__).parent / "results"
-RUN_VARIANTS = ("full", "uoe", "uoe+grip+null", "cov+grip+null")
+RUN_VARIANTS = ("uoe+grip+null", "full", "uoe", "cov+grip+null")  # in the order they run
 FALLBACK_LR = {"full": 3e-4, "uoe": 3e-2}  # used only when the frontier file has no matched lr
 
 
@@ -124,7 +124,8 @@ def run_model(name: str, args) -> Path:
               flush=True)
     done = {(r["method"], r["variant"], r["seed"]) for r in data["runs"]}
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    todo = [(args.method, v, s) for s in args.seeds for v in RUN_VARIANTS] + [("ablate", "uoe", 0)]
+    todo = [(args.method, v, s) for s in args.seeds for v in args.variants]
+    todo.insert(min(3, len(todo)), ("ablate", "uoe", 0))
     lvl = data["relearn"]["level"]
     for method, vname, seed in todo:
         if (method, vname, seed) in done:
@@ -180,6 +181,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["natural", "localized"])
     ap.add_argument("--method", default="npo")
     ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--variants", nargs="+", default=list(RUN_VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--relearn-fraction", type=float, default=0.15)
     ap.add_argument("--relearn-steps", type=int, default=30)

@@ -235,8 +235,9 @@ def evaluate(
         if name in raw:
             raise BadInputError(f"extra split {name!r} clashes with a built-in split name; rename it")
         raw[name] = data
-    if not raw and mcq is None:
-        raise BadInputError("nothing to evaluate: give at least one of forget, retain, holdout, extra_splits, mcq")
+    if not raw and mcq is None and completion is None:
+        raise BadInputError("nothing to evaluate: give at least one of forget, retain, holdout, extra_splits, mcq, "
+                            "completion")
     if replay is not None:
         from moe_unlearn.eval.replay import REPLAY_GATES
 
