@@ -23,7 +23,8 @@ TOK = word_tokenizer()
 
 
 def _greedy_facts(model, n: int = 12) -> list[dict[str, str]]:
-    """QA records whose answer is the model's own greedy next word: forget EM 1.0 by construction."""
+    """QA records whose answer is the model's own greedy next word: forget EM 1.0 by construction
+    (the same 40 questions for every model)."""
     out = []
     for i in range(40):
         q = f"w{i} w{(i * 7 + 3) % 60} w{(i * 11 + 5) % 60}"
@@ -35,7 +36,7 @@ def _greedy_facts(model, n: int = 12) -> list[dict[str, str]]:
             out.append({"question": q, "answer": word})
         if len(out) == n:
             break
-    assert len(out) == n
+    assert len(out) == n or n == 40
     return out
 
 
@@ -152,11 +153,14 @@ def test_relearning_curves_of_a_model_that_knows_and_one_that_never_did(planted)
     original, facts, _ = planted
     train_idx, held_idx = split_indices(len(facts), 0.25, seed=0)
     assert len(train_idx) == 3 and sorted(train_idx + held_idx) == list(range(len(facts)))
-    cfg = RelearnConfig(steps=4, eval_every=2, lr=3e-3, batch_size=3)
+    cfg = RelearnConfig(steps=4, eval_every=2, lr=1e-5, batch_size=3)  # too small a step to learn anything
     stranger = tiny_model("qwen3_moe", seed=11)
+    strange = _greedy_facts(stranger, 40)
+    held = [f for f in (facts[i] for i in held_idx) if f not in strange]  # the stranger does not know these
+    assert held
     before = [p.detach().clone() for p in original.parameters()]
-    res = relearn_probe({"original": original, "reference": stranger}, TOK,
-                        [facts[i] for i in train_idx], [facts[i] for i in held_idx], cfg)
+    res = relearn_probe({"original": original, "reference": stranger}, TOK, [facts[i] for i in train_idx], held,
+                        cfg)
     assert all(torch.equal(a, b) for a, b in zip(before, original.parameters(), strict=True))  # a copy trained
     assert res.curves["original"].steps == [0, 2, 4]
     assert res.level == pytest.approx(0.5)  # half of the original's 1.0
@@ -166,7 +170,8 @@ def test_relearning_curves_of_a_model_that_knows_and_one_that_never_did(planted)
     assert d["reference_censored"] and d["relative_to_reference"]["original"] == 0.0
     # relearning moves the weights toward the fine-tuned facts: their own NLL falls on the stranger
     tuned = relearn_probe({"reference": stranger}, TOK, [facts[i] for i in train_idx],
-                          [facts[i] for i in train_idx], cfg, level=0.5)
+                          [facts[i] for i in train_idx], RelearnConfig(steps=4, eval_every=2, lr=3e-3, batch_size=3),
+                          level=0.5)
     assert tuned.curves["reference"].nll[-1] < tuned.curves["reference"].nll[0]
 
 
