@@ -91,17 +91,13 @@ def run_model(name: str, args) -> Path:
     fpath = Path(args.frontier_dir) / f"frontier_{name}.json"
     frontier = json.loads(fpath.read_text()) if fpath.exists() else None
     if data is None:
-        t = time.perf_counter()
-        ref = load_or_build(bench_config(name, quick=args.quick, retrained=True), cache_root=args.cache,
-                            progress=False)
+        from moe_unlearn.eval import evaluate
+
+        ho = evaluate(model, tok, holdout=qa_records(facts.holdout), generate=False, progress=False, batch_size=64)
         data = {"model": name, "device": device_name(), "bench_model": bench.path.name,
-                "reference_model": ref.path.name, "target": list(target), "coverage_targets": [list(c) for c in cover],
+                "target": list(target), "coverage_targets": [list(c) for c in cover],
+                "guess_level": round(ho.splits["holdout"].exact_match, 4),
                 "original": evaluate_run(model, tok, facts, routing),
-                "guess_level": None,
-                "relearn": {"config": vars(rcfg), "n_train_facts": len(tr_idx), "n_held_facts": len(held_idx),
-                            "train_forms": "QA (answer-only loss) + first statement per fine-tuned fact",
-                            "original": relearn_curve(model, tok, relearn_train, relearn_held, rcfg).to_dict(),
-                            "reference": relearn_curve(ref.model, tok, relearn_train, relearn_held, rcfg).to_dict()},
                 "protocol": {"method": args.method, "steps": args.steps, "batch_size": 16, "max_length": 64,
                              "replay": "original model's top-K indices forced at every MoE layer on the forget QA "
                                        "items, with its gate values (forget_em_replay) or the current router's "
@@ -110,53 +106,72 @@ def run_model(name: str, args) -> Path:
                              "completion": "second statement per forget fact cut before the answer, no template "
                                            "(trained, never in unlearning)"},
                 "runs": []}
-        from moe_unlearn.eval import evaluate
-
-        ho = evaluate(model, tok, holdout=qa_records(facts.holdout), generate=False, progress=False, batch_size=64)
-        data["guess_level"] = round(ho.splits["holdout"].exact_match, 4)
-        lvl = 0.5 * data["relearn"]["original"]["em"][0]
-        data["relearn"]["level"] = lvl
-        data["relearn"]["reference_steps_to_half"] = _steps_to(data["relearn"]["reference"], lvl)
-        data["setup_seconds"] = round(time.perf_counter() - t, 1)
-        del ref
         write_json(path, data)
-        print(f"{name}: original {data['original']}, relearn reference {data['relearn']['reference']['em']}",
-              flush=True)
-    done = {(r["method"], r["variant"], r["seed"]) for r in data["runs"]}
+        print(f"{name}: original {data['original']}", flush=True)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     todo = [(args.method, v, s) for s in args.seeds for v in args.variants]
-    todo.insert(min(3, len(todo)), ("ablate", "uoe", 0))
-    lvl = data["relearn"]["level"]
+    todo.insert(0, ("ablate", "uoe", 0))
+
+    def unlearned(method: str, vname: str, seed: int):
+        """Run the unlearning in place (deterministic for the seed); returns (result, lr, lr source)."""
+        if method == "ablate":
+            return unlearn(model, forget, tokenizer=tok, method="ablate", scope="uoe", target=[target],
+                           progress=False), None, "no training"
+        variant = VARIANTS[vname]
+        lr, src = pick_lr(frontier, method, vname, args.steps)
+        res = unlearn(model, forget, retain, tokenizer=tok, method=method, scope=variant.scope,
+                      target={"seuf": [target], "coverage": cover}.get(variant.targets), steps=args.steps,
+                      lr=lr, batch_size=16, max_length=64, seed=seed, progress=False, **variant.options)
+        return res, lr, src
+
+    # phase 1: replay / paraphrase / completion for every run (cheap)
+    done = {(r["method"], r["variant"], r["seed"]) for r in data["runs"]}
     for method, vname, seed in todo:
         if (method, vname, seed) in done:
             continue
         t = time.perf_counter()
-        if method == "ablate":
-            res = unlearn(model, forget, tokenizer=tok, method="ablate", scope="uoe", target=[target], progress=False)
-            lr, src = None, "no training"
-        else:
-            variant = VARIANTS[vname]
-            lr, src = pick_lr(frontier, method, vname, args.steps)
-            res = unlearn(model, forget, retain, tokenizer=tok, method=method, scope=variant.scope,
-                          target={"seuf": [target], "coverage": cover}.get(variant.targets), steps=args.steps,
-                          lr=lr, batch_size=16, max_length=64, seed=seed, progress=False, **variant.options)
+        res, lr, src = unlearned(method, vname, seed)
         metrics = evaluate_run(model, tok, facts, routing)
-        curve = relearn_curve(model, tok, relearn_train, relearn_held, rcfg).to_dict()
         model.load_state_dict(snapshot)
-        ref_steps = data["relearn"]["reference_steps_to_half"]
-        steps = _steps_to(curve, lvl)
         run = {"method": method, "variant": vname, "seed": seed, "lr": lr, "lr_source": src, "targets": res.targets,
-               **metrics, "relearn": curve, "relearn_steps_to_half": steps,
-               "relearn_relative_to_reference": (None if steps is None else
-                                                 round(steps / (ref_steps if ref_steps is not None
-                                                                else rcfg.steps + 1), 4)),
-               "seconds": round(time.perf_counter() - t, 1)}
+               **metrics, "seconds": round(time.perf_counter() - t, 1)}
         data["runs"].append(run)
         write_json(path, data)
-        print(f"{name} {method}/{vname} seed {seed} lr {lr}: " + json.dumps({k: v for k, v in run.items()
-                                                                          if k != "relearn"}), flush=True)
+        print(f"{name} {method}/{vname} seed {seed} lr {lr}: " + json.dumps(run), flush=True)
+    if args.no_relearn:
+        return path
+    # phase 2: relearning curves (costly): the original's and the retrained reference's once, then per run
+    if "relearn" not in data:
+        ref = load_or_build(bench_config(name, quick=args.quick, retrained=True), cache_root=args.cache,
+                            progress=False)
+        orig_c = relearn_curve(model, tok, relearn_train, relearn_held, rcfg).to_dict()
+        ref_c = relearn_curve(ref.model, tok, relearn_train, relearn_held, rcfg).to_dict()
+        lvl = 0.5 * orig_c["em"][0]
+        data["relearn"] = {"config": vars(rcfg), "n_train_facts": len(tr_idx), "n_held_facts": len(held_idx),
+                           "reference_model": ref.path.name,
+                           "train_forms": "QA (answer-only loss) + first statement per fine-tuned fact",
+                           "original": orig_c, "reference": ref_c, "level": lvl,
+                           "reference_steps_to_half": _steps_to(ref_c, lvl)}
+        del ref
+        write_json(path, data)
+        print(f"{name}: relearn original {orig_c['em']}, reference {ref_c['em']}", flush=True)
+    lvl, ref_steps = data["relearn"]["level"], data["relearn"]["reference_steps_to_half"]
+    for run in data["runs"]:
+        if "relearn" in run:
+            continue
+        t = time.perf_counter()
+        unlearned(run["method"], run["variant"], run["seed"])
+        curve = relearn_curve(model, tok, relearn_train, relearn_held, rcfg).to_dict()
+        model.load_state_dict(snapshot)
+        steps = _steps_to(curve, lvl)
+        run.update({"relearn": curve, "relearn_steps_to_half": steps,
+                    "relearn_relative_to_reference": (None if steps is None else
+                                                      round(steps / (ref_steps if ref_steps is not None
+                                                                     else rcfg.steps + 1), 4)),
+                    "relearn_seconds": round(time.perf_counter() - t, 1)})
+        write_json(path, data)
+        print(f"{name} {run['method']}/{run['variant']} relearn {curve['em']}", flush=True)
         plot(data, path.with_suffix(".png"), plot_relearn)
-    plot(data, path.with_suffix(".png"), plot_relearn)
     return path
 
 
@@ -166,7 +181,7 @@ def _steps_to(curve: dict, level: float) -> int | None:
 
 def plot(data: dict, path: Path, plot_relearn) -> None:
     panels = {}
-    for r in data["runs"]:
+    for r in (r for r in data["runs"] if "relearn" in r):
         key = f"{r['method']}/{r['variant']} (seed {r['seed']})"
         panels[key] = {"unlearned": r["relearn"], "retrained ref": data["relearn"]["reference"],
                        "original": data["relearn"]["original"]}
@@ -189,11 +204,14 @@ def main() -> None:
     ap.add_argument("--relearn-lr", type=float, default=1e-3)
     ap.add_argument("--cache", default="/work/cache")
     ap.add_argument("--frontier-dir", default=str(RESULTS))
+    ap.add_argument("--no-relearn", action="store_true", help="phase 1 only (replay, paraphrase, completion)")
     ap.add_argument("--quick", action="store_true", help="the tiny test bench model (a smoke run)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    for name in args.models:
-        print(run_model(name, args), flush=True)
+    for phase_relearn in ((False,) if args.no_relearn else (False, True)):  # every model's cheap probes first
+        for name in args.models:
+            args.no_relearn = not phase_relearn
+            print(run_model(name, args), flush=True)
 
 
 if __name__ == "__main__":
