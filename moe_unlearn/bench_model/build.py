@@ -289,7 +289,7 @@ def answer_exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     return hits / len(facts)
 
 
-def train_bench_model(config: BenchModelConfig, facts: FactSet, tokenizer: PreTrainedTokenizerBase,
+def _train_bench_model(config: BenchModelConfig, facts: FactSet, tokenizer: PreTrainedTokenizerBase,
                       *, progress: bool = True) -> tuple[PreTrainedModel, dict]:
     """Train a fresh model on the trained splits' texts (never holdout; no forget split when
     `config.exclude_forget`); returns it and training stats ("trained" EM = on what it was trained on)."""
@@ -329,6 +329,21 @@ def train_bench_model(config: BenchModelConfig, facts: FactSet, tokenizer: PreTr
              "exact_match": {"trained": em,
                              **{s: answer_exact_match(model, tokenizer, facts.splits[s]) for s in facts.splits}}}
     return model, stats
+
+
+def train_bench_model(config: BenchModelConfig, facts: FactSet, tokenizer: PreTrainedTokenizerBase,
+                      *, progress: bool = True) -> tuple[PreTrainedModel, dict]:
+    """Train a fresh model on the trained splits' texts (never holdout; no forget split when
+    `config.exclude_forget`); returns it and training stats ("trained" EM = on what it was trained on).
+
+    Training runs on one intra-op thread: float sums reduce in another order with more threads,
+    so the weights (and every result measured on them) would depend on the machine's core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_bench_model(config, facts, tokenizer, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # -- build / load ------------------------------------------------------------------------------
