@@ -3,11 +3,18 @@
 A crash or an exception part-way through never leaves a half-written result under the real
 name: either the old content is still there or the complete new one is. Temporaries live in
 the destination's own folder (dot-prefixed, so globs like `step_*.pt` skip them) because
-`os.replace` is only atomic within one file system; on an error they are removed.
+`os.replace` is only atomic within one file system; on an error they are removed. A temporary
+name carries the writer's process id, so the temporaries of a run that was killed (SIGKILL,
+power loss) are recognised and removed by the next write to the same destination, while those
+of a live concurrent writer are left alone. Results get the permissions the umask gives
+(`mkstemp`/`mkdtemp` would otherwise leave them private, 0600/0700).
+
+`check_out_dir` is the one check of an output folder, run by every command before any work.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,7 +24,88 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_path", "staged_files", "write_json", "write_text"]
+from moe_unlearn.errors import BadInputError
+
+__all__ = ["atomic_dir", "atomic_path", "check_out_dir", "clean_dead_temps", "clean_stale_temps", "is_out_of_space", "staged_files", "write_json",
+           "write_text"]
+
+_KINDS = ("tmp", "staging", "file", "old")
+
+
+def _prefix(dest: Path, kind: str) -> str:
+    return f".{dest.name}.{kind}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process
+    return True
+
+
+def clean_stale_temps(dest: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that writers of `dest` which no longer run left beside it; returns them."""
+    dest = Path(dest)
+    parent = dest.parent
+    removed: list[Path] = []
+    if not parent.is_dir():
+        return removed
+    head = f".{dest.name}."
+    for entry in parent.iterdir():
+        name = entry.name
+        if not name.startswith(head):
+            continue
+        kind, _, rest = name[len(head):].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in _KINDS or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def clean_dead_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove every temporary in `folder` (any destination) whose writer no longer runs; returns them."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if _is_temp_of_dead_writer(entry):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, *, directory: bool) -> None:
+    """Give a finished temporary the mode a plain open()/mkdir() would have had under the umask."""
+    mask = _umask()
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+    if directory:
+        for root, dirs, files in os.walk(path):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~mask)
+            for f in files:
+                fp = os.path.join(root, f)
+                if not os.path.islink(fp) and (os.stat(fp).st_mode & 0o777) == 0o600:  # a nested mkstemp
+                    os.chmod(fp, 0o666 & ~mask)
 
 
 @contextmanager
@@ -28,11 +116,13 @@ def atomic_path(dest: str | os.PathLike, *, suffix: str | None = None) -> Iterat
     `dest`'s, so writers that infer the format from the extension still see it."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=dest.suffix if suffix is None else suffix,
+    clean_stale_temps(dest)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(dest, "file"), suffix=dest.suffix if suffix is None else suffix,
                                dir=dest.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        _publish_mode(Path(tmp), directory=False)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -57,15 +147,17 @@ def atomic_dir(dest: str | os.PathLike, *, replace: bool = False) -> Iterator[Pa
     """Yield a temp folder beside `dest` to fill; on a clean exit it is renamed to `dest`, on an
     error it is deleted. An existing `dest` must be an empty folder (it is removed first; a
     non-empty one raises OSError) unless `replace=True`: then the old folder is moved aside to
-    `.<name>.old`, the new one renamed in, and the old one deleted."""
+    `.<name>.old-<pid>-...`, the new one renamed in, and the old one deleted."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    clean_stale_temps(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(dest, "tmp"), dir=dest.parent))
     try:
         yield tmp
+        _publish_mode(tmp, directory=True)
         if dest.exists() and replace:
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = Path(tempfile.mkdtemp(prefix=_prefix(dest, "old"), dir=dest.parent))
+            old.rmdir()
             os.replace(dest, old)
             os.replace(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)
@@ -79,23 +171,37 @@ def atomic_dir(dest: str | os.PathLike, *, replace: bool = False) -> Iterator[Pa
 
 
 @contextmanager
-def staged_files(out_dir: str | os.PathLike, *, last: str | None = None) -> Iterator[Path]:
+def staged_files(out_dir: str | os.PathLike, *, last: str | None = None,
+                 owned: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a staging folder for several outputs that belong together; only when the block exits
     cleanly is each of its entries moved into `out_dir`, replacing a file or folder of the same
     name (entry `last`, if given, goes last: a completion marker). Other entries already in
-    `out_dir` are kept. On an error nothing moves. A missing `out_dir` is created by renaming
+    `out_dir` are kept, except those named in `owned` (the outputs a run of this kind can write) that this
+    run did not write: they are removed, so a stale file of an earlier run never sits beside the new
+    ones. On an error nothing moves. A missing `out_dir` is created by renaming
     the whole staging folder into place; an existing one gets the staging folder inside it, so
     the moves stay on its file system. The staging folder is always removed."""
     out = Path(out_dir)
     existed = out.exists()
     if not existed:
         out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out if existed else out.parent))
+    key = out / "files" if existed else out  # the staging folder's name: inside out_dir, or beside it
+    clean_stale_temps(key)
+    stage = Path(tempfile.mkdtemp(prefix=_prefix(key, "staging"), dir=key.parent))
     try:
         yield stage
+        _publish_mode(stage, directory=True)
         if not out.exists():
             os.replace(stage, out)
             return
+        written = {entry.name for entry in stage.iterdir()}
+        for name in owned:
+            stale = out / name
+            if name not in written and (stale.exists() or stale.is_symlink()):
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
         for entry in sorted(stage.iterdir(), key=lambda p: (p.name == last, p.name)):
             target = out / entry.name
             if target.is_dir():
@@ -103,3 +209,62 @@ def staged_files(out_dir: str | os.PathLike, *, last: str | None = None) -> Iter
             os.replace(entry, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_out_dir(out: str | os.PathLike, *, model_dirs: tuple[str | os.PathLike | None, ...] = (),
+                  must_be_empty: bool = False, what: str = "--out", need_bytes: int = 0) -> Path:
+    """The one check of an output folder, done before any work; returns it resolved.
+
+    Refused with one message each: the current directory or a file system root (a named sub-folder is
+    needed, since outputs are renamed into place beside it), a path that exists and is not a folder, a
+    folder inside (or equal to) one of `model_dirs` (the originals must stay intact), a non-empty folder when
+    `must_be_empty`, a place that is not writable, and a disk with less than `need_bytes` (plus 1 MiB) free.
+    Stale temporaries of killed runs there are removed."""
+    raw = Path(out)
+    path = raw.expanduser().resolve()
+    if str(out).strip() == "" or path == Path.cwd().resolve() or path.parent == path:
+        raise BadInputError(f"{what} {str(out)!r} is the current directory or a root; name a new sub-directory")
+    for model_dir in model_dirs:
+        if model_dir is None:
+            continue
+        m = Path(model_dir).expanduser().resolve()
+        if path == m or m in path.parents:
+            raise BadInputError(f"{what} {raw} is inside the model's own directory {model_dir}; choose a directory "
+                                "outside it (the original model must stay intact)")
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise BadInputError(f"{what} {raw} exists and is not a directory; choose a new directory")
+        if must_be_empty and any(p for p in path.iterdir() if not _is_temp_of_dead_writer(p)):
+            raise BadInputError(f"{what} {raw} already exists and is not empty; choose a new directory")
+    anchor = path
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise BadInputError(f"{what} {raw}: {anchor} is a file, so the directory cannot be created there")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise BadInputError(f"{what} {raw}: {anchor} is not writable; choose another place")
+    clean_stale_temps(path)
+    if path.is_dir():
+        clean_dead_temps(path)
+    free = shutil.disk_usage(anchor).free
+    if free < need_bytes + 2**20:
+        raise BadInputError(f"{what} {raw}: only {free / 2**20:.1f} MiB free on its disk, about "
+                            f"{(need_bytes + 2**20) / 2**20:.1f} MiB needed; free some space or choose another disk")
+    return path
+
+
+def _is_temp_of_dead_writer(entry: Path) -> bool:
+    name = entry.name
+    if not name.startswith(".") or "-" not in name:
+        return False
+    for kind in _KINDS:
+        marker = f".{kind}-"
+        if marker in name:
+            pid = name.split(marker, 1)[1].split("-", 1)[0]
+            return pid.isdigit() and not _alive(int(pid))
+    return False
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """Whether an OSError says the disk (or quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

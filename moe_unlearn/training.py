@@ -34,6 +34,7 @@ import torch
 
 from moe_unlearn.atomic import atomic_path
 from moe_unlearn.errors import BadInputError, TrainingDiverged
+from moe_unlearn.validate import check_int, check_number
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 _CKPT_PATTERN = "step_*.pt"
@@ -71,22 +72,34 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 1
     desc: str = "train"
+    # what the run is (method, targets, data hash, ...): stored in each checkpoint, and `resume` refuses a
+    # checkpoint whose identity differs, so a resumed run can never finish another run's work
+    run_identity: dict[str, Any] | None = None
 
     def validate(self) -> None:
         if (self.steps is None) == (self.epochs is None):
             raise BadInputError("TrainConfig: set exactly one of steps or epochs")
-        if self.steps is not None and self.steps < 1:
-            raise BadInputError(f"TrainConfig.steps must be >= 1, got {self.steps}")
-        if self.epochs is not None and self.epochs < 1:
-            raise BadInputError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
-        if self.grad_accum < 1:
-            raise BadInputError(f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise BadInputError(f"unknown lr_schedule {self.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
         if self.bf16 not in (True, False, "auto"):
             raise BadInputError(f"TrainConfig.bf16 must be True, False or 'auto', got {self.bf16!r}")
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise BadInputError("checkpoint_every / resume need checkpoint_dir")
+        check_number("TrainConfig.lr", self.lr, low=0.0, low_open=True)
+        check_number("TrainConfig.weight_decay", self.weight_decay, low=0.0)
+        check_number("TrainConfig.eps", self.eps, low=0.0, low_open=True)
+        for name in ("steps", "epochs", "grad_accum", "warmup_steps", "checkpoint_every", "keep_checkpoints",
+                     "seed", "log_every"):
+            value = getattr(self, name)
+            if value is not None:
+                check_int(f"TrainConfig.{name}", value, low=0 if name in ("warmup_steps", "checkpoint_every",
+                                                                          "seed", "log_every") else 1)
+        if self.max_grad_norm is not None:
+            check_number("TrainConfig.max_grad_norm", self.max_grad_norm, low=0.0)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise BadInputError(f"TrainConfig.betas must be two numbers, got {self.betas!r}")
+        for b in self.betas:
+            check_number("TrainConfig.betas", b, low=0.0, high=1.0, high_open=True)
 
 
 @dataclass
@@ -267,6 +280,66 @@ def _save_checkpoint(config: TrainConfig, state: dict[str, Any], step: int) -> N
         os.unlink(old)
 
 
+_IDENTITY_KEYS = ("steps", "epochs", "grad_accum", "lr", "lr_schedule", "warmup_steps", "weight_decay", "betas",
+                  "eps", "max_grad_norm", "seed", "bf16")
+
+
+def run_identity(config: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the knobs that change the result, plus the caller's
+    `run_identity` (JSON-normalised, so that tuples and lists compare equal)."""
+    import json
+
+    ident = {"train": {k: getattr(config, k) for k in _IDENTITY_KEYS}, "run": config.run_identity or {}}
+    return json.loads(json.dumps(ident, sort_keys=True, default=str))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
+
+
+def load_checkpoint(path: str | os.PathLike, leaves: Sequence[torch.Tensor],
+                    identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read a checkpoint written by `train` safely (`weights_only=True`: tensors and plain containers, never
+    pickled code) and check that it belongs to this run; BadInputError otherwise."""
+    where = f"remove {os.path.dirname(os.fspath(path)) or '.'} or train without resume"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated zip, a pickle with code in it, garbage: all the same to us
+        raise BadInputError(f"checkpoint {path} cannot be read safely ({_first_line(exc)}); {where}") from None
+    need = ("params", "optimizer", "scheduler", "rng", "step", "epoch", "consumed", "history")
+    if not isinstance(state, dict) or any(k not in state for k in need):
+        raise BadInputError(f"checkpoint {path} is not a moe-unlearn training checkpoint; {where}")
+    params = state["params"]
+    if (not isinstance(params, list) or len(params) != len(leaves)
+            or any(not isinstance(a, torch.Tensor) or tuple(a.shape) != tuple(b.shape)
+                   for a, b in zip(params, leaves, strict=False))):
+        raise BadInputError(f"checkpoint {path} does not match the parameters being trained; {where}")
+    if identity is not None and state.get("identity") != identity:
+        theirs = state.get("identity") or {}
+        diff = sorted({*_diff_keys(theirs.get("train", {}), identity.get("train", {})),
+                       *_diff_keys(theirs.get("run", {}), identity.get("run", {}))})
+        raise BadInputError(f"checkpoint {path} belongs to a different run (differs in: "
+                            f"{', '.join(diff) or 'format'}); {where}")
+    if any(not bool(torch.isfinite(p).all()) for p in params if p.is_floating_point()):
+        raise BadInputError(f"checkpoint {path} holds NaN/inf values; {where}")
+    return state
+
+
+def _diff_keys(a: Any, b: Any) -> list[str]:
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return [] if a == b else ["format"]
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_finite(leaves: Sequence[torch.Tensor], step: int) -> None:
+    """TrainingDiverged if an update left a NaN/inf in a trained tensor (checked before anything is saved)."""
+    for p in leaves:
+        if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
+            raise TrainingDiverged(f"the update of step {step} produced NaN/inf weights; lower the learning rate "
+                                   "or check the data; nothing was written")
+
+
 # -- the loop ----------------------------------------------------------------------------------
 
 
@@ -315,21 +388,25 @@ def train(
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
+    identity = run_identity(config)
     ckpt = latest_checkpoint(config.checkpoint_dir) if config.resume else None
     if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if len(state["params"]) != len(leaves) or any(
-                tuple(a.shape) != tuple(b.shape) for a, b in zip(state["params"], leaves, strict=True)):
-            raise BadInputError(f"checkpoint {ckpt} does not match the parameters being trained; "
-                                f"remove {config.checkpoint_dir} or train without resume")
+        state = load_checkpoint(ckpt, leaves, identity)
         with torch.no_grad():
             for p, v in zip(leaves, state["params"], strict=True):
                 p.copy_(v.to(p.device, p.dtype))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
-        history = TrainHistory(**{**state["history"], "resumed_from": step})
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+            step, epoch, consumed = int(state["step"]), int(state["epoch"]), int(state["consumed"])
+            history = TrainHistory(**{**state["history"], "resumed_from": step})
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise BadInputError(f"checkpoint {ckpt} is damaged ({_first_line(exc)}); remove "
+                                f"{config.checkpoint_dir} or train without resume") from None
+        if total_steps is not None and step > total_steps:
+            raise BadInputError(f"checkpoint {ckpt} is at step {step}, past the {total_steps} steps asked for; "
+                                f"remove {config.checkpoint_dir} or ask for more steps")
         hook.after_resume(step)
 
     hook.on_train_start(optimizer)
@@ -342,7 +419,9 @@ def train(
     start = time.perf_counter()
     it = _epoch_iter(batches, epoch)
     for _ in range(consumed):  # fast-forward to where the checkpoint stopped
-        next(it)
+        if next(it, None) is None:
+            raise BadInputError(f"checkpoint {ckpt} is {consumed} batches into an epoch that has fewer; it "
+                                "belongs to other data")
     optimizer.zero_grad(set_to_none=True)
     done = False
     try:
@@ -408,7 +487,9 @@ def train(
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 history.wall_time += time.perf_counter() - start
                 start = time.perf_counter()
+                check_finite(leaves, step)
                 _save_checkpoint(config, {
+                    "identity": identity,
                     "params": [p.detach().cpu().clone() for p in leaves],
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -419,6 +500,7 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+    check_finite(leaves, step)  # the last update is never followed by a loss that would catch it
     history.wall_time += time.perf_counter() - start
     history.optimizer_state_bytes = optimizer_state_bytes(optimizer)
     return history

@@ -26,7 +26,6 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -35,6 +34,7 @@ from moe_unlearn.atomic import atomic_dir, write_json
 from moe_unlearn.bench_model.facts import TRAINED_SPLITS, Fact, FactsConfig, FactSet, generate_facts
 from moe_unlearn.bench_model.tokenizer import train_tokenizer
 from moe_unlearn.errors import BadInputError
+from moe_unlearn.loading import load_model, load_tokenizer
 
 FORMAT_VERSION = 3  # bump when the layout or the training recipe changes: old cache entries are ignored
 META_FILE = "bench_meta.json"
@@ -346,8 +346,8 @@ def load_bench_model(path: str | os.PathLike) -> BenchModel:
     meta = json.loads((path / META_FILE).read_text())
     facts = FactSet.read_jsonl(path / "data", FactsConfig(**{**meta["config"]["facts"],
                                                              "domains": tuple(meta["config"]["facts"]["domains"])}))
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_model(path)  # local files only, no code from the folder
+    tokenizer = load_tokenizer(path)
     return BenchModel(model=model, tokenizer=tokenizer, facts=facts, path=path, meta=meta, built=False)
 
 

@@ -45,20 +45,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def load_model_and_tokenizer(model_dir: str | os.PathLike, *, trust_remote_code: bool = False,
                              device: str | None = None):
-    """Model (eval mode) and tokenizer from a local directory; BadInputError if either does not load."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Model (eval mode) and tokenizer from a local directory (moe_unlearn.loading: local files only, no
+    code from the folder unless trusted); BadInputError if either does not load."""
+    from moe_unlearn.loading import load_model, load_tokenizer, resolve_device
 
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise BadInputError(f"model directory {path} does not exist; pass a directory written by save_pretrained")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise BadInputError(f"cannot load a causal LM and its tokenizer from {path}: {exc}") from exc
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    dev = resolve_device(device)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)  # cheap, so first
+    model = load_model(model_dir, trust_remote_code=trust_remote_code)
+    return model.to(dev).eval(), tokenizer
 
 
 def _check_out(out: Path) -> None:

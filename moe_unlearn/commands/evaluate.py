@@ -55,35 +55,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (report.json, report.md, and "
                                                 "routing_overlap.png when --original or --patch gives routing)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model directories' own Python code to run (off by default)")
     return p
 
 
-def _load_model(path: str, device: str):
-    from transformers import AutoModelForCausalLM
+def _load_model(path: str, device, trust_remote_code: bool = False):
+    from moe_unlearn.loading import load_model
 
-    if not Path(path).is_dir():
-        raise BadInputError(f"model directory {path} does not exist; pass a folder written by save_pretrained")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise BadInputError(f"cannot load a causal LM from {path}: {exc}") from exc
-    return model.to(device).eval()
+    return load_model(path, trust_remote_code=trust_remote_code).to(device).eval()
 
 
-def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+def _load_tokenizer(path: str, trust_remote_code: bool = False):
+    from moe_unlearn.loading import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"cannot load a tokenizer from {path}: {exc}; pass --tokenizer DIR") from exc
+    return load_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from moe_unlearn.data import DEFAULT_TEMPLATE
     from moe_unlearn.eval import PromptFormat, as_items, as_mcq_items, evaluate, record_routing
+    from moe_unlearn.loading import resolve_device
 
     if args.batch_size < 1 or args.max_new_tokens < 0:
         raise BadInputError("--batch-size must be >= 1 and --max-new-tokens >= 0")
@@ -101,13 +93,14 @@ def run(args: argparse.Namespace) -> int:
     if args.patch and not Path(args.patch).exists():
         raise BadInputError(f"patch {args.patch} does not exist")
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     progress = not args.quiet
-    model = _load_model(args.model, device)
-    tokenizer = _load_tokenizer(args.tokenizer or args.model)
+    trust = args.trust_remote_code
+    model = _load_model(args.model, device, trust)
+    tokenizer = _load_tokenizer(args.tokenizer or args.model, trust)
     original, original_routing = None, None
     if args.original:
-        original = _load_model(args.original, device)
+        original = _load_model(args.original, device, trust)
     if args.patch:
         from moe_unlearn.unlearning import apply_patch  # lazy: the unlearning package is optional here
 

@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moe_unlearn.errors import BadInputError
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("inspect", help="print the MoE layers of a local model",
@@ -29,24 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def load_for_inspection(model_dir: str | Path, *, trust_remote_code: bool = False, load_weights: bool = False):
     """The causal LM of a local directory: on the meta device (structure only) or with its weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from moe_unlearn.loading import load_model
 
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise BadInputError(f"model directory {path} does not exist; pass a directory written by save_pretrained")
-    if not (path / "config.json").is_file():
-        raise BadInputError(f"{path} has no config.json; pass a directory written by save_pretrained")
-    try:
-        if load_weights:
-            return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                        local_files_only=True).eval()
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        hint = "" if trust_remote_code else " (if the model ships its own code, pass --trust-remote-code)"
-        raise BadInputError(f"cannot load a causal LM from {path}: {exc}{hint}") from exc
+    return load_model(model_dir, trust_remote_code=trust_remote_code, meta=not load_weights)
 
 
 def _shared(layer: dict[str, Any]) -> str:

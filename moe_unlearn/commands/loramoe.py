@@ -57,6 +57,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0 = none)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model directory's own Python code to run (off by default)")
     return p
 
 
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.batch_size < 1 or args.max_length < 2:
         raise BadInputError("--steps and --batch-size must be >= 1 and --max-length >= 2")
     records = load_finetune_records(args.data)
-    model, tokenizer = _load_model(Path(args.model))
+    model, tokenizer = _load_model(Path(args.model), args.trust_remote_code)
     result = finetune(model, tokenizer, records, config, out_dir=args.out)
     final = {k: round(v, 4) for k, v in result.history.final().items()}
     print(json.dumps({"out": str(result.out_dir), "method": args.method, "steps": result.history.steps[-1:],
@@ -89,15 +91,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_model(path: Path, trust_remote_code: bool = False):
+    from moe_unlearn.loading import load_model, load_tokenizer
 
-    if not (path / "config.json").is_file():
-        raise BadInputError(f"--model {path}: no config.json; pass a folder written by save_pretrained")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"--model {path}: cannot load its tokenizer ({exc}); save the tokenizer into the "
-                            f"model folder with tokenizer.save_pretrained") from exc
-    model = AutoModelForCausalLM.from_pretrained(path)
-    return model, tokenizer
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return load_model(path, trust_remote_code=trust_remote_code), tokenizer

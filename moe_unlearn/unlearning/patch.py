@@ -9,7 +9,11 @@ A patch is a directory with
 
 `apply_patch` checks that the model is the base model and that every entry currently holds
 the original values (so patches from sequential requests must be applied in order);
-`revert_patch` checks that it holds the new values and writes the originals back.
+`revert_patch` checks that it holds the new values and writes the originals back. Both check
+the patch itself first: every field of patch.json, and every stored tensor against the shape,
+dtype and sha256 recorded for it (a tampered, truncated or mixed-up file is refused, never
+applied or broadcast), all before the first write; a write that still fails puts the values
+already written back, so the model is never left half-patched.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moe_unlearn.atomic import atomic_dir
-from moe_unlearn.errors import BadInputError, PatchError
+from moe_unlearn.errors import BadInputError, PatchError, TrainingDiverged
 
 FORMAT = "moe-unlearn-patch"
 VERSION = 1
@@ -97,6 +101,8 @@ def write_patch(out_dir: str | os.PathLike, model: nn.Module, entries: list[Patc
     meta_entries = []
     for i, (e, orig) in enumerate(zip(entries, originals, strict=True)):
         new = e.view(params).detach().cpu().contiguous().clone()
+        if new.is_floating_point() and not bool(torch.isfinite(new).all()):
+            raise TrainingDiverged(f"{e.name} holds NaN/inf values after unlearning; nothing was written")
         tensors[f"new.{i}"] = new
         tensors[f"orig.{i}"] = orig.contiguous()
         meta_entries.append({"name": e.name, "dim": e.dim, "start": e.start, "stop": e.stop,
@@ -122,14 +128,78 @@ def _patch_dir(path: str | os.PathLike) -> Path:
 
 
 def read_patch_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """patch.json of a patch, with every field the patch functions use checked (PatchError otherwise)."""
     d = _patch_dir(path)
     try:
         meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadInputError(f"cannot read {d / META_FILE}: {exc}") from exc
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BadInputError(f"{d / META_FILE} is not a moe-unlearn patch (format tag missing)")
+    _check_meta(meta, d / META_FILE)
     return meta
+
+
+def _check_meta(meta: dict[str, Any], where: Path) -> None:
+    def bad(what: str) -> PatchError:
+        return PatchError(f"{where} is malformed: {what}; the patch is damaged, rewrite it with unlearn()")
+
+    if meta.get("version") != VERSION:
+        raise bad(f"version {meta.get('version')!r}, this library reads version {VERSION}")
+    base = meta.get("base_model")
+    if not isinstance(base, dict) or not isinstance(base.get("config_hash"), str):
+        raise bad("base_model.config_hash missing")
+    entries = meta.get("entries")
+    if not isinstance(entries, list) or not entries:
+        raise bad("entries must be a non-empty list")
+    seen = set()
+    for i, m in enumerate(entries):
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+            raise bad(f"entry {i} has no parameter name")
+        dim, start, stop = m.get("dim"), m.get("start"), m.get("stop")
+        if dim is None:
+            if start is not None or stop is not None:
+                raise bad(f"entry {i} ({m['name']}): start/stop without dim")
+        elif not all(isinstance(v, int) and not isinstance(v, bool) for v in (dim, start, stop)) or not (
+                dim >= 0 and 0 <= start < stop):
+            raise bad(f"entry {i} ({m['name']}): dim/start/stop must be integers with dim >= 0, 0 <= start < stop")
+        shape = m.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                  for x in shape):
+            raise bad(f"entry {i} ({m['name']}): shape must be a list of non-negative integers")
+        if not isinstance(m.get("dtype"), str) or not isinstance(getattr(torch, m["dtype"], None), torch.dtype):
+            raise bad(f"entry {i} ({m['name']}): unknown dtype {m.get('dtype')!r}")
+        for key in ("orig_sha256", "new_sha256"):
+            h = m.get(key)
+            if not isinstance(h, str) or len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+                raise bad(f"entry {i} ({m['name']}): {key} is not a sha256 hex digest")
+        key = (m["name"], dim, start, stop)
+        if key in seen:
+            raise bad(f"entry {i} ({m['name']}) appears twice")
+        seen.add(key)
+
+
+def _load_tensors(d: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The stored tensors, each checked against the shape, dtype and hash patch.json records for it."""
+    try:
+        tensors = load_file(str(d / TENSORS_FILE))
+    except Exception as exc:  # safetensors raises its own error type on a truncated or garbled file
+        raise PatchError(f"cannot read {d / TENSORS_FILE} ({' '.join(str(exc).split())[:200]}); the patch is "
+                         "damaged") from None
+    want = {f"{kind}.{i}" for i in range(len(meta["entries"])) for kind in ("orig", "new")}
+    if set(tensors) != want:
+        raise PatchError(f"{d / TENSORS_FILE} holds tensors {sorted(set(tensors) ^ want)[:4]} that do not match "
+                         f"{META_FILE}'s {len(meta['entries'])} entries; the patch is damaged")
+    for i, m in enumerate(meta["entries"]):
+        for kind in ("orig", "new"):
+            t = tensors[f"{kind}.{i}"]
+            if list(t.shape) != m["shape"] or str(t.dtype).removeprefix("torch.") != m["dtype"]:
+                raise PatchError(f"{m['name']}: the stored {kind} tensor is {tuple(t.shape)} {t.dtype}, "
+                                 f"{META_FILE} records {tuple(m['shape'])} {m['dtype']}; the patch is damaged")
+            if tensor_hash(t) != m[f"{kind}_sha256"]:
+                raise PatchError(f"{m['name']}: the stored {kind} values do not match their sha256 in {META_FILE}; "
+                                 "the patch was modified or damaged and is not applied")
+    return tensors
 
 
 def _swap(model: nn.Module, path: str | os.PathLike, *, forward: bool) -> dict[str, Any]:
@@ -138,7 +208,7 @@ def _swap(model: nn.Module, path: str | os.PathLike, *, forward: bool) -> dict[s
     if config_hash(model) != want:
         raise PatchError(f"patch {path} was made for a different model (config hash differs; base model "
                          f"{meta['base_model'].get('name_or_path')!r})")
-    tensors = load_file(str(_patch_dir(path) / TENSORS_FILE))
+    tensors = _load_tensors(_patch_dir(path), meta)
     params = dict(model.named_parameters())
     have, put = ("orig", "new") if forward else ("new", "orig")
     views = []
@@ -155,10 +225,18 @@ def _swap(model: nn.Module, path: str | os.PathLike, *, forward: bool) -> dict[s
                              + ("apply earlier patches first (in order), or this patch is already applied"
                                 if forward else "this patch is not applied, or later patches must be reverted "
                                 "first (reverse order)"))
-        views.append((view, tensors[f"{put}.{i}"]))
-    with torch.no_grad():
-        for view, value in views:
-            view.copy_(value.to(view.device))
+        views.append((view, tensors[f"{put}.{i}"], tensors[f"{have}.{i}"]))
+    done = []
+    try:
+        with torch.no_grad():
+            for view, value, before in views:
+                view.copy_(value.to(view.device))
+                done.append((view, before))
+    except BaseException:
+        with torch.no_grad():  # never half-patched: put back what was already written
+            for view, before in done:
+                view.copy_(before.to(view.device))
+        raise
     return meta
 
 
