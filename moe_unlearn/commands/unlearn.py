@@ -26,7 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="target expert LAYER:EXPERT (repeat for topm; 'L:shared' needs --allow-shared)")
     p.add_argument("--attribution", default=None, help="attribution.json from `moe-unlearn attribute` "
                                                       "(used when --target is not given)")
-    p.add_argument("--top-m", type=int, default=2, help="experts for --scope topm from the attribution")
+    p.add_argument("--top-m", type=int, default=None, help="experts for --scope topm from the attribution "
+                                                          "(default 2)")
     p.add_argument("--coverage", type=float, default=None,
                    help="--scope topm: take the experts that together cover this share of the forget tokens "
                         "(attributes the forget data, with --retain for selectivity)")
@@ -66,7 +67,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="question/answer records: score the answer tokens only (default) or every token")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model directory's own Python code to run (off by default)")
     return p
 
 
@@ -87,23 +89,56 @@ def _parse_sets(items: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from moe_unlearn.commands.attribute import load_model_and_tokenizer
+    from moe_unlearn.data import load_texts
+    from moe_unlearn.errors import BadInputError
+    from moe_unlearn.loading import check_model_dir, resolve_device
     from moe_unlearn.unlearning import unlearn
+    from moe_unlearn.unlearning.checks import check_unlearn_args
+    from moe_unlearn.validate import check_number
 
+    # every input is checked before the (slow) model load: a typo costs nothing and writes nothing
+    if args.target and args.attribution:
+        raise BadInputError("give --target or --attribution, not both")
+    if args.top_m is not None and args.scope != "topm":
+        raise BadInputError(f"--top-m is only read by --scope topm (got --scope {args.scope})")
+    if args.coverage is not None:
+        if args.scope != "topm":
+            raise BadInputError(f"--coverage selects several experts: use --scope topm (got --scope {args.scope})")
+        check_number("--coverage", args.coverage, low=0.0, high=1.0, low_open=True)
+    check_number("--projection-energy", args.projection_energy, low=0.0, high=1.0, low_open=True)
+    for flag, value in (("--router-projection", args.router_projection), ("--expert-projection",
+                        args.expert_projection), ("--retain-weighting", args.retain_weighting)):
+        if value is not None and args.retain is None:
+            raise BadInputError(f"{flag} {value} needs --retain data")
     target = args.target
     if target is None and args.attribution:
         from moe_unlearn.attribution import Attribution
 
         target = Attribution.from_json(args.attribution)
     method_kwargs = _parse_sets(args.set)
-    model, tokenizer = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code,
+    top_m = 2 if args.top_m is None else args.top_m
+    model_dir = check_model_dir(args.model, trust_remote_code=args.trust_remote_code)
+    steps = None if args.epochs else args.steps
+    check_unlearn_args(method=args.method, scope=args.scope, target=target, top_m=top_m, topm_layer=args.topm_layer,
+                       steps=steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                       grad_accum=args.grad_accum, max_length=args.max_length, lr_schedule=args.lr_schedule,
+                       warmup_steps=args.warmup_steps, anchor_weight=args.anchor_weight,
+                       retain_routing_weight=args.retain_routing_weight, method_kwargs=method_kwargs,
+                       checkpoint_every=args.checkpoint_every, seed=args.seed, has_retain=args.retain is not None,
+                       merge=args.merge, out_dir=args.out, model_dir=model_dir, resume=args.resume)
+    resolve_device(args.device)
+    for source in (args.forget, args.retain):  # read once to check (the engine reads them again, cheaply)
+        if source is not None:
+            load_texts(source, field=args.field)
+    model, tokenizer = load_model_and_tokenizer(model_dir, trust_remote_code=args.trust_remote_code,
                                                 device=args.device)
     res = unlearn(model, args.forget, args.retain, tokenizer=tokenizer, method=args.method, scope=args.scope,
-                  target=target, top_m=args.top_m, topm_layer=args.topm_layer, allow_shared=args.allow_shared,
-                  steps=None if args.epochs else args.steps, epochs=args.epochs, lr=args.lr,
+                  target=target, top_m=top_m, topm_layer=args.topm_layer, allow_shared=args.allow_shared,
+                  steps=steps, epochs=args.epochs, lr=args.lr,
                   batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
                   lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, anchor_weight=args.anchor_weight,
                   retain_routing_weight=args.retain_routing_weight, method_kwargs=method_kwargs,
-                  prefix_cache=not args.no_prefix_cache, out_dir=args.out, merge=args.merge, model_dir=args.model,
+                  prefix_cache=not args.no_prefix_cache, out_dir=args.out, merge=args.merge, model_dir=model_dir,
                   resume=args.resume, checkpoint_every=args.checkpoint_every, seed=args.seed,
                   progress=not args.quiet, field=args.field, coverage=args.coverage,
                   router_projection=args.router_projection, expert_projection=args.expert_projection,

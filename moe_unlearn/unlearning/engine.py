@@ -13,6 +13,7 @@ values once with the original weights -> train with the shared loop (moe_unlearn
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import re
@@ -29,14 +30,16 @@ from torch import nn
 from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
 from moe_unlearn.arch.discovery import adapter_for, decoder_layers
 from moe_unlearn.arch.stack import DecoderStack
-from moe_unlearn.atomic import atomic_dir
+from moe_unlearn.atomic import atomic_dir, check_out_dir
 from moe_unlearn.errors import BadInputError, DataError, NotAnMoEModel, TrainingDiverged
 from moe_unlearn.training import TrainConfig, TrainHistory, TrainHooks, train
 from moe_unlearn.unlearning.anchor import anchor_target, retain_routing_kl, router_anchor_loss
+from moe_unlearn.unlearning.checks import check_unlearn_args, checkpoint_dir_for
 from moe_unlearn.unlearning.objectives import ObjectiveInputs, get_objective, rmu_steering, sequence_nll
-from moe_unlearn.unlearning.patch import PatchEntry, snapshot, write_patch
+from moe_unlearn.unlearning.patch import PatchEntry, config_hash, snapshot, write_patch
 from moe_unlearn.unlearning.prefix_cache import PrefixCache
-from moe_unlearn.unlearning.scopes import SCOPES, ExpertTarget, ScopePlan, SliceParams, resolve_scope
+from moe_unlearn.unlearning.scopes import ExpertTarget, ScopePlan, SliceParams, resolve_scope
+from moe_unlearn.validate import check_token_ids
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -63,10 +66,11 @@ class UnlearnResult:
 
 
 def _batches(source: Any, tokenizer: Any, *, batch_size: int, max_length: int, field_name: str | None,
-             what: str, loss_tokens: str, seed: int):
+             what: str, loss_tokens: str, seed: int, model: nn.Module | None = None):
     """The padded batches of one data set, its texts in a seeded order (so the seed changes
     which texts share a batch). QA records score their answer tokens only unless
-    loss_tokens="all" (see moe_unlearn.data.tokenize_batches)."""
+    loss_tokens="all" (see moe_unlearn.data.tokenize_batches). With `model`, token ids past its
+    embedding are refused."""
     from moe_unlearn.data import TokenizedBatches, load_examples, tokenize_batches
 
     if isinstance(source, TokenizedBatches):
@@ -87,7 +91,20 @@ def _batches(source: Any, tokenizer: Any, *, batch_size: int, max_length: int, f
                         "answer, or a single token); a loss on it would change nothing")
     if tb.padding_side != "right":
         raise BadInputError("unlearn() needs right-padded batches (padding_side='right')")
+    if model is not None:
+        check_token_ids(model, tb.sequences, what=f"{what} set")
     return list(tb.shuffled(seed))
+
+
+def _batches_hash(batches: list[dict[str, torch.Tensor]]) -> str:
+    """sha256 of the token ids and labels of every batch (which data a checkpoint was trained on)."""
+    h = hashlib.sha256()
+    for b in batches:
+        for key in ("input_ids", "attention_mask", "labels"):
+            t = b[key].detach().cpu().contiguous()
+            h.update(f"{key}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def _parse_targets(target: Any, scope: str, *, model: nn.Module, forget_source: Any, tokenizer: Any,
@@ -106,6 +123,7 @@ def _parse_targets(target: Any, scope: str, *, model: nn.Module, forget_source: 
                                 "now) or an Attribution, not explicit experts")
         return [ExpertTarget(lay, e) for lay, e in select_targets(target, coverage=coverage)]
     if isinstance(target, Attribution):
+        target.check_model(model)  # an attribution of another model names the wrong experts
         m = 1 if scope == "uoe" else top_m
         entries = target.ranking(layer=topm_layer)[:m] if topm_layer is not None else target.top(m)
         if target.token_topk is not None or (len(entries) == 1 and target.retain_frequency is not None):
@@ -153,18 +171,6 @@ def _model_dir(model: nn.Module, model_dir: str | os.PathLike | None) -> Path | 
     if cand and Path(cand).is_dir():
         return Path(cand).resolve()
     return None
-
-
-def _check_out_dir(out_dir: Path | None, model_dir: Path | None, merge: bool) -> None:
-    if merge and out_dir is None:
-        raise BadInputError("merge=True needs out_dir (where the merged model is saved)")
-    if out_dir is None:
-        return
-    if model_dir is not None and out_dir.resolve() == model_dir:
-        raise BadInputError(f"out_dir {out_dir} is the model's own directory; choose a new directory "
-                            "(the original model must stay intact)")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise BadInputError(f"out_dir {out_dir} already exists and is not empty; choose a new directory")
 
 
 # -- running the model -------------------------------------------------------------------------
@@ -348,19 +354,20 @@ def unlearn(
     """
     t0 = time.perf_counter()
     objective = get_objective(method)
-    if scope not in SCOPES:
-        raise BadInputError(f"unknown scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
-    hp = objective.hparams(method_kwargs)
+    mdir = _model_dir(model, model_dir)
+    hp = check_unlearn_args(  # everything that needs no forward pass, before any work
+        method=method, scope=scope, target=target, top_m=top_m, topm_layer=topm_layer, steps=steps, epochs=epochs,
+        lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, lr_schedule=lr_schedule,
+        warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+        anchor_weight=anchor_weight, retain_routing_weight=retain_routing_weight, method_kwargs=method_kwargs,
+        prefix_cache_mb=prefix_cache_mb, checkpoint_every=checkpoint_every, seed=seed,
+        has_retain=retain is not None, merge=merge, out_dir=out_dir, model_dir=mdir, resume=resume,
+        checkpoint_dir=checkpoint_dir)
     from moe_unlearn.data import LOSS_TOKENS
 
     if loss_tokens not in LOSS_TOKENS:
         raise BadInputError(f"loss_tokens must be one of {', '.join(LOSS_TOKENS)}, got {loss_tokens!r}")
     out_path = Path(out_dir) if out_dir is not None else None
-    _check_out_dir(out_path, _model_dir(model, model_dir), merge)
-    if objective.requires_retain and retain is None:
-        raise BadInputError(f"method {method!r} needs retain data (retain=...)")
-    if retain_routing_weight and retain is None:
-        raise BadInputError("retain_routing_weight > 0 needs retain data (retain=...)")
     from moe_unlearn.unlearning.projection import EXPERT_PROJECTIONS, ROUTER_PROJECTIONS
     from moe_unlearn.unlearning.trace import RETAIN_WEIGHTINGS
 
@@ -378,9 +385,9 @@ def unlearn(
         raise BadInputError(f"projection_energy must be in (0, 1], got {projection_energy!r}")
 
     forget_batches = _batches(forget, tokenizer, batch_size=batch_size, max_length=max_length, field_name=field,
-                              what="forget", loss_tokens=loss_tokens, seed=seed)
+                              what="forget", loss_tokens=loss_tokens, seed=seed, model=model)
     retain_batches = (_batches(retain, tokenizer, batch_size=batch_size, max_length=max_length,
-                               field_name=field, what="retain", loss_tokens=loss_tokens, seed=seed + 1)
+                               field_name=field, what="retain", loss_tokens=loss_tokens, seed=seed + 1, model=model)
                       if retain is not None else None)
     layers = find_moe_layers(model)
     if coverage is not None and scope != "topm":
@@ -389,6 +396,11 @@ def unlearn(
                              topm_layer=topm_layer, batch_size=batch_size, max_length=max_length,
                              progress=progress, coverage=coverage, retain_source=retain)
     plan = resolve_scope(model, layers, scope, targets, allow_shared=allow_shared)
+    if out_path is not None:  # now that the size is known: room for the patch (new + old values) or the model
+        need = (sum(p.numel() * p.element_size() for p in model.parameters()) if merge
+                else 2 * sum(p.element_size() * p.numel() for _, p in plan.whole)
+                + 2 * sum(s.numel * s.param.element_size() for s in plan.slices))
+        check_out_dir(out_path, model_dirs=(mdir,), must_be_empty=True, what="out_dir", need_bytes=need)
     by_idx: dict[int, MoELayer] = {layer.layer_idx: layer for layer in layers}
     if router_projection is not None and not plan.router_layers:
         raise BadInputError(f"router_projection={router_projection!r}: scope {scope!r} trains no router")
@@ -529,17 +541,23 @@ def unlearn(
             experts=[(by_idx[t.layer], int(t.expert)) for t in targets if not t.shared] if expert_projection
             else [])
         details["projections"] = projector.report()
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else (
-        out_path.with_name(out_path.name + ".ckpt") if out_path is not None and (checkpoint_every or resume)
-        else None)
-    if (checkpoint_every or resume) and ckpt_dir is None:
-        raise BadInputError("checkpoint_every / resume need out_dir or checkpoint_dir")
+    ckpt_dir = checkpoint_dir_for(out_dir, checkpoint_dir, checkpoint_every, resume)
     ckpt_existed = ckpt_dir is not None and ckpt_dir.exists()
+    identity = None
+    if ckpt_dir is not None:  # a checkpoint of another run (target, method, data, model) is never resumed
+        identity = {"method": method, "scope": scope, "targets": [str(t) for t in targets], "hparams": hp,
+                    "anchor_weight": anchor_weight, "retain_routing_weight": retain_routing_weight,
+                    "batch_size": batch_size, "max_length": max_length, "model": config_hash(model),
+                    "entries": [[e.name, e.dim, e.start, e.stop] for e in entries],
+                    "forget": _batches_hash(forget_batches), "retain": _batches_hash(retain_batches or []),
+                    "loss_tokens": loss_tokens, "router_projection": router_projection,
+                    "expert_projection": expert_projection, "projection_energy": projection_energy,
+                    "retain_weighting": retain_weighting}
     config = TrainConfig(steps=steps if epochs is None else None, epochs=epochs, batch_size=batch_size,
                          grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                          weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, bf16=bf16,
                          checkpoint_every=checkpoint_every, checkpoint_dir=str(ckpt_dir) if ckpt_dir else None,
-                         resume=resume, progress=progress, desc=f"unlearn {method}/{scope}")
+                         resume=resume, progress=progress, desc=f"unlearn {method}/{scope}", run_identity=identity)
     # order: shadows written into the model, then projected there (and read back), then the caller's hooks
     hooks: list[TrainHooks] = ([slices] if slices else []) + ([projector] if projector else []) + list(callbacks or [])
     try:
@@ -573,10 +591,17 @@ def unlearn(
             "final_terms": history.final(), "steps_run": len(history.steps),
             "trainable_params": plan.num_trainable()}
     patch_path = merged_path = None
-    if out_path is not None and merge:
-        merged_path = _save_merged(model, out_path)
-    elif out_path is not None:
-        patch_path = write_patch(out_path, model, entries, originals, info)
+    try:
+        if out_path is not None and merge:
+            merged_path = _save_merged(model, out_path, entries)
+        elif out_path is not None:
+            patch_path = write_patch(out_path, model, entries, originals, info)
+    except BaseException:
+        with torch.no_grad():  # nothing was written: leave the model as it was, too
+            params = dict(model.named_parameters())
+            for e, orig in zip(entries, originals, strict=True):
+                e.view(params).copy_(orig.to(device))
+        raise
     if ckpt_dir is not None and not ckpt_existed and out_path is not None:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return UnlearnResult(patch_path=patch_path, merged_path=merged_path, method=method, scope=scope,
@@ -587,8 +612,13 @@ def unlearn(
                          prefix_cache_start=runner.start, details=details)
 
 
-def _save_merged(model: nn.Module, out_dir: Path) -> Path:
+def _save_merged(model: nn.Module, out_dir: Path, entries: list[PatchEntry]) -> Path:
     """save_pretrained into a temp dir beside out_dir, then rename (no half-written model)."""
+    params = dict(model.named_parameters())
+    for e in entries:
+        v = e.view(params)
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise TrainingDiverged(f"{e.name} holds NaN/inf values after unlearning; nothing was written")
     with atomic_dir(out_dir) as tmp:  # an existing out_dir can only be empty here (checked by the caller)
         model.save_pretrained(tmp)
     return out_dir
