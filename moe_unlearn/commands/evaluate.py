@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from moe_unlearn.errors import BadInputError
+from moe_unlearn.validate import check_number
 
 DESCRIPTION = __doc__
 
@@ -73,12 +74,21 @@ def _load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
+    from moe_unlearn.atomic import check_out_dir
     from moe_unlearn.data import DEFAULT_TEMPLATE
     from moe_unlearn.eval import PromptFormat, as_items, as_mcq_items, evaluate, record_routing
-    from moe_unlearn.loading import resolve_device
+    from moe_unlearn.loading import check_model_dir, resolve_device
 
     if args.batch_size < 1 or args.max_new_tokens < 0:
         raise BadInputError("--batch-size must be >= 1 and --max-new-tokens >= 0")
+    if args.reference_auc is not None:
+        check_number("--reference-auc", args.reference_auc, low=0.0, high=1.0)
+    trust = args.trust_remote_code
+    model_dirs = [check_model_dir(d, trust_remote_code=trust) for d in (args.model, args.original) if d]
+    if args.tokenizer:
+        check_model_dir(args.tokenizer, what="tokenizer", trust_remote_code=trust, need_config=False)
+    check_out_dir(args.out, model_dirs=tuple(model_dirs))
+    device = resolve_device(args.device)
     template = (args.template or DEFAULT_TEMPLATE).replace("\\n", "\n")
     fmt = PromptFormat.from_template(template)
     # read every input before loading anything, so a bad file fails fast and writes nothing
@@ -90,12 +100,14 @@ def run(args: argparse.Namespace) -> int:
             raise BadInputError(f"--split {name}=... clashes with another split of that name; rename it")
         splits[name] = as_items(path, name)
     mcq = as_mcq_items(args.mcq) if args.mcq else None
-    if args.patch and not Path(args.patch).exists():
-        raise BadInputError(f"patch {args.patch} does not exist")
+    if args.patch:
+        from moe_unlearn.unlearning.patch import read_patch_meta
 
-    device = resolve_device(args.device)
+        if not Path(args.patch).exists():
+            raise BadInputError(f"patch {args.patch} does not exist")
+        read_patch_meta(args.patch)  # a malformed patch.json fails here, before the model load
+
     progress = not args.quiet
-    trust = args.trust_remote_code
     model = _load_model(args.model, device, trust)
     tokenizer = _load_tokenizer(args.tokenizer or args.model, trust)
     original, original_routing = None, None

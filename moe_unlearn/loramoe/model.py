@@ -97,7 +97,14 @@ def load_loramoe(model: nn.Module, path: str | Path) -> nn.Module:
     if not (path / ADAPTER_FILE).is_file() or not (path / CONFIG_FILE).is_file():
         raise BadInputError(f"{path} is not a LoRAMoE adapter folder: it needs {ADAPTER_FILE} and {CONFIG_FILE}")
     config = LoRAMoEConfig.load(path / CONFIG_FILE)
-    tensors = load_file(str(path / ADAPTER_FILE))
+    try:
+        tensors = load_file(str(path / ADAPTER_FILE))
+    except Exception as exc:  # safetensors raises its own error type on a truncated or garbled file
+        raise PatchError(f"cannot read {path / ADAPTER_FILE} ({' '.join(str(exc).split())[:200]}); the adapter "
+                         "is damaged") from None
+    bad = [k for k, v in tensors.items() if "." not in k or (v.is_floating_point() and not bool(v.isfinite().all()))]
+    if bad:
+        raise PatchError(f"adapter {path}: tensors {bad[:3]} are misnamed or hold NaN/inf; the adapter is damaged")
     targets = set(find_targets(model, config))
     layer_names = {k.rsplit(".", 1)[0] for k in tensors}
     if layer_names != targets:

@@ -126,6 +126,9 @@ def _parse_targets(target: Any, scope: str, *, model: nn.Module, forget_source: 
         target.check_model(model)  # an attribution of another model names the wrong experts
         m = 1 if scope == "uoe" else top_m
         entries = target.ranking(layer=topm_layer)[:m] if topm_layer is not None else target.top(m)
+        if len(entries) < m:
+            raise BadInputError(f"top_m={m} but the attribution has only {len(entries)} candidate experts"
+                                f"{'' if topm_layer is None else f' in layer {topm_layer}'}; lower top_m")
         if target.token_topk is not None or (len(entries) == 1 and target.retain_frequency is not None):
             target.premise([(e.layer, e.expert) for e in entries])  # PremiseWarning when UOE's premise fails
         return [ExpertTarget(e.layer, e.expert) for e in entries]
