@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
 
 import moe_unlearn
 from moe_unlearn.bench_model import BenchModelConfig, FactsConfig, load_or_build
+from moe_unlearn.loading import load_model
 from moe_unlearn.loramoe.config import LoRAMoEConfig
 from moe_unlearn.loramoe.demo_task import fact_records, new_domain_facts, prompt_response_hits
 from moe_unlearn.loramoe.finetune import FinetuneConfig, finetune
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         centre = args.lr_full if method == "full" else args.lr_adapter
         for mult in grid:
             for seed in seeds:
-                model = AutoModelForCausalLM.from_pretrained(bench.path).to(device)
+                model = load_model(bench.path, device=device)
                 cfg = method_config(method, centre * mult, seed, args)
                 t = time.perf_counter()
                 res = finetune(model, tok, train_records, cfg)

@@ -277,7 +277,7 @@ def test_targets_a_scope_would_ignore_and_data_with_nothing_to_train_are_refused
         with pytest.raises(BadInputError, match="would ignore"):
             unlearn(model, FORGET, tokenizer=tok, scope=scope, target="1:2", steps=1, **KW)
     for forget in (["w1", "w2", "w3"], ["w5"], ["w7"] * 4):
-        with pytest.raises(DataError, match="no position to train on"):
+        with pytest.raises(DataError, match="no scored token positions"):
             unlearn(model, forget, tokenizer=tok, target="1:2", steps=1, **KW)
     _, model_dir, forget_file = saved
     attribute_experts(model, FORGET, tokenizer=tok, progress=False).to_json(tmp_path / "a.json")
