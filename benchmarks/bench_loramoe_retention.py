@@ -55,11 +55,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
 
 import moe_unlearn
 from moe_unlearn.bench_model import BenchModelConfig, FactsConfig, load_or_build
 from moe_unlearn.bench_model.dense import DenseBenchConfig, load_or_build_dense, world_facts
+from moe_unlearn.loading import load_model
 from moe_unlearn.loramoe.config import FFN_TARGETS, LoRAMoEConfig
 from moe_unlearn.loramoe.demo_task import (
     fact_records,
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         centre = args.lr_full if method == "full" else args.lr_adapter
         for mult in grid:
             for seed in seeds:
-                model = AutoModelForCausalLM.from_pretrained(bench.path).to(device)
+                model = load_model(bench.path, device=device)
                 cfg = method_config(method, centre * mult, seed, args)
                 t = time.perf_counter()
                 res = finetune(model, tok, train_records, cfg)
@@ -342,7 +342,7 @@ def run_dense(args: argparse.Namespace, methods: list[str], grid: list[float], s
         for r in runs:
             if (r["method"], r["lr"], r["seed"]) == (method, lr, seed):
                 return r
-        model = AutoModelForCausalLM.from_pretrained(bench.path).to(device)
+        model = load_model(bench.path, device=device)
         cfg = method_config(method, lr, seed, args)
         t = time.perf_counter()
         res = finetune(model, tok, train_records, cfg)

@@ -20,10 +20,9 @@ import random
 import sys
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM
-
 from moe_unlearn.bench_model import BenchModelConfig, load_or_build
 from moe_unlearn.cli import main as cli
+from moe_unlearn.loading import load_model
 from moe_unlearn.loramoe import load_loramoe
 from moe_unlearn.loramoe.demo_task import fact_records, new_domain_facts, prompt_response_exact_match
 
@@ -54,7 +53,7 @@ def run(argv: list[str] | None = None) -> int:
     if rc:
         return rc
 
-    stock = AutoModelForCausalLM.from_pretrained(bench.path).eval()
+    stock = load_model(bench.path)  # local files only, eval mode
     facts = fact_records(bench.facts.trained)
     before = (prompt_response_exact_match(stock, bench.tokenizer, task),
               prompt_response_exact_match(stock, bench.tokenizer, facts))

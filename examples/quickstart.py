@@ -11,15 +11,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 import moe_unlearn as mu
 
 
 def main() -> None:
     bench = mu.load_or_build()  # the demo's model, trained once and cached under ~/.cache/moe-unlearn
-    model = AutoModelForCausalLM.from_pretrained(bench.path)
-    tok = AutoTokenizer.from_pretrained(bench.path)
+    model = mu.load_model(bench.path)  # local files only; no code from the folder runs
+    tok = mu.load_tokenizer(bench.path)
     facts = bench.facts  # splits: forget, retain_train, utility (never given to unlearning), neighbor, holdout
     forget, retain = mu.unlearning_records(facts.forget), mu.unlearning_records(facts.retain_train)
 

@@ -27,6 +27,9 @@ _EXPORTS: dict[str, str] = {
     "ExpertTarget": "moe_unlearn.arch",
     "model_summary": "moe_unlearn.arch",
     "SUPPORTED_FAMILIES": "moe_unlearn.arch",
+    # loading (local folders only; a folder's own code runs only with trust_remote_code=True)
+    "load_model": "moe_unlearn.loading",
+    "load_tokenizer": "moe_unlearn.loading",
     # errors
     "MoEUnlearnError": "moe_unlearn.errors",
     "NotAnMoEModel": "moe_unlearn.errors",

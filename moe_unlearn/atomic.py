@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,10 +27,11 @@ from typing import Any
 
 from moe_unlearn.errors import BadInputError
 
-__all__ = ["atomic_dir", "atomic_path", "check_out_dir", "clean_dead_temps", "clean_stale_temps", "is_out_of_space", "staged_files", "write_json",
-           "write_text"]
+__all__ = ["atomic_dir", "atomic_path", "check_out_dir", "clean_dead_temps", "clean_stale_temps", "is_out_of_space",
+           "staged_files", "write_json", "write_text"]
 
-_KINDS = ("tmp", "staging", "file", "old")
+# .<dest name>.<kind>-<pid>-<8 random characters of mkstemp/mkdtemp>[suffix]
+_TEMP_RE = re.compile(r"^\.(?P<dest>.+)\.(?:tmp|staging|file|old)-(?P<pid>\d+)-[a-z0-9_]{8}(?:\.[^/]*)?$")
 
 
 def _prefix(dest: Path, kind: str) -> str:
@@ -48,43 +50,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _dead_writers_temp(entry: Path, dest_name: str | None = None) -> bool:
+    """Whether `entry` is a temporary of this module whose writer no longer runs (of `dest_name` if given)."""
+    m = _TEMP_RE.match(entry.name)
+    if m is None or (dest_name is not None and m.group("dest") != dest_name):
+        return False
+    return not _alive(int(m.group("pid")))
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
 def clean_stale_temps(dest: str | os.PathLike) -> list[Path]:
     """Remove the temporaries that writers of `dest` which no longer run left beside it; returns them."""
     dest = Path(dest)
-    parent = dest.parent
-    removed: list[Path] = []
-    if not parent.is_dir():
-        return removed
-    head = f".{dest.name}."
-    for entry in parent.iterdir():
-        name = entry.name
-        if not name.startswith(head):
-            continue
-        kind, _, rest = name[len(head):].partition("-")
-        pid = rest.split("-", 1)[0]
-        if kind not in _KINDS or not pid.isdigit() or _alive(int(pid)):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
+    if not dest.parent.is_dir():
+        return []
+    removed = [e for e in dest.parent.iterdir() if _dead_writers_temp(e, dest.name)]
+    for entry in removed:
+        _remove(entry)
     return removed
 
 
 def clean_dead_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove every temporary in `folder` (any destination) whose writer no longer runs; returns them."""
+    """Remove every temporary in `folder` (of any destination) whose writer no longer runs; returns them."""
     folder = Path(folder)
-    removed: list[Path] = []
     if not folder.is_dir():
-        return removed
-    for entry in folder.iterdir():
-        if _is_temp_of_dead_writer(entry):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry)
+        return []
+    removed = [e for e in folder.iterdir() if _dead_writers_temp(e)]
+    for entry in removed:
+        _remove(entry)
     return removed
 
 
@@ -234,7 +233,7 @@ def check_out_dir(out: str | os.PathLike, *, model_dirs: tuple[str | os.PathLike
     if path.exists() or path.is_symlink():
         if not path.is_dir():
             raise BadInputError(f"{what} {raw} exists and is not a directory; choose a new directory")
-        if must_be_empty and any(p for p in path.iterdir() if not _is_temp_of_dead_writer(p)):
+        if must_be_empty and any(p for p in path.iterdir() if not _dead_writers_temp(p)):
             raise BadInputError(f"{what} {raw} already exists and is not empty; choose a new directory")
     anchor = path
     while not anchor.exists():
@@ -251,18 +250,6 @@ def check_out_dir(out: str | os.PathLike, *, model_dirs: tuple[str | os.PathLike
         raise BadInputError(f"{what} {raw}: only {free / 2**20:.1f} MiB free on its disk, about "
                             f"{(need_bytes + 2**20) / 2**20:.1f} MiB needed; free some space or choose another disk")
     return path
-
-
-def _is_temp_of_dead_writer(entry: Path) -> bool:
-    name = entry.name
-    if not name.startswith(".") or "-" not in name:
-        return False
-    for kind in _KINDS:
-        marker = f".{kind}-"
-        if marker in name:
-            pid = name.split(marker, 1)[1].split("-", 1)[0]
-            return pid.isdigit() and not _alive(int(pid))
-    return False
 
 
 def is_out_of_space(exc: BaseException) -> bool:

@@ -46,6 +46,7 @@ from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
 from moe_unlearn.arch.wrappers import unwrap_model
 from moe_unlearn.data import DataSource, TokenizedBatches, load_texts, tokenize_batches
 from moe_unlearn.errors import BadInputError, DataError
+from moe_unlearn.validate import check_token_ids
 
 NEAR_TIE_REL = 0.01  # runner-up within 1% of the chosen score -> near-tie
 LOW_STABILITY = 0.5  # mean per-layer top-k overlap of the two halves below this -> warning
@@ -235,6 +236,26 @@ class Attribution:
                 "tokens routed through them. Use select_targets(attribution, coverage=0.8) for a covering set, "
                 "projections that protect retain tokens, or a full-model baseline.", PremiseWarning, stacklevel=2)
         return result
+
+    def check_model(self, model: nn.Module) -> None:
+        """BadInputError unless this attribution was made on `model` (same config hash, recorded since the
+        model identity is stored) and its layers, expert counts and top-K match the model's MoE layers:
+        the experts it names are then the model's own."""
+        from moe_unlearn.unlearning.patch import config_hash  # lazy: unlearning imports this module
+
+        recorded = (self.meta.get("model") or {}).get("config_hash") if isinstance(self.meta, dict) else None
+        if recorded and recorded != config_hash(model):
+            name = (self.meta.get("model") or {}).get("name_or_path") or "another model"
+            raise BadInputError(f"this attribution was computed on a different model ({name!r}, config hash "
+                                "differs); attribute the forget set on this model")
+        by_idx = {layer.layer_idx: layer for layer in find_moe_layers(model)}
+        for row, lay in enumerate(self.layers):
+            layer = by_idx.get(lay)
+            if layer is None or layer.num_experts != self.num_experts or (
+                    row < len(self.top_k) and self.top_k[row] != layer.top_k):
+                raise BadInputError(f"this attribution does not fit the model: its layer {lay} has "
+                                    f"{self.num_experts} experts (top-{self.top_k[row] if row < len(self.top_k) else '?'})"
+                                    f", the model's MoE layers are {sorted(by_idx)}; attribute on this model")
 
     # -- persistence --------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -520,6 +541,7 @@ def attribute_experts(
                                    max_length=max_length, padding_side=padding_side)
     if batches.num_tokens == 0:
         raise DataError("the data has no tokens after tokenization")
+    check_token_ids(model, batches.sequences)
 
     if device is None:  # where the inputs go: the input embedding's device
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -599,7 +621,8 @@ def attribute_experts(
         mean_score=mean_score.float().cpu(), counts=counts.cpu(), top_k=[layer.top_k for layer in moe_layers],
         score_fns=score_fns, shared_layers=[layer.layer_idx for layer in moe_layers if layer.has_shared_experts],
         num_sequences=num_seqs, num_tokens=num_tokens, num_truncated=batches.num_truncated,
-        meta={"model_type": getattr(getattr(model, "config", None), "model_type", type(model).__name__),
+        meta={"model": _model_identity(model),
+              "model_type": getattr(getattr(model, "config", None), "model_type", type(model).__name__),
               "family": moe_layers[0].family, "max_length": batches.max_length,
               "batch_size": batches.batch_size},
     )
@@ -623,6 +646,12 @@ def attribute_experts(
                 "reliably; use more forget data (SEUF: ~100K tokens give 0.87-0.94)",
                 AttributionStabilityWarning, stacklevel=2)
     return result
+
+
+def _model_identity(model: nn.Module) -> dict[str, str]:
+    from moe_unlearn.unlearning.patch import model_identity  # lazy: unlearning imports this module
+
+    return model_identity(model)
 
 
 def _progress(batches: TokenizedBatches, enabled: bool):

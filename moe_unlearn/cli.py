@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     except MoEUnlearnError as exc:
         print(f"moe-unlearn {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system said no (disk full mid-save, permissions): outputs are atomic
+        from moe_unlearn.atomic import is_out_of_space
+
+        hint = "free some space or choose another --out" if is_out_of_space(exc) else "check the path"
+        print(f"moe-unlearn {args.command}: error: cannot read or write {exc.filename or 'a file'}: "
+              f"{exc.strerror or exc}; nothing was written; {hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

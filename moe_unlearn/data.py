@@ -347,15 +347,48 @@ def pad_batch(sequences: Sequence[torch.Tensor], *, pad_token_id: int, padding_s
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _encode_all(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-    out: list[list[int]] = []
+# A text longer than this many characters per allowed token is cut before it is tokenized (a 200 MB line
+# would otherwise need tens of GB inside the tokenizer); the cut grows until it yields enough tokens.
+_CHARS_PER_TOKEN = 16
+_CUT_MARGIN = 16  # tokens kept beyond the limit, so the cut's edge never reaches the tokens that are kept
+
+
+def encode_capped(tokenizer: Any, texts: Sequence[str], max_tokens: int, *, add_special_tokens: bool = True,
+                  keep_last: bool = False) -> list[list[int]]:
+    """Token ids of each text, as the tokenizer gives them for the whole text, except that a text longer than
+    needed is tokenized only in part: the result then has more than `max_tokens` ids (so callers see it as
+    truncated) and its first (last, with keep_last) `max_tokens` ids are those of the whole text."""
+    budget = max(4096, _CHARS_PER_TOKEN * (max_tokens + _CUT_MARGIN))
+
+    def run(batch: list[str]) -> list[list[int]]:
+        # verbose=False: the "longer than the model maximum" warning is moot, callers truncate
+        enc = tokenizer(batch, add_special_tokens=add_special_tokens, truncation=False, padding=False,
+                        return_attention_mask=False, verbose=False)
+        return [list(ids) for ids in enc["input_ids"]]
+
+    out: list[list[int]] = [[] for _ in texts]
+    short = [i for i, t in enumerate(texts) if len(t) <= budget]
     chunk = 1024  # tokenizer batch calls are much faster than one call per text
-    for start in range(0, len(texts), chunk):
-        # verbose=False: the "longer than the model maximum" warning is moot, we truncate ourselves
-        enc = tokenizer(texts[start:start + chunk], add_special_tokens=add_special_tokens, truncation=False,
-                        padding=False, return_attention_mask=False, verbose=False)
-        out.extend(list(ids) for ids in enc["input_ids"])
+    for start in range(0, len(short), chunk):
+        idx = short[start:start + chunk]
+        for i, ids in zip(idx, run([texts[i] for i in idx]), strict=True):
+            out[i] = ids
+    for i, text in enumerate(texts):
+        if len(text) <= budget:
+            continue
+        cut = budget
+        while True:
+            ids = run([text[-cut:] if keep_last else text[:cut]])[0]
+            if len(ids) > max_tokens + _CUT_MARGIN or cut >= len(text):
+                break
+            cut *= 4
+        out[i] = ids
     return out
+
+
+def _encode_all(tokenizer: Any, texts: list[str], add_special_tokens: bool, max_tokens: int,
+                keep_last: bool) -> list[list[int]]:
+    return encode_capped(tokenizer, texts, max_tokens, add_special_tokens=add_special_tokens, keep_last=keep_last)
 
 
 def tokenize_batches(texts: Sequence[str | Example], tokenizer: Any, *, batch_size: int, max_length: int,
@@ -390,11 +423,12 @@ def tokenize_batches(texts: Sequence[str | Example], tokenizer: Any, *, batch_si
     plain = [i for i, e in enumerate(examples) if not e.prompt]
     ids_of: dict[int, list[int]] = {}
     start_of: dict[int, int] = {}
-    for i, ids in zip(plain, _encode_all(tokenizer, [examples[i].text for i in plain], add_special_tokens),
+    cap = dict(max_tokens=max_length, keep_last=keep_last)  # a huge text is cut before it is tokenized
+    for i, ids in zip(plain, _encode_all(tokenizer, [examples[i].text for i in plain], add_special_tokens, **cap),
                       strict=True):
         ids_of[i], start_of[i] = ids, 0
-    prompts = _encode_all(tokenizer, [examples[i].prompt for i in with_prompt], add_special_tokens)
-    completions = _encode_all(tokenizer, [examples[i].completion for i in with_prompt], False)
+    prompts = _encode_all(tokenizer, [examples[i].prompt for i in with_prompt], add_special_tokens, **cap)
+    completions = _encode_all(tokenizer, [examples[i].completion for i in with_prompt], False, **cap)
     for i, p_ids, c_ids in zip(with_prompt, prompts, completions, strict=True):
         ids_of[i], start_of[i] = p_ids + c_ids, (len(p_ids) if loss_tokens == "answer" else 0)
     sequences: list[torch.Tensor] = []
@@ -415,5 +449,5 @@ def tokenize_batches(texts: Sequence[str | Example], tokenizer: Any, *, batch_si
                             pad_token_id=pad_id, num_truncated=truncated, label_starts=starts)
 
 
-__all__ = ["DEFAULT_TEMPLATE", "LOSS_TOKENS", "Example", "TokenizedBatches", "load_examples", "load_records", "load_texts", "pad_batch", "pad_token_id",
-           "tokenize_batches"]
+__all__ = ["DEFAULT_TEMPLATE", "LOSS_TOKENS", "Example", "TokenizedBatches", "encode_capped", "load_examples",
+           "load_records", "load_texts", "pad_batch", "pad_token_id", "tokenize_batches"]

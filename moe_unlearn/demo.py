@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_unlearn.atomic import atomic_dir, write_json, write_text
+from moe_unlearn.atomic import atomic_dir, check_out_dir, write_json, write_text
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.frontier import FrontierConfig, matched, results_path, run_frontier
 
@@ -67,6 +67,7 @@ class DemoResult:
 
 def _check_out_dir(out: Path) -> None:
     """The demo replaces its own previous output, never anything else."""
+    check_out_dir(out)  # not a file, the current directory, unwritable or a full disk
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_JSON).exists())):
         raise BadInputError(f"{out} exists and is not an earlier demo output (no {REPORT_JSON}); "
                             "choose another --out or remove it")

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from moe_unlearn.atomic import atomic_path
+from moe_unlearn.atomic import atomic_path, clean_dead_temps
 from moe_unlearn.errors import BadInputError, TrainingDiverged
 from moe_unlearn.validate import check_int, check_number
 
@@ -283,6 +283,7 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
 def _save_checkpoint(config: TrainConfig, state: dict[str, Any], step: int) -> None:
     """Atomic: write to a temp file in the same folder, then rename; then prune old ones."""
     d = os.fspath(config.checkpoint_dir)
+    clean_dead_temps(d)  # half-written checkpoints of a run that was killed
     with atomic_path(os.path.join(d, f"step_{step:08d}.pt")) as tmp:
         torch.save(state, tmp)
     paths = sorted(glob.glob(os.path.join(d, _CKPT_PATTERN)), key=lambda p: int(os.path.basename(p)[5:-3]))
@@ -295,11 +296,14 @@ _IDENTITY_KEYS = ("steps", "epochs", "grad_accum", "lr", "lr_schedule", "warmup_
 
 
 def run_identity(config: TrainConfig) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed: the knobs that change the result, plus the caller's
-    `run_identity` (JSON-normalised, so that tuples and lists compare equal)."""
+    """What a checkpoint must agree on to be resumed: the knobs that change the steps it holds (the number of
+    steps only where the schedule depends on it), plus the caller's `run_identity` (JSON-normalised, so that
+    tuples and lists compare equal)."""
     import json
 
-    ident = {"train": {k: getattr(config, k) for k in _IDENTITY_KEYS}, "run": config.run_identity or {}}
+    keys = [k for k in _IDENTITY_KEYS  # a constant schedule may be extended: more steps, same first ones
+            if config.lr_schedule != "constant" or k not in ("steps", "epochs")]
+    ident = {"train": {k: getattr(config, k) for k in keys}, "run": config.run_identity or {}}
     return json.loads(json.dumps(ident, sort_keys=True, default=str))
 
 

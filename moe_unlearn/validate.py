@@ -5,6 +5,7 @@ past the embedding table raising IndexError on the CPU and a device-side assert 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,7 +17,7 @@ __all__ = ["check_choice", "check_int", "check_number", "check_token_ids", "embe
 def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> float:
     """`value` as a float: a real, finite number (bools refused) inside [low, high] (open ends where asked)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too
         try:
             import torch
 
@@ -38,7 +39,7 @@ def check_number(name: str, value: Any, *, low: float | None = None, high: float
 
 def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
     """`value` as an int (bools and floats refused) inside [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise BadInputError(f"{name} must be an integer, got {value!r}")
     if low is not None and value < low:
         raise BadInputError(f"{name} must be >= {low}, got {value}")

@@ -8,7 +8,7 @@ from moe_unlearn.arch.base import MoELayer
 from moe_unlearn.arch.families import ADAPTERS, NOT_SUPPORTED
 from moe_unlearn.arch.megablocks import MegablocksLayer, has_megablocks_blocks
 from moe_unlearn.arch.wrappers import unwrap_model
-from moe_unlearn.errors import NotAnMoEModel, UnsupportedFamily
+from moe_unlearn.errors import BadInputError, NotAnMoEModel, UnsupportedFamily
 
 
 def _supported() -> str:
@@ -72,4 +72,8 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     if not found:
         raise NotAnMoEModel(f"{type(model).__name__}: no MoE block found in its decoder layers "
                             f"(supported families: {_supported()})")
+    for layer in found:  # a config routing to more experts than exist would fail deep inside torch.topk
+        if not 1 <= layer.top_k <= layer.num_experts:
+            raise BadInputError(f"{layer.path}: the config routes each token to top-{layer.top_k} of "
+                                f"{layer.num_experts} experts; top-K must be between 1 and the number of experts")
     return found

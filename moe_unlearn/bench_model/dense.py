@@ -27,7 +27,6 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -155,8 +154,10 @@ def load_or_build_dense(config: DenseBenchConfig | None = None, *, cache_root: s
     facts = generate_facts(config.facts)
     if not rebuild and (path / META_FILE).is_file() and (path / "config.json").is_file():
         meta = json.loads((path / META_FILE).read_text())
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        return DenseBench(model, AutoTokenizer.from_pretrained(path), facts, path, meta, built=False)
+        from moe_unlearn.loading import load_model, load_tokenizer
+
+        model = load_model(path)  # local files only, no code from the folder
+        return DenseBench(model, load_tokenizer(path), facts, path, meta, built=False)
     tokenizer = train_tokenizer(sorted(facts.all_texts()), config.vocab_size)
     model, stats = train_dense_model(config, facts, tokenizer, progress=progress)
     if stats["exact_match"]["trained"] < config.target_em:

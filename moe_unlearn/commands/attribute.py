@@ -52,32 +52,32 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, *, trust_remote_code:
     return load_from_args(args)
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {out} exists and is not a directory")
-
-
 def write_outputs(attribution, out: Path) -> None:
     """Both files or neither: they are written into a staging dir first, then moved in."""
-    _check_out(out)
-    with staged_files(out) as tmp:
+    with staged_files(out, owned=OUTPUT_FILES) as tmp:
         attribution.to_json(tmp / OUTPUT_FILES[0])
         attribution.plot(tmp / OUTPUT_FILES[1])
 
 
 def run(args: argparse.Namespace) -> int:
     from moe_unlearn.arch import find_moe_layers
+    from moe_unlearn.atomic import check_out_dir
     from moe_unlearn.attribution import attribute_experts
     from moe_unlearn.data import load_texts
     from moe_unlearn.distributed import init_from_env, is_main
+    from moe_unlearn.loading import check_model_dir, resolve_device
 
-    out = Path(args.out)
-    _check_out(out)
     for name in ("batch_size", "max_length", "top"):
         if getattr(args, name) < 1:
             raise BadInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.coverage is not None and not 0 < args.coverage <= 1:
         raise BadInputError(f"--coverage must be in (0, 1], got {args.coverage}")
+    if args.seed < 0:
+        raise BadInputError(f"--seed must be >= 0, got {args.seed}")
+    model_dir = check_model_dir(args.model, trust_remote_code=args.trust_remote_code)
+    out = Path(args.out)
+    check_out_dir(out, model_dirs=(model_dir,))
+    resolve_device(args.device)
     texts = load_texts(args.data, field=args.field)  # data errors before the (slow) model load
     retain = load_texts(args.retain, field=args.field) if args.retain else None
     init_from_env(args.device)  # under torchrun / accelerate launch: each rank reads its share

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from moe_unlearn.commands import add_model_args, load_from_args
 from moe_unlearn.errors import BadInputError
+from moe_unlearn.validate import check_number
 
 DESCRIPTION = __doc__
 
@@ -89,15 +90,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moe_unlearn.atomic import check_out_dir
     from moe_unlearn.data import DEFAULT_TEMPLATE
     from moe_unlearn.eval import PromptFormat, as_items, as_mcq_items, evaluate, record_routing
+    from moe_unlearn.loading import check_model_dir, resolve_device
 
     if args.batch_size < 1 or args.max_new_tokens < 0 or args.verbmem_max_new_tokens < 1:
         raise BadInputError("--batch-size and --verbmem-max-new-tokens must be >= 1 and --max-new-tokens >= 0")
     if args.reference_auc is not None and args.reference_model:
         raise BadInputError("give --reference-auc or --reference-model, not both")
-    if args.reference_model and not Path(args.reference_model).is_dir():
-        raise BadInputError(f"--reference-model {args.reference_model} is not a model directory")
+    if args.reference_auc is not None:
+        check_number("--reference-auc", args.reference_auc, low=0.0, high=1.0)
+    trust = args.trust_remote_code
+    model_dirs = [check_model_dir(d, trust_remote_code=trust)
+                  for d in (args.model, args.original, args.reference_model) if d]
+    if args.tokenizer:
+        check_model_dir(args.tokenizer, what="tokenizer", trust_remote_code=trust, need_config=False)
+    check_out_dir(args.out, model_dirs=tuple(model_dirs))
+    resolve_device(getattr(args, "device", None))  # a bad --device fails before any file is read
     if args.lm_eval_task:
         from moe_unlearn.eval.lm_eval_bridge import require_lm_eval
 
@@ -117,8 +127,12 @@ def run(args: argparse.Namespace) -> int:
     completion = as_items(args.completion, "completion") if args.completion else None
     if args.replay and not (args.original or args.patch):
         raise BadInputError("--replay needs the original routing: give --original or --patch")
-    if args.patch and not Path(args.patch).exists():
-        raise BadInputError(f"patch {args.patch} does not exist")
+    if args.patch:
+        from moe_unlearn.unlearning.patch import read_patch_meta
+
+        if not Path(args.patch).exists():
+            raise BadInputError(f"patch {args.patch} does not exist")
+        read_patch_meta(args.patch)  # a malformed patch.json fails here, before the model load
 
     progress = not args.quiet
     model, tokenizer = load_from_args(args, tokenizer_path=args.tokenizer)

@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
                          lrs={v: args.lrs for v in args.variants} if args.lrs else {}, probes=args.probes,
                          relearn_variants=args.relearn_variants)
     cfg.validate()  # every input checked before the model loads
+    from moe_unlearn.atomic import check_out_dir
+
+    check_out_dir(args.out)
     res = run_frontier(cfg, out_dir=args.out, cache_dir=args.cache_dir, progress=args.progress,
                        log=lambda s: print(s, flush=True))
     print(res.summary)

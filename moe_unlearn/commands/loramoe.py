@@ -80,9 +80,15 @@ def run(args: argparse.Namespace) -> int:
     config.adapter_config()  # bad knobs fail here, before the model is read
     if args.steps < 1 or args.batch_size < 1 or args.max_length < 2:
         raise BadInputError("--steps and --batch-size must be >= 1 and --max-length >= 2")
+    from moe_unlearn.atomic import check_out_dir
+    from moe_unlearn.loading import check_model_dir
+
+    config.train_config(None).validate()  # lr, steps, ... before the model is read
+    model_dir = check_model_dir(args.model, trust_remote_code=args.trust_remote_code)
+    out = check_out_dir(args.out, model_dirs=(model_dir,), must_be_empty=not args.resume)
     records = load_finetune_records(args.data)
     model, tokenizer = load_from_args(args)  # --device (default: cuda if available) / --device-map / --dtype
-    result = finetune(model, tokenizer, records, config, out_dir=args.out)
+    result = finetune(model, tokenizer, records, config, out_dir=out)
     final = {k: round(v, 4) for k, v in result.history.final().items()}
     print(json.dumps({"out": str(result.out_dir), "method": args.method, "steps": result.history.steps[-1:],
                       "trainable_params": result.trainable_params, "final": final,

@@ -108,6 +108,8 @@ def build_config(args: argparse.Namespace):
     from moe_unlearn.errors import BadInputError
     from moe_unlearn.unlearning.config import UnlearnConfig, read_run_file
 
+    if args.target and args.attribution:
+        raise BadInputError("give --target or --attribution, not both")
     opts = read_run_file(args.config) if args.config else {}
     paths = {k: opts.pop(k, None) for k in ("model", "forget", "retain")}
     for k in ("progress", "out_dir", "model_dir", "checkpoint_dir"):  # where things go is this run's choice
@@ -135,7 +137,27 @@ def build_config(args: argparse.Namespace):
     if missing:
         raise BadInputError(f"{', '.join(missing)} required (as flags, or model/forget in --config)")
     cfg = UnlearnConfig.build(cfg, **given, out_dir=args.out, model_dir=model, progress=not args.quiet)
+    if args.top_m is not None and cfg.scope != "topm":
+        raise BadInputError(f"--top-m is only read by --scope topm (got --scope {cfg.scope})")
     return cfg, model, forget, retain
+
+
+def check_inputs(args: argparse.Namespace, cfg, model_dir: str, forget: str, retain: str | None):
+    """Every check that needs no model, before the (slow) model load: a typo costs nothing and writes
+    nothing. Returns the checked model directory."""
+    from moe_unlearn.data import load_texts
+    from moe_unlearn.loading import check_model_dir, parse_device_map, parse_dtype, resolve_device
+    from moe_unlearn.unlearning.checks import check_unlearn_config
+
+    mdir = check_model_dir(model_dir, trust_remote_code=args.trust_remote_code)
+    check_unlearn_config(cfg, has_retain=retain is not None, model_dir=mdir.resolve())
+    resolve_device(args.device)
+    parse_device_map(args.device_map)
+    parse_dtype(args.dtype)
+    for source in (forget, retain):  # read once to check (the engine reads them again, cheaply)
+        if source is not None:
+            load_texts(source, field=cfg.field)
+    return mdir
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     from moe_unlearn.unlearning import unlearn
 
     cfg, model_dir, forget, retain = build_config(args)  # bad options fail before the model is read
+    check_inputs(args, cfg, model_dir, forget, retain)
     init_from_env(args.device)  # under torchrun / accelerate launch: data parallel over the ranks
     args.model = model_dir
     model, tokenizer = load_from_args(args)

@@ -136,6 +136,12 @@ def mcq_from_record(record: Any, where: str = "record") -> McqItem:
     choices = record["choices"]
     if not isinstance(choices, (list, tuple)) or len(choices) < 2:
         raise DataError(f"{where}: choices must be a list of at least 2 options")
+    if not isinstance(record["question"], str) or not record["question"].strip():
+        raise DataError(f"{where}: question must be a non-empty string")
+    if any(not isinstance(c, str) or not c.strip() for c in choices):
+        raise DataError(f"{where}: every choice must be a non-empty string, got {list(choices)!r}")
+    if len({c.strip() for c in choices}) != len(choices):  # a tie would always pick the first copy
+        raise DataError(f"{where}: choices {list(choices)!r} repeat an option; each must be distinct")
     ans = record["answer"]
     if isinstance(ans, str) and len(ans.strip()) == 1 and ans.strip().isalpha():
         idx = ord(ans.strip().upper()) - ord("A")

@@ -194,7 +194,8 @@ class EvalReport:
         names = {"json": "report.json", "markdown": "report.md"}
         if self.routing:
             names["plot"] = "routing_overlap.png"
-        with staged_files(out) as tmp:
+        # owned: a routing plot of an earlier run must not sit beside a report that has none
+        with staged_files(out, owned=("report.json", "report.md", "routing_overlap.png")) as tmp:
             self.to_json(tmp / names["json"])
             self.write_markdown(tmp / names["markdown"])
             if "plot" in names:

@@ -56,7 +56,12 @@ class EncodedItem:
     is_qa: bool
 
 
-def encode(tokenizer, text: str, special: bool) -> list[int]:
+def encode(tokenizer, text: str, special: bool, limit: int | None = None) -> list[int]:
+    """Token ids of `text`; with `limit`, a very long text is cut before tokenizing (see data.encode_capped)."""
+    if limit is not None:
+        from moe_unlearn.data import encode_capped
+
+        return encode_capped(tokenizer, [text], limit, add_special_tokens=special)[0]
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
@@ -66,13 +71,13 @@ def encode_items(tokenizer, items: Sequence[EvalItem], fmt: PromptFormat | None 
     for i, item in enumerate(items):
         if item.is_qa:
             prompt = fmt.template.format(question=item.question)
-            p_ids = encode(tokenizer, prompt, True)
-            a_ids = encode(tokenizer, fmt.answer_prefix + item.answer, False)
+            p_ids = encode(tokenizer, prompt, True, fmt.max_length)
+            a_ids = encode(tokenizer, fmt.answer_prefix + item.answer, False, fmt.max_length)
             if not p_ids or not a_ids:
                 raise DataError(f"item {i}: the question or the answer tokenizes to nothing ({item!r})")
             ids, start, text = p_ids + a_ids, len(p_ids), prompt + fmt.answer_prefix + item.answer
         else:
-            ids, start, text = encode(tokenizer, item.text, True), 1, item.text
+            ids, start, text = encode(tokenizer, item.text, True, fmt.max_length), 1, item.text
             if len(ids) < 2:
                 raise DataError(f"item {i}: text {item.text!r} has fewer than 2 tokens; nothing to score")
         if len(ids) > fmt.max_length:
@@ -207,7 +212,9 @@ def score_encoded(model: nn.Module, tokenizer, encoded: Sequence[EncodedItem], *
                   record_routing: bool = False, progress: bool = False, desc: str = "scoring") -> ScoredSplit:
     """Teacher-forced pass over `encoded`; per-item scores and (optionally) the routing recording."""
     from moe_unlearn.arch import RoutingCapture, find_moe_layers
+    from moe_unlearn.validate import check_token_ids
 
+    check_token_ids(model, [e.ids for e in encoded], what=desc)  # an IndexError / device assert otherwise
     device = model_device(model)
     pad = pad_token_id(tokenizer)
     layers = find_moe_layers(model) if record_routing else []

@@ -135,16 +135,12 @@ def _as_model(ref: nn.Module | str, like: nn.Module) -> nn.Module:
         return ref
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM
-
     from moe_unlearn.eval.scoring import model_device
+    from moe_unlearn.loading import load_model
 
     if not Path(ref).is_dir():
         raise BadInputError(f"reference model directory {ref} does not exist")
-    try:
-        m = AutoModelForCausalLM.from_pretrained(ref, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise BadInputError(f"cannot load the reference model from {ref}: {exc}") from exc
+    m = load_model(ref)  # local files only, no code from the folder; BadInputError if it does not load
     return m.to(model_device(like)).eval()
 
 

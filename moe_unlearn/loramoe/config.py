@@ -59,11 +59,20 @@ class LoRAMoEConfig:
         return self.alpha / self.rank
 
     def validate(self) -> None:
+        from moe_unlearn.validate import check_int, check_number
+
+        check_int("num_experts", self.num_experts, low=1)
+        check_int("rank", self.rank, low=1)
+        check_int("top_k", self.top_k, low=1)
+        check_number("alpha", self.alpha, low=0.0, low_open=True)
+        check_number("dropout", self.dropout)
+        check_number("lbc_delta", self.lbc_delta)
+        check_number("lbc_weight", self.lbc_weight)
         if self.num_experts < 1 or self.rank < 1:
             raise BadInputError(f"num_experts and rank must be >= 1, got {self.num_experts} and {self.rank}")
         if self.router not in ROUTERS:
             raise BadInputError(f"router must be one of {ROUTERS}, got {self.router!r}")
-        if self.router == "topk" and not 1 <= self.top_k <= self.num_experts:
+        if self.router == "topk" and not 1 <= self.top_k <= self.num_experts:  # torch.topk would fail later
             raise BadInputError(f"top_k must be in 1..num_experts={self.num_experts}, got {self.top_k}")
         if not 0.0 <= self.dropout < 1.0:
             raise BadInputError(f"dropout must be in [0, 1), got {self.dropout}")

@@ -15,6 +15,7 @@ The output folder holds `adapter/` (or `model/` for "full"), `finetune_config.js
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -28,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_unlearn.atomic import staged_files
-from moe_unlearn.data import load_records, pad_batch, pad_token_id
+from moe_unlearn.atomic import check_out_dir, staged_files
+from moe_unlearn.data import encode_capped, load_records, pad_batch, pad_token_id
 from moe_unlearn.errors import BadInputError, DataError
 from moe_unlearn.loading import input_device
 from moe_unlearn.loramoe.balance import routing_context
@@ -88,12 +89,16 @@ class FinetuneConfig:
                                  target_modules=a.target_modules, router="none")
         return self.adapter
 
-    def train_config(self, checkpoint_dir: str | None) -> TrainConfig:
+    def train_config(self, checkpoint_dir: str | None, data_hash: str | None = None) -> TrainConfig:
         """The TrainConfig of this run: the training knobs, checkpointing only with a folder."""
         knobs = {name: getattr(self, name) for name in TRAIN_KNOBS}
         knobs["checkpoint_every"] = self.checkpoint_every if checkpoint_dir else 0
         knobs["resume"] = self.resume and checkpoint_dir is not None
-        return TrainConfig(**knobs, checkpoint_dir=checkpoint_dir, desc=f"finetune {self.method}", bf16="auto")
+        # what a resumed run must share with the checkpoint's (the training knobs are compared by train itself)
+        identity = {"method": self.method, "adapter": self.adapter.to_dict(), "max_length": self.max_length,
+                    **({"data": data_hash} if data_hash else {})}
+        return TrainConfig(**knobs, checkpoint_dir=checkpoint_dir, desc=f"finetune {self.method}", bf16="auto",
+                           run_identity=identity)
 
     # -- JSON (the adapter nested, through LoRAMoEConfig's own dict form) ---------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -174,18 +179,31 @@ def encode_records(records: Sequence[dict[str, Any]], tokenizer: Any, max_length
     eos = getattr(tokenizer, "eos_token_id", None)
     tail = [int(eos)] if eos is not None else []
     out = []
+
+    def enc(text: str) -> list[int]:  # a very long text is cut before it is tokenized
+        return encode_capped(tokenizer, [text], max_length, add_special_tokens=False)[0]
+
     for rec in records:
         if isinstance(rec.get("text"), str):
-            prompt, body = [], tokenizer(rec["text"], add_special_tokens=False)["input_ids"]
+            prompt, body = [], enc(rec["text"])
         else:
-            prompt = tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
-            body = tokenizer(rec["response"], add_special_tokens=False)["input_ids"]
+            prompt = enc(rec["prompt"])
+            body = enc(rec["response"])
         ids = (list(prompt) + list(body) + tail)[:max_length]
         if len(ids) <= len(prompt):
             raise DataError(f"a record's prompt fills all {max_length} tokens, so nothing is left to learn; "
                             f"raise max_length or shorten the prompt (prompt starts {rec.get('prompt', '')[:40]!r})")
         out.append(Example(torch.tensor(ids, dtype=torch.long), len(prompt), rec.get("type")))
     return out
+
+
+def _examples_hash(examples: Sequence[Example]) -> str:
+    """sha256 of the tokenized data (ids, prompt lengths, types): which data a checkpoint was trained on."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(f"{e.num_prompt}|{e.type}|{e.ids.numel()}|".encode())
+        h.update(e.ids.numpy().tobytes())
+    return h.hexdigest()
 
 
 def make_batches(examples: Sequence[Example], batch_size: int, pad_id: int, seed: int,
@@ -240,7 +258,15 @@ def finetune(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]]
         if not any(e.type in served for e in examples):
             raise DataError(f"lbc_weight > 0 but no record has a 'type' in group_types {sorted(served)}; "
                             f"label the records or set lbc_weight to 0")
+    if adapter is not None and adapter.group_types:
+        stray = sorted({e.type for e in examples if e.type is not None} - set(adapter.group_types))
+        if stray:  # most likely a typo ("World" for "world"): such records would silently skip the constraint
+            raise DataError(f"record type(s) {stray} match no group in group_types {adapter.group_types}; "
+                            "fix the labels, add a group for them, or drop their 'type' field")
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        src = getattr(getattr(model, "config", None), "_name_or_path", None)
+        check_out_dir(out, model_dirs=(src if src and Path(src).is_dir() else None,), what="output folder")
     if out is not None and out.exists() and any(out.iterdir()) and not config.resume:
         raise BadInputError(f"output folder {out} is not empty; choose a new --out or pass --resume to continue")
 
@@ -272,7 +298,7 @@ def finetune(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]]
     was_training = model.training
     model.train()
     try:
-        history = train(params, loss_fn, batches, config.train_config(ckpt_dir))
+        history = train(params, loss_fn, batches, config.train_config(ckpt_dir, _examples_hash(examples)))
     finally:
         model.train(was_training)
     model.eval()

@@ -118,14 +118,21 @@ def load_loramoe(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     if not (path / ADAPTER_FILE).is_file() or not (path / CONFIG_FILE).is_file():
         raise BadInputError(f"{path} is not a LoRAMoE adapter folder: it needs {ADAPTER_FILE} and {CONFIG_FILE}")
-    return add_loramoe_with_weights(model, LoRAMoEConfig.load(path / CONFIG_FILE),
-                                    load_file(str(path / ADAPTER_FILE)), str(path))
+    try:
+        tensors = load_file(str(path / ADAPTER_FILE))
+    except Exception as exc:  # safetensors raises its own error type on a truncated or garbled file
+        raise PatchError(f"cannot read {path / ADAPTER_FILE} ({' '.join(str(exc).split())[:200]}); the adapter "
+                         "is damaged") from None
+    return add_loramoe_with_weights(model, LoRAMoEConfig.load(path / CONFIG_FILE), tensors, str(path))
 
 
 def add_loramoe_with_weights(model: nn.Module, config: LoRAMoEConfig, tensors: dict[str, torch.Tensor],
                              where: str) -> nn.Module:
-    """add_loramoe, then copy in `tensors` ('<layer>.<lora_A|lora_B|router>'); every key and shape is
+    """add_loramoe, then copy in `tensors` ('<layer>.<lora_A|lora_B|router>'); every key, shape and value is
     checked first, so a mismatch leaves the model untouched. `where` names the source in errors."""
+    bad = [k for k, v in tensors.items() if "." not in k or (v.is_floating_point() and not bool(v.isfinite().all()))]
+    if bad:
+        raise PatchError(f"adapter {where}: tensors {bad[:3]} are misnamed or hold NaN/inf; the adapter is damaged")
     targets = target_paths(model, config)
     layer_names = {k.rsplit(".", 1)[0] for k in tensors}
     if layer_names != set(targets):

@@ -17,6 +17,7 @@ The run's knobs are one `UnlearnConfig` (moe_unlearn.unlearning.config); keyword
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import re
@@ -35,7 +36,7 @@ from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
 from moe_unlearn.arch.discovery import adapter_for, decoder_layers
 from moe_unlearn.arch.stack import DecoderStack
 from moe_unlearn.arch.wrappers import canonical_parameters, is_peft_layer, unwrap_model
-from moe_unlearn.atomic import atomic_dir
+from moe_unlearn.atomic import atomic_dir, check_out_dir
 from moe_unlearn.distributed import GradAllReduce, RankShard, barrier, check_not_sharded
 from moe_unlearn.distributed import world as dist_world
 from moe_unlearn.errors import BadInputError, DataError, NotAnMoEModel, TrainingDiverged
@@ -43,6 +44,7 @@ from moe_unlearn.loading import input_device
 from moe_unlearn.training import TrainConfig, TrainHistory, TrainHooks, train
 from moe_unlearn.unlearning.anchor import anchor_target, retain_routing_kl, router_anchor_loss
 from moe_unlearn.unlearning.checkpointing import checkpointed
+from moe_unlearn.unlearning.checks import check_unlearn_config, checkpoint_dir_for
 from moe_unlearn.unlearning.config import UnlearnConfig
 from moe_unlearn.unlearning.objectives import (
     Objective,
@@ -51,9 +53,10 @@ from moe_unlearn.unlearning.objectives import (
     rmu_steering,
     sequence_nll,
 )
-from moe_unlearn.unlearning.patch import PatchEntry, snapshot, write_patch
+from moe_unlearn.unlearning.patch import PatchEntry, config_hash, snapshot, write_patch
 from moe_unlearn.unlearning.prefix_cache import PrefixCache
-from moe_unlearn.unlearning.scopes import SCOPES, ExpertTarget, ScopePlan, SliceParams, resolve_scope
+from moe_unlearn.unlearning.scopes import ExpertTarget, ScopePlan, SliceParams, resolve_scope
+from moe_unlearn.validate import check_token_ids
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -80,10 +83,11 @@ class UnlearnResult:
 
 
 def _batches(source: Any, tokenizer: Any, *, batch_size: int, max_length: int, field_name: str | None,
-             what: str, loss_tokens: str, seed: int):
+             what: str, loss_tokens: str, seed: int, model: nn.Module | None = None):
     """The padded batches of one data set, its texts in a seeded order (so the seed changes
     which texts share a batch). QA records score their answer tokens only unless
-    loss_tokens="all" (see moe_unlearn.data.tokenize_batches)."""
+    loss_tokens="all" (see moe_unlearn.data.tokenize_batches). With `model`, token ids past its
+    embedding are refused."""
     from moe_unlearn.data import TokenizedBatches, load_examples, tokenize_batches
 
     if isinstance(source, TokenizedBatches):
@@ -104,7 +108,20 @@ def _batches(source: Any, tokenizer: Any, *, batch_size: int, max_length: int, f
                         "answer, or a single token); a loss on it would change nothing")
     if tb.padding_side != "right":
         raise BadInputError("unlearn() needs right-padded batches (padding_side='right')")
+    if model is not None:
+        check_token_ids(model, tb.sequences, what=f"{what} set")
     return list(tb.shuffled(seed))
+
+
+def _batches_hash(batches: list[dict[str, torch.Tensor]]) -> str:
+    """sha256 of the token ids and labels of every batch (which data a checkpoint was trained on)."""
+    h = hashlib.sha256()
+    for b in batches:
+        for key in ("input_ids", "attention_mask", "labels"):
+            t = b[key].detach().cpu().contiguous()
+            h.update(f"{key}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def _parse_targets(target: Any, scope: str, *, model: nn.Module, forget_source: Any, tokenizer: Any,
@@ -123,8 +140,12 @@ def _parse_targets(target: Any, scope: str, *, model: nn.Module, forget_source: 
                                 "now) or an Attribution, not explicit experts")
         return [ExpertTarget(lay, e) for lay, e in select_targets(target, coverage=coverage)]
     if isinstance(target, Attribution):
+        target.check_model(model)  # an attribution of another model names the wrong experts
         m = 1 if scope == "uoe" else top_m
         entries = target.ranking(layer=topm_layer)[:m] if topm_layer is not None else target.top(m)
+        if len(entries) < m:
+            raise BadInputError(f"top_m={m} but the attribution has only {len(entries)} candidate experts"
+                                f"{'' if topm_layer is None else f' in layer {topm_layer}'}; lower top_m")
         if target.token_topk is not None or (len(entries) == 1 and target.retain_frequency is not None):
             target.premise([(e.layer, e.expert) for e in entries])  # PremiseWarning when UOE's premise fails
         return [ExpertTarget(e.layer, e.expert) for e in entries]
@@ -170,18 +191,6 @@ def _model_dir(model: nn.Module, model_dir: str | os.PathLike | None) -> Path | 
     if cand and Path(cand).is_dir():
         return Path(cand).resolve()
     return None
-
-
-def _check_out_dir(out_dir: Path | None, model_dir: Path | None, merge: bool) -> None:
-    if merge and out_dir is None:
-        raise BadInputError("merge=True needs out_dir (where the merged model is saved)")
-    if out_dir is None:
-        return
-    if model_dir is not None and out_dir.resolve() == model_dir:
-        raise BadInputError(f"out_dir {out_dir} is the model's own directory; choose a new directory "
-                            "(the original model must stay intact)")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise BadInputError(f"out_dir {out_dir} already exists and is not empty; choose a new directory")
 
 
 # -- running the model -------------------------------------------------------------------------
@@ -427,52 +436,31 @@ def _inputs(model: nn.Module, forget: Any, retain: Any, tokenizer: Any, cfg: Unl
     rank, world_size = dist_world()
     cfg.progress = cfg.progress and rank == 0
     objective = get_objective(cfg.method)
-    if cfg.scope not in SCOPES:
-        raise BadInputError(f"unknown scope {cfg.scope!r}; valid scopes: {', '.join(SCOPES)}")
-    hp = objective.hparams(cfg.method_kwargs)
-    from moe_unlearn.data import LOSS_TOKENS
-
-    if cfg.loss_tokens not in LOSS_TOKENS:
-        raise BadInputError(f"loss_tokens must be one of {', '.join(LOSS_TOKENS)}, got {cfg.loss_tokens!r}")
+    mdir = _model_dir(model, cfg.model_dir)
+    # everything that needs no forward pass, before any work (the CLI runs it before it loads the model)
+    hp = check_unlearn_config(cfg, has_retain=retain is not None, model_dir=mdir)
     out_path = Path(cfg.out_dir) if cfg.out_dir is not None else None
     if cfg.merge and out_path is not None and any(is_peft_layer(m) for m in model.modules()):
         raise BadInputError("merge=True on a PEFT-wrapped model would save PEFT's layers inside the model; write "
                             "a patch instead (it applies to the stock model), or merge_and_unload() the PEFT "
                             "adapter first")
-    _check_out_dir(out_path, _model_dir(model, cfg.model_dir), cfg.merge)
-    if objective.requires_retain and retain is None:
-        raise BadInputError(f"method {cfg.method!r} needs retain data (retain=...)")
-    if cfg.retain_routing_weight and retain is None:
-        raise BadInputError("retain_routing_weight > 0 needs retain data (retain=...)")
-    from moe_unlearn.unlearning.projection import EXPERT_PROJECTIONS, ROUTER_PROJECTIONS
-    from moe_unlearn.unlearning.trace import RETAIN_WEIGHTINGS
-
-    for name, value, valid in (("router_projection", cfg.router_projection, ROUTER_PROJECTIONS),
-                               ("expert_projection", cfg.expert_projection, EXPERT_PROJECTIONS),
-                               ("retain_weighting", cfg.retain_weighting, RETAIN_WEIGHTINGS)):
-        if value not in valid:
-            raise BadInputError(f"{name} must be one of {[v for v in valid if v]} or None, got {value!r}")
-        if value is not None and retain is None:
-            raise BadInputError(f"{name}={value!r} needs retain data (retain=...)")
-    if cfg.expert_projection is not None and cfg.scope not in ("uoe", "topm"):
-        raise BadInputError(f"expert_projection={cfg.expert_projection!r} projects trained expert slices: use scope "
-                            f"uoe or topm (got {cfg.scope!r})")
-    if not (isinstance(cfg.projection_energy, (int, float)) and 0.0 < cfg.projection_energy <= 1.0):
-        raise BadInputError(f"projection_energy must be in (0, 1], got {cfg.projection_energy!r}")
 
     data_kw = dict(batch_size=cfg.batch_size, max_length=cfg.max_length, field_name=cfg.field,
-                   loss_tokens=cfg.loss_tokens)
+                   loss_tokens=cfg.loss_tokens, model=model)  # model: token ids past its embedding are refused
     forget_batches = _batches(forget, tokenizer, what="forget", seed=cfg.seed, **data_kw)
     retain_batches = (_batches(retain, tokenizer, what="retain", seed=cfg.seed + 1, **data_kw)
                       if retain is not None else None)
     layers = find_moe_layers(model)
-    if cfg.coverage is not None and cfg.scope != "topm":
-        raise BadInputError(f"coverage={cfg.coverage} selects several experts: use scope 'topm' (got {cfg.scope!r})")
     targets = _parse_targets(cfg.target, cfg.scope, model=model, forget_source=forget, tokenizer=tokenizer,
                              top_m=cfg.top_m, topm_layer=cfg.topm_layer, batch_size=cfg.batch_size,
                              max_length=cfg.max_length, progress=cfg.progress, coverage=cfg.coverage,
                              retain_source=retain)
     plan = resolve_scope(model, layers, cfg.scope, targets, allow_shared=cfg.allow_shared)
+    if out_path is not None:  # now that the size is known: room for the patch (new + old values) or the model
+        need = (sum(p.numel() * p.element_size() for p in model.parameters()) if cfg.merge
+                else 2 * sum(p.element_size() * p.numel() for _, p in plan.whole)
+                + 2 * sum(s.numel * s.param.element_size() for s in plan.slices))
+        check_out_dir(out_path, model_dirs=(mdir,), must_be_empty=True, what="out_dir", need_bytes=need)
     by_idx: dict[int, MoELayer] = {layer.layer_idx: layer for layer in layers}
     if cfg.router_projection is not None and not plan.router_layers:
         raise BadInputError(f"router_projection={cfg.router_projection!r}: scope {cfg.scope!r} trains no router")
@@ -662,20 +650,26 @@ def _train(run: _Run, loss_fn: Any, callbacks: list[TrainHooks] | None) -> Train
             experts=[(by_idx[t.layer], int(t.expert)) for t in run.targets if not t.shared]
             if cfg.expert_projection else [])
         run.details["projections"] = projector.report()
-    out_path = run.out_path
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else (
-        out_path.with_name(out_path.name + ".ckpt") if out_path is not None and (cfg.checkpoint_every or cfg.resume)
-        else None)
+    ckpt_dir = checkpoint_dir_for(cfg.out_dir, cfg.checkpoint_dir, cfg.checkpoint_every, cfg.resume)
     run.ckpt_dir = ckpt_dir
-    try:
-        if (cfg.checkpoint_every or cfg.resume) and ckpt_dir is None:
-            raise BadInputError("checkpoint_every / resume need out_dir or checkpoint_dir")
+    identity = None
+    if ckpt_dir is not None:  # a checkpoint of another run (target, method, data, model) is never resumed
+        identity = {"method": cfg.method, "scope": cfg.scope, "targets": [str(t) for t in run.targets],
+                    "hparams": run.hp, "anchor_weight": cfg.anchor_weight,
+                    "retain_routing_weight": cfg.retain_routing_weight, "batch_size": cfg.batch_size,
+                    "max_length": cfg.max_length, "model": config_hash(model),
+                    "entries": [[e.name, e.dim, e.start, e.stop] for e in run.entries],
+                    "forget": _batches_hash(run.forget_batches), "retain": _batches_hash(run.retain_batches or []),
+                    "loss_tokens": cfg.loss_tokens, "router_projection": cfg.router_projection,
+                    "expert_projection": cfg.expert_projection, "projection_energy": cfg.projection_energy,
+                    "retain_weighting": cfg.retain_weighting}
+    try:  # (checkpoint_every / resume without out_dir or checkpoint_dir: refused by check_unlearn_config)
         run.ckpt_existed = ckpt_dir is not None and ckpt_dir.exists()
         shared = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig) if f.name in UnlearnConfig.names()}
         config = TrainConfig(**{**shared, "steps": cfg.steps if cfg.epochs is None else None,
                                 "checkpoint_every": cfg.checkpoint_every if rank == 0 else 0,  # rank 0 writes
                                 "checkpoint_dir": str(ckpt_dir) if ckpt_dir else None,
-                                "desc": f"unlearn {cfg.method}/{cfg.scope}"})
+                                "desc": f"unlearn {cfg.method}/{cfg.scope}", "run_identity": identity})
         # order: leaves written into the model, then projected there (and read back), then the caller's hooks
         hooks: list[TrainHooks] = [slices] + ([projector] if projector else [])
         if run.world_size > 1:  # average the trained leaves' gradients and the logged terms over the ranks
@@ -738,14 +732,21 @@ def _outputs(run: _Run, history: TrainHistory, forget: Any, retain: Any, t0: flo
             "config": replay, "inputs": _inputs_record(forget, retain, cfg)}
     out_path = run.out_path
     patch_path = merged_path = None
-    if out_path is not None and cfg.merge:
-        merged_path = out_path
-        if rank == 0:  # every rank holds the same weights; one writes
-            _save_merged(model, out_path)
-    elif out_path is not None:
-        patch_path = out_path
-        if rank == 0:
-            write_patch(out_path, model, run.entries, run.originals, info)
+    try:
+        if out_path is not None and cfg.merge:
+            merged_path = out_path
+            if rank == 0:  # every rank holds the same weights; one writes
+                _save_merged(model, out_path, run.entries)
+        elif out_path is not None:
+            patch_path = out_path
+            if rank == 0:
+                write_patch(out_path, model, run.entries, run.originals, info)
+    except BaseException:
+        with torch.no_grad():  # nothing was written: leave the model as it was, too
+            params = canonical_parameters(model)
+            for e, orig in zip(run.entries, run.originals, strict=True):
+                e.view(params).copy_(orig.to(run.device))
+        raise
     ckpt_dir = run.ckpt_dir
     if ckpt_dir is not None and not run.ckpt_existed and out_path is not None and rank == 0:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -757,8 +758,14 @@ def _outputs(run: _Run, history: TrainHistory, forget: Any, retain: Any, t0: flo
                          prefix_cache_start=run.runner.start, details=run.details)
 
 
-def _save_merged(model: nn.Module, out_dir: Path) -> Path:
-    """save_pretrained into a temp dir beside out_dir, then rename (no half-written model)."""
+def _save_merged(model: nn.Module, out_dir: Path, entries: list[PatchEntry]) -> Path:
+    """save_pretrained into a temp dir beside out_dir, then rename (no half-written model); refused
+    (nothing written) when a trained entry holds NaN/inf."""
+    params = canonical_parameters(model)
+    for e in entries:
+        v = e.view(params)
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise TrainingDiverged(f"{e.name} holds NaN/inf values after unlearning; nothing was written")
     with atomic_dir(out_dir) as tmp:  # an existing out_dir can only be empty here (checked by the caller)
         model.save_pretrained(tmp)
     return out_dir

@@ -214,7 +214,10 @@ class Objective:
         if unknown:
             raise BadInputError(f"{self.name}: unknown hyperparameters {sorted(unknown)}; "
                                 f"valid: {sorted(self.defaults)}")
-        return {**self.defaults, **overrides}
+        hp = {**self.defaults, **overrides}
+        for name, value in hp.items():
+            _check_hparam(f"{self.name} hyperparameter {name}", name, value)
+        return hp
 
     def uses_retain(self, hp: Mapping[str, Any]) -> bool:
         """Whether a step runs the paired retain batch (when retain data is given)."""
@@ -237,6 +240,27 @@ OBJECTIVES: dict[str, Objective] = {
     "rmu": Objective("rmu", rmu_loss, dict(steering_coeff=6.5, alpha=1.0, layer=None), needs_logits=False,
                      reads_hidden=True),
 }
+
+
+# the valid values of each hyperparameter: beta divides (must be > 0), weights must not flip sign
+_POSITIVE = {"beta", "steering_coeff"}
+_NON_NEGATIVE = {"gamma", "alpha"}
+_FINITE = {"delta"}
+
+
+def _check_hparam(label: str, name: str, value: Any) -> None:
+    from moe_unlearn.validate import check_choice, check_int, check_number
+
+    if name in _POSITIVE:
+        check_number(label, value, low=0.0, low_open=True)
+    elif name in _NON_NEGATIVE:
+        check_number(label, value, low=0.0)
+    elif name in _FINITE:
+        check_number(label, value)
+    elif name == "retain_loss":
+        check_choice(label, value, ("nll", "kl"))
+    elif name == "layer" and value is not None:
+        check_int(label, value, low=0)
 
 
 def get_objective(name: str) -> Objective:
