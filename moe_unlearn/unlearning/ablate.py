@@ -28,14 +28,9 @@ def ablate(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any,
            out_dir: str | None, merge: bool, model_dir: str | None) -> Any:
     """Zero the targets' down projections in place and write the patch; returns an UnlearnResult."""
     from moe_unlearn.arch import find_moe_layers
+    from moe_unlearn.atomic import check_out_dir
     from moe_unlearn.training import TrainHistory
-    from moe_unlearn.unlearning.engine import (
-        UnlearnResult,
-        _check_out_dir,
-        _model_dir,
-        _parse_targets,
-        _save_merged,
-    )
+    from moe_unlearn.unlearning.engine import UnlearnResult, _model_dir, _parse_targets, _save_merged
     from moe_unlearn.unlearning.patch import PatchEntry, snapshot, write_patch
 
     t0 = time.perf_counter()
@@ -44,7 +39,10 @@ def ablate(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any,
     if coverage is not None and scope != "topm":
         raise BadInputError(f"coverage={coverage} selects several experts: use scope 'topm' (got {scope!r})")
     out_path = Path(out_dir) if out_dir is not None else None
-    _check_out_dir(out_path, _model_dir(model, model_dir), merge)
+    if merge and out_path is None:
+        raise BadInputError("merge=True needs out_dir (where the merged model is saved)")
+    if out_path is not None:  # the same check as every other method (checks.check_unlearn_args)
+        check_out_dir(out_path, model_dirs=(_model_dir(model, model_dir),), must_be_empty=True, what="out_dir")
     targets = _parse_targets(target, scope, model=model, forget_source=forget, tokenizer=tokenizer, top_m=top_m,
                              topm_layer=topm_layer, batch_size=batch_size, max_length=max_length, progress=progress,
                              coverage=coverage, retain_source=retain)
