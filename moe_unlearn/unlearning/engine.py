@@ -299,25 +299,26 @@ def _entries(plan: ScopePlan) -> list[PatchEntry]:
                                                     for s in plan.slices]
 
 
-def _last_trained_layer(plan: ScopePlan) -> int | None:
-    """Highest decoder layer holding trained weights; None if anything outside the layers trains."""
+def _trained_layers(plan: ScopePlan) -> list[int] | None:
+    """Decoder-layer indices of every trained weight; None if anything outside the layers trains."""
     found = []
     for name in [n for n, _ in plan.whole] + [s.name for s in plan.slices]:
         m = _LAYER_RE.search(name)
         if m is None:
             return None
         found.append(int(m.group(1)))
+    return found
+
+
+def _last_trained_layer(plan: ScopePlan) -> int | None:
+    """Highest decoder layer holding trained weights; None if anything outside the layers trains."""
+    found = _trained_layers(plan)
     return max(found) if found else None
 
 
 def _prefix_start(plan: ScopePlan) -> int | None:
     """First decoder layer holding trained weights, or None if anything outside the layers trains."""
-    found = []
-    for name in [n for n, _ in plan.whole] + [s.name for s in plan.slices]:
-        m = _LAYER_RE.search(name)
-        if m is None:
-            return None
-        found.append(int(m.group(1)))
+    found = _trained_layers(plan)
     return min(found) if found else None
 
 
