@@ -1,7 +1,8 @@
 """Routing shift against the original model, from two `RoutingRecording`s of the same tokens.
 
 Record the original model once (`record_routing`) and compare any number of edited models
-to it (`compare_routing`). Metrics per MoE layer (SPEC sections 2 and 5):
+to it (`compare_routing`). Metrics per MoE layer (the expert-selection overlap of the SEUF pilot study and the
+routing-shift metrics):
 - overlap: per token |topK_new & topK_orig| / K, mean over real tokens (1 = routing unchanged);
 - kl: KL(P_orig || P_new) in nats between routing-frequency vectors, P[e] = share of all
   top-K slots of the layer that went to expert e (probabilities below 1e-10 are clamped);

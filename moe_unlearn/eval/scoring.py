@@ -140,7 +140,7 @@ class RoutingRecording:
 
     topk_idx[l]:   [N, K] int64, the experts each token is sent to in layer l.
     topk_score[l]: [N, K] fp32, the full-distribution score of those experts (the gate values
-                   g_{i,t} of SPEC section 2; 0 for the other experts).
+                   g_{i,t} of the SEUF affinity score; 0 for the other experts).
     num_experts[l]: routed experts of layer l. tokens_per_item: real tokens of each item.
     fingerprint: hash of the token ids; recordings are comparable only if fingerprints match.
     topk_weight[l]: [N, K] fp32, the weights the block applied to those experts (after any

@@ -6,7 +6,7 @@ an attribute on every LoRAMoELinear; each layer then records its router probabil
 into the context. Outside a context (evaluation, `generate()`) the layers record nothing
 and the LBC is simply off.
 
-Convention (SPEC section 4 warns about it). For expert n and sample m,
+Convention (a trap of the official form, spelled out here). For expert n and sample m,
     Q[n, m] = sum over sample m's valid tokens of G(x)_n      (padding excluded)
     I[n, m] = 1 + delta if expert n's group serves sample m's type, else 1 - delta
     L_lbc   = Var(Z) / Mean(Z)^2                              (squared coefficient of variation)
