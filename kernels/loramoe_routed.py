@@ -25,16 +25,9 @@ import torch
 import triton
 import triton.language as tl
 from moe_unlearn.kernels._common import check_launchable, device_guard, dot_in_fp32, interpreting, new_empty
+from moe_unlearn.kernels.loramoe_delta import _mm  # the one fp32-exact / tensor-core dot helper
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-@triton.jit
-def _mm(a, b, acc, CDT: tl.constexpr):
-    if CDT == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a.to(CDT), b.to(CDT), acc)
 
 
 @triton.jit
