@@ -139,9 +139,34 @@ def check_unlearn_config(cfg: Any, *, has_retain: bool, model_dir: str | os.Path
         raise BadInputError(f"expert_projection={cfg.expert_projection!r} projects trained expert slices: use scope "
                             f"uoe or topm (got {cfg.scope!r})")
     check_number("projection_energy", cfg.projection_energy, low=0.0, high=1.0, low_open=True)
+    _check_adapter(cfg)
     if cfg.coverage is not None:
         if cfg.scope != "topm":
             raise BadInputError(f"coverage={cfg.coverage} selects several experts: use scope 'topm' "
                                 f"(got {cfg.scope!r})")
         check_number("coverage", cfg.coverage, low=0.0, high=1.0, low_open=True)
     return hp
+
+
+ADAPTER_SCOPES = ("uoe", "topm", "experts")  # the scopes whose expert matrices an adapter can hold
+
+
+def _check_adapter(cfg: Any) -> None:
+    from moe_unlearn.unlearning.adapters import ADAPTERS
+    from moe_unlearn.validate import check_int
+
+    if cfg.adapter not in ADAPTERS:
+        raise BadInputError(f"adapter must be one of {[a for a in ADAPTERS if a]} or None, got {cfg.adapter!r}")
+    if cfg.adapter is None:
+        if cfg.adapter_router:
+            raise BadInputError("adapter_router=True puts the router under the low-rank adapter: give adapter='lora'")
+        return
+    if cfg.scope not in ADAPTER_SCOPES:
+        raise BadInputError(f"adapter={cfg.adapter!r} trains low-rank deltas on expert matrices: use scope "
+                            f"{', '.join(ADAPTER_SCOPES)} (got {cfg.scope!r})")
+    if cfg.method == "ablate":
+        raise BadInputError("method 'ablate' trains nothing; it takes no adapter")
+    check_int("adapter_rank", cfg.adapter_rank, low=1)
+    check_int("adapter_gram_rank", cfg.adapter_gram_rank, low=1)
+    if not isinstance(cfg.adapter_router, bool):
+        raise BadInputError(f"adapter_router must be true or false, got {cfg.adapter_router!r}")

@@ -53,6 +53,11 @@ class UnlearnConfig:
     projection_energy: float = 0.99
     retain_weighting: str | None = None  # "trace"
     coverage: float | None = None  # topm: experts covering this share of the forget tokens
+    # low-rank adapters (moe_unlearn.unlearning.adapters): train W0 + B A on the expert matrices
+    adapter: str | None = None  # "lora" (scopes uoe / topm / experts), None = full slices
+    adapter_rank: int = 8
+    adapter_router: bool = False  # the router too (else it trains in full: E x H, already small)
+    adapter_gram_rank: int = 256  # eigendirections kept of each input Gram matrix (for fuse_patches)
     # data
     field: str | None = None
     loss_tokens: str = "answer"

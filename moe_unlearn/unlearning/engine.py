@@ -281,6 +281,8 @@ def _align_forget(inp: ObjectiveInputs) -> None:
     inp.forget_labels, inp.forget_mask = inp.forget_labels.to(out.device), inp.forget_mask.to(out.device)
     if inp.forget_ref_logp is not None:
         inp.forget_ref_logp = inp.forget_ref_logp.to(out.device)
+    if inp.forget_ref_logits is not None:
+        inp.forget_ref_logits = inp.forget_ref_logits.to(out.device)
     if inp.steering is not None and inp.forget_hidden is not None:
         inp.steering = inp.steering.to(inp.forget_hidden.device)
 
@@ -422,9 +424,12 @@ class _Run:
     was_training: bool = False
     requires_grad: dict[str, bool] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)  # projection ranks / energies, TRACE weights
+    slice_owner: dict[tuple, tuple[int, int]] = field(default_factory=dict)  # slice key -> (layer, expert)
+    grams: dict[int, dict[str, Any]] = field(default_factory=dict)  # entry index -> input Gram factors (adapters)
     # set by _train
     ckpt_dir: Path | None = None
     ckpt_existed: bool = False
+    trained: Any = None  # the SliceParams / AdapterParams that trained
 
 
 # -- phase 1: inputs ---------------------------------------------------------------------------
@@ -457,6 +462,7 @@ def _inputs(model: nn.Module, forget: Any, retain: Any, tokenizer: Any, cfg: Unl
                              max_length=cfg.max_length, progress=cfg.progress, coverage=cfg.coverage,
                              retain_source=retain)
     plan = resolve_scope(model, layers, cfg.scope, targets, allow_shared=cfg.allow_shared)
+    slice_owner = _slice_owners(layers, plan, adapter_experts=cfg.adapter is not None and cfg.scope == "experts")
     if out_path is not None:  # now that the size is known: room for the patch (new + old values) or the model
         need = (sum(p.numel() * p.element_size() for p in model.parameters()) if cfg.merge
                 else 2 * sum(p.element_size() * p.numel() for _, p in plan.whole)
@@ -487,7 +493,24 @@ def _inputs(model: nn.Module, forget: Any, retain: Any, tokenizer: Any, cfg: Unl
                 rr_layers=rr_layers,
                 capture_layers=[by_idx[i] for i in sorted(set(anchor_layers) | set(rr_layers))],
                 retain_ref_kind=objective.retain_reference(hp) if retain_batches is not None else None,
-                rank=rank, world_size=world_size)
+                rank=rank, world_size=world_size, slice_owner=slice_owner)
+
+
+def _slice_owners(layers: list[MoELayer], plan: ScopePlan, *, adapter_experts: bool) -> dict[tuple, tuple[int, int]]:
+    """(layer, expert) of every trained expert slice. With an adapter on scope "experts", the fused
+    expert tensors are first split into per-expert slices (one low-rank delta per expert matrix)."""
+    owner: dict[tuple, tuple[int, int]] = {}
+    for layer in layers:
+        for e in range(layer.num_experts):
+            for sl in layer.expert_slices(e):
+                owner[(sl.name, sl.dim, sl.start, sl.stop)] = (layer.layer_idx, e)
+                if adapter_experts:
+                    plan.slices.append(sl)
+    if adapter_experts:
+        covered = {sl.name for sl in plan.slices}
+        plan.whole = [(n, p) for n, p in plan.whole if n not in covered]
+    keys = {(sl.name, sl.dim, sl.start, sl.stop) for sl in plan.slices}
+    return {k: v for k, v in owner.items() if k in keys}
 
 
 def _hidden_layer(objective: Objective, hp: dict[str, Any], model: nn.Module, plan: ScopePlan,
@@ -541,6 +564,8 @@ def _references(run: _Run) -> dict[str, Any]:
                 if run.rr_layers:
                     ref["r_scores"][k] = {i: run.by_idx[i].scores_from_logits(cap.records[-1].layers[i].logits)
                                           for i in run.rr_layers}
+    if run.cfg.adapter is not None:
+        run.grams = _adapter_grams(run)
     ref["trace_w"] = None
     if run.cfg.retain_weighting == "trace":  # retain token weights by how forget-critical their experts are
         from moe_unlearn.unlearning.trace import trace_weights
@@ -558,6 +583,89 @@ def _references(run: _Run) -> dict[str, Any]:
         ref["steering"] = rmu_steering(model.config.hidden_size, run.hp["steering_coeff"], seed=run.cfg.seed,
                                        device=run.device)
     return ref
+
+
+def _gram_key(run: _Run, entry: PatchEntry) -> str | None:
+    """Which input Gram an entry's matrix reads (see moe_unlearn.unlearning.projection.input_grams)."""
+    if entry.dim is not None:
+        owner = run.slice_owner.get((entry.name, entry.dim, entry.start, entry.stop))
+        role = next((sl.role for sl in run.plan.slices if (sl.name, sl.dim, sl.start, sl.stop) ==
+                     (entry.name, entry.dim, entry.start, entry.stop)), None)
+        if owner is None or role not in ("gate_up", "gate", "up", "down"):
+            return None
+        return f"{'a' if role == 'down' else 'x'}/{owner[0]}/{owner[1]}"
+    for i in run.plan.router_layers:
+        for n, p in run.by_idx[i].router_parameters():
+            if n == entry.name and p.dim() == 2:
+                return f"router/{i}"
+    return None
+
+
+def _adapter_grams(run: _Run) -> dict[int, dict[str, Any]]:
+    """Per trained matrix, factors of the Gram matrices of its inputs on the forget and the retain
+    data (original model), stored with an adapter patch so that fuse_patches needs no data."""
+    from moe_unlearn.unlearning.adapters import gram_factor
+    from moe_unlearn.unlearning.projection import input_grams
+
+    keys = {i: _gram_key(run, e) for i, e in enumerate(run.entries)}
+    keys = {i: k for i, k in keys.items() if k is not None}
+    experts = sorted({tuple(int(x) for x in k.split("/")[1:]) for k in keys.values() if not k.startswith("router")})
+    routers = sorted({int(k.split("/")[1]) for k in keys.values() if k.startswith("router")})
+    kw = dict(router_layers=[run.by_idx[i] for i in routers], experts=[(run.by_idx[i], e) for i, e in experts],
+              device=run.device)
+    stats = {"forget": input_grams(run.model, run.forget_batches, **kw),
+             "retain": input_grams(run.model, run.retain_batches or [], **kw)}
+    params = canonical_parameters(run.model)
+    out = {}
+    for i, key in keys.items():
+        e = run.entries[i]
+        in_features = _in_features(run, e, params)
+        rec: dict[str, Any] = {}
+        for kind, g in stats.items():
+            gram = g.sums.get(key, torch.zeros(in_features, in_features, dtype=torch.float64))
+            rec[kind], rec[f"{kind}_energy"] = gram_factor(gram, run.cfg.adapter_gram_rank)
+            rec[f"{kind}_tokens"] = g.counts.get(key, 0)
+        out[i] = rec
+    return out
+
+
+def _in_features(run: _Run, entry: PatchEntry, params: dict[str, nn.Parameter]) -> int:
+    from moe_unlearn.unlearning.adapters import router_layout, slice_layout
+
+    if entry.dim is None:
+        return router_layout(params[entry.name], run.model.config.hidden_size).matrix(params[entry.name]).shape[1]
+    sl = next(sl for sl in run.plan.slices if (sl.name, sl.dim, sl.start, sl.stop) ==
+              (entry.name, entry.dim, entry.start, entry.stop))
+    layer, expert = run.slice_owner[(sl.name, sl.dim, sl.start, sl.stop)]
+    return slice_layout(run.by_idx[layer], sl, expert).matrix(sl.view()).shape[1]
+
+
+def _trained_params(run: _Run):
+    """What the optimizer trains: SliceParams (shadows of the slices, masters of whole tensors), or
+    with an adapter AdapterParams (factors of every expert matrix, and of the routers with
+    adapter_router; the rest in full)."""
+    cfg, plan = run.cfg, run.plan
+    if cfg.adapter is None:
+        return SliceParams(plan.slices, plan.whole)
+    from moe_unlearn.unlearning.adapters import AdapterParams, router_layout, slice_layout
+
+    matrices, rest_slices, rest_whole = [], [], []
+    for sl in plan.slices:
+        layer, expert = run.slice_owner[(sl.name, sl.dim, sl.start, sl.stop)]
+        layout = slice_layout(run.by_idx[layer], sl, expert)
+        if layout is None:
+            rest_slices.append(sl)
+        else:
+            matrices.append((sl.name, sl.param, sl.dim, sl.start, sl.stop, layout))
+    router_names = {n for i in plan.router_layers for n, _ in run.by_idx[i].router_parameters()}
+    hidden = run.model.config.hidden_size
+    for n, p in plan.whole:
+        layout = router_layout(p, hidden) if cfg.adapter_router and n in router_names else None
+        if layout is None:
+            rest_whole.append((n, p))
+        else:
+            matrices.append((n, p, None, None, None, layout))
+    return AdapterParams(matrices, rest_slices, rest_whole, rank=cfg.adapter_rank, seed=cfg.seed)
 
 
 # -- phase 3: the loss of one step ---------------------------------------------------------------
@@ -578,6 +686,9 @@ def _loss(run: _Run, ref: dict[str, Any]):
         fb = _to(run.forget_batches[k], device)
         inp = ObjectiveInputs(forget_labels=fb["labels"], forget_mask=fb["attention_mask"],
                               forget_ref_logp=ref["f_logp"].get(k), steering=ref["steering"])
+        if objective.forget_reference == "logits":  # the teacher's logits on this forget batch (EUL)
+            with torch.no_grad(), _original_weights(model, run.entries, run.originals):
+                inp.forget_ref_logits = runner(("f", k), fb)[0]
         rb = None
         if need_retain_pass:
             rb = _to(run.retain_batches[rk], device)
@@ -638,8 +749,12 @@ def _train(run: _Run, loss_fn: Any, callbacks: list[TrainHooks] | None) -> Train
                           f"{run.world_size} ranks take equal shares", stacklevel=3)
     for p in model.parameters():
         p.requires_grad_(False)
-    slices = SliceParams(plan.slices, plan.whole)  # fp32 masters for a low-precision model
+    slices = _trained_params(run)  # fp32 masters for a low-precision model; low-rank factors with an adapter
+    run.trained = slices
     leaves = slices.leaves
+    if cfg.adapter is not None:
+        run.details["adapter"] = {"kind": cfg.adapter, "rank": cfg.adapter_rank, "low_rank_matrices": len(slices.items),
+                                  "trainable_params": slices.num_trainable(), "scope_params": plan.num_trainable()}
     projector = None
     if cfg.router_projection is not None or cfg.expert_projection is not None:
         from moe_unlearn.unlearning.projection import build_projector
@@ -663,7 +778,8 @@ def _train(run: _Run, loss_fn: Any, callbacks: list[TrainHooks] | None) -> Train
                     "forget": _batches_hash(run.forget_batches), "retain": _batches_hash(run.retain_batches or []),
                     "loss_tokens": cfg.loss_tokens, "router_projection": cfg.router_projection,
                     "expert_projection": cfg.expert_projection, "projection_energy": cfg.projection_energy,
-                    "retain_weighting": cfg.retain_weighting}
+                    "retain_weighting": cfg.retain_weighting, "adapter": cfg.adapter, "adapter_rank": cfg.adapter_rank,
+                    "adapter_router": cfg.adapter_router}
     try:  # (checkpoint_every / resume without out_dir or checkpoint_dir: refused by check_unlearn_config)
         run.ckpt_existed = ckpt_dir is not None and ckpt_dir.exists()
         shared = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig) if f.name in UnlearnConfig.names()}
@@ -726,10 +842,12 @@ def _outputs(run: _Run, history: TrainHistory, forget: Any, retain: Any, t0: flo
                                 "loss_tokens": cfg.loss_tokens, "router_projection": cfg.router_projection,
                                 "expert_projection": cfg.expert_projection,
                                 "projection_energy": cfg.projection_energy,
-                                "retain_weighting": cfg.retain_weighting, "coverage": cfg.coverage},
+                                "retain_weighting": cfg.retain_weighting, "coverage": cfg.coverage,
+                                "adapter": cfg.adapter, "adapter_rank": cfg.adapter_rank if cfg.adapter else None,
+                                "adapter_router": cfg.adapter_router},
             **run.details,
             "final_terms": history.final(), "steps_run": len(history.steps),
-            "trainable_params": plan.num_trainable(),
+            "trainable_params": _num_trainable(run),
             "config": replay, "inputs": _inputs_record(forget, retain, cfg)}
     out_path = run.out_path
     patch_path = merged_path = None
@@ -741,7 +859,7 @@ def _outputs(run: _Run, history: TrainHistory, forget: Any, retain: Any, t0: flo
         elif out_path is not None:
             patch_path = out_path
             if rank == 0:
-                write_patch(out_path, model, run.entries, run.originals, info)
+                write_patch(out_path, model, run.entries, run.originals, info, **_lowrank_parts(run))
     except BaseException:
         with torch.no_grad():  # nothing was written: leave the model as it was, too
             params = canonical_parameters(model)
@@ -753,10 +871,24 @@ def _outputs(run: _Run, history: TrainHistory, forget: Any, retain: Any, t0: flo
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     barrier()  # no rank returns before the patch exists
     return UnlearnResult(patch_path=patch_path, merged_path=merged_path, method=cfg.method, scope=cfg.scope,
-                         targets=targets, history=history, trainable_params=plan.num_trainable(),
+                         targets=targets, history=history, trainable_params=_num_trainable(run),
                          optimizer_state_bytes=history.optimizer_state_bytes,
                          wall_time=time.perf_counter() - t0, final_terms=history.final(),
                          prefix_cache_start=run.runner.start, details=run.details)
+
+
+def _num_trainable(run: _Run) -> int:
+    return run.trained.num_trainable() if hasattr(run.trained, "num_trainable") else run.plan.num_trainable()
+
+
+def _lowrank_parts(run: _Run) -> dict[str, Any]:
+    """write_patch's lowrank= and grams= for an adapter run (nothing otherwise)."""
+    if run.cfg.adapter is None:
+        return {}
+    factors = run.trained.factors()
+    lowrank = {i: factors[(e.name, e.dim, e.start, e.stop)] for i, e in enumerate(run.entries)
+               if (e.name, e.dim, e.start, e.stop) in factors}
+    return {"lowrank": lowrank, "grams": run.grams}
 
 
 def _save_merged(model: nn.Module, out_dir: Path, entries: list[PatchEntry]) -> Path:

@@ -88,7 +88,7 @@ class ObjectiveInputs:
     """What one step's forward passes produced, plus cached reference values.
 
     forget_ref_logp / retain_ref_logp: [B] sequence log-prob sums under the original model.
-    retain_ref_logits: [B, S, V] original-model logits (KL retain loss).
+    forget_ref_logits / retain_ref_logits: [B, S, V] original-model logits (the KL terms).
     *_hidden: [B, S, H] output of the RMU layer; retain_ref_hidden: same with original weights.
     steering: [H] the RMU target c * u. *_mask: [B, S] attention masks (1 = real token).
     """
@@ -97,6 +97,7 @@ class ObjectiveInputs:
     forget_labels: torch.Tensor | None = None
     forget_mask: torch.Tensor | None = None
     forget_ref_logp: torch.Tensor | None = None
+    forget_ref_logits: torch.Tensor | None = None
     forget_hidden: torch.Tensor | None = None
     retain_logits: torch.Tensor | None = None
     retain_labels: torch.Tensor | None = None
@@ -181,6 +182,21 @@ def rmu_loss(inp: ObjectiveInputs, hp: Mapping[str, Any]) -> dict[str, torch.Ten
     return out
 
 
+def eul_loss(inp: ObjectiveInputs, hp: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """EUL's selective teacher-student objective (Chen and Yang, EMNLP 2023), teacher = the original
+    model F, student = the model being unlearned F_u, on scored (answer) positions:
+        L = alpha * KL(F || F_u)[retain] - gamma * KL(F || F_u)[forget] + task_weight * CE(retain).
+    The forget term pushes the student's next-token distribution away from what the original
+    predicted on forget data; the retain KL keeps it where the original was elsewhere; the task
+    loss keeps retain answers likely. The forget KL is unbounded above: gradient clipping (on by
+    default, max_grad_norm 1.0) and the step count bound how far it goes."""
+    kl_f = kl_to_reference(inp.forget_logits, inp.forget_ref_logits, inp.forget_labels)
+    kl_r = kl_to_reference(inp.retain_logits, inp.retain_ref_logits, inp.retain_labels, inp.retain_weight)
+    task = mean_nll(inp.retain_logits, inp.retain_labels, inp.retain_weight)
+    loss = hp["alpha"] * kl_r - hp["gamma"] * kl_f + hp["task_weight"] * task
+    return {"loss": loss, "forget_kl": kl_f.detach(), "retain_kl": kl_r.detach(), "retain_nll": task.detach()}
+
+
 def _count(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE).sum().clamp_min(1)
 
@@ -192,7 +208,11 @@ def _count(labels: torch.Tensor) -> torch.Tensor:
 class Objective:
     """A registered method: its loss, default hyperparameters and what the engine must provide.
 
-    forget_reference: "logp" = sequence log-probs of the original model on forget batches.
+    forget_reference: "logp" = sequence log-probs of the original model on forget batches (cached
+      once); "logits" = the original model's logits on the step's forget batch (recomputed per step
+      with the original weights swapped in: caching [B, S, V] for every batch costs too much memory).
+    retain_logits: the loss always reads the original model's retain logits (a KL on retain),
+      whatever hp["retain_loss"] says.
     retain_reference: "logits" (KL) or "hidden" (RMU) on retain batches, from the original model.
     needs_logits: False for representation methods (RMU): the engine may stop at the RMU layer.
     reads_hidden: the loss reads the output of one decoder layer (hp["layer"]) and a fixed steering
@@ -206,6 +226,7 @@ class Objective:
     forget_reference: str | None = None
     needs_logits: bool = True
     reads_hidden: bool = False
+    retain_logits: bool = False
 
     def hparams(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Defaults updated with `overrides`; unknown names are an error (typos must not pass silently)."""
@@ -226,7 +247,7 @@ class Objective:
     def retain_reference(self, hp: Mapping[str, Any]) -> str | None:
         if self.reads_hidden:
             return "hidden"
-        return "logits" if hp.get("retain_loss") == "kl" else None
+        return "logits" if self.retain_logits or hp.get("retain_loss") == "kl" else None
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -237,6 +258,8 @@ OBJECTIVES: dict[str, Objective] = {
                      forget_reference="logp"),
     "simnpo": Objective("simnpo", simnpo_loss, dict(beta=4.5, delta=0.0, gamma=0.125, alpha=1.0,
                                                     retain_loss="nll")),
+    "eul": Objective("eul", eul_loss, dict(gamma=1.0, alpha=1.0, task_weight=1.0), requires_retain=True,
+                     forget_reference="logits", retain_logits=True),
     "rmu": Objective("rmu", rmu_loss, dict(steering_coeff=6.5, alpha=1.0, layer=None), needs_logits=False,
                      reads_hidden=True),
 }
@@ -244,7 +267,7 @@ OBJECTIVES: dict[str, Objective] = {
 
 # the valid values of each hyperparameter: beta divides (must be > 0), weights must not flip sign
 _POSITIVE = {"beta", "steering_coeff"}
-_NON_NEGATIVE = {"gamma", "alpha"}
+_NON_NEGATIVE = {"gamma", "alpha", "task_weight"}
 _FINITE = {"delta"}
 
 

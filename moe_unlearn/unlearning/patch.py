@@ -1,14 +1,19 @@
 """Unlearning patches: exactly the changed tensors / slices, reversible bit-exactly.
 
 A patch is a directory with
-- patch.safetensors: `new.<i>` and `orig.<i>` for every entry i (the values after and before);
+- patch.safetensors: per entry i either its values, `new.<i>` and `orig.<i>` (after and before),
+  or, for a low-rank entry (adapter="lora", see moe_unlearn.unlearning.adapters), its factors
+  `a.<i>` [r, in] and `b.<i>` [out, r] and the few elements `fix_index.<i>` / `fix_value.<i>` that
+  make revert bit-exact; adapter patches also hold `gram_forget.<i>` / `gram_retain.<i>`, factors
+  of the Gram matrices of the entry's inputs (what `fuse_patches` merges with);
 - patch.json: format tag, base-model identity (name_or_path, config hash), the entries
   (parameter name, dim/start/stop of the slice or null for a whole tensor, shape, dtype,
   sha256 of the original and new values), and what produced it (method, scope, targets,
   hyperparameters, final loss terms).
 
 `apply_patch` checks that the model is the base model and that every entry currently holds
-the original values (so patches from sequential requests must be applied in order);
+the original values (so patches from sequential requests must be applied in order); a low-rank
+entry's new values are computed from the factors and checked against the recorded sha256;
 `revert_patch` checks that it holds the new values and writes the originals back. Both check
 the patch itself first: every field of patch.json, and every stored tensor against the shape,
 dtype and sha256 recorded for it (a tampered, truncated or mixed-up file is refused, never
@@ -34,6 +39,7 @@ from torch import nn
 from moe_unlearn.arch.wrappers import canonical_parameters, unwrap_model
 from moe_unlearn.atomic import atomic_dir
 from moe_unlearn.errors import BadInputError, PatchError, TrainingDiverged
+from moe_unlearn.unlearning.adapters import MatrixLayout, lowrank_apply, lowrank_revert, revert_fixes
 
 FORMAT = "moe-unlearn-patch"
 VERSION = 1
@@ -97,21 +103,49 @@ def snapshot(model: nn.Module, entries: list[PatchEntry]) -> list[torch.Tensor]:
 
 
 def write_patch(out_dir: str | os.PathLike, model: nn.Module, entries: list[PatchEntry],
-                originals: list[torch.Tensor], info: dict[str, Any]) -> Path:
+                originals: list[torch.Tensor], info: dict[str, Any], *,
+                lowrank: dict[int, dict[str, Any]] | None = None,
+                grams: dict[int, dict[str, Any]] | None = None,
+                values: list[torch.Tensor] | None = None) -> Path:
     """Write the patch of `entries` (current model values vs `originals`) into `out_dir`, atomically.
-    Entries whose values did not change are still written (they were in scope)."""
+    Entries whose values did not change are still written (they were in scope).
+    lowrank: {entry index: {"a", "b", "layout"}} entries stored as factors (the model must hold
+    exactly lowrank_apply(original)); grams: {entry index: {"forget", "retain" (factors [in, k]),
+    "forget_tokens", "retain_tokens", "forget_energy", "retain_energy"}}; values: the new values of the
+    entries when they are not the model's current ones (fuse_patches)."""
     params = canonical_parameters(model)
+    lowrank, grams = lowrank or {}, grams or {}
     tensors: dict[str, torch.Tensor] = {}
     meta_entries = []
     for i, (e, orig) in enumerate(zip(entries, originals, strict=True)):
-        new = e.view(params).detach().cpu().contiguous().clone()
+        new = (values[i] if values is not None else e.view(params)).detach().cpu().contiguous().clone()
         if new.is_floating_point() and not bool(torch.isfinite(new).all()):
             raise TrainingDiverged(f"{e.name} holds NaN/inf values after unlearning; nothing was written")
-        tensors[f"new.{i}"] = new
-        tensors[f"orig.{i}"] = orig.contiguous()
-        meta_entries.append({"name": e.name, "dim": e.dim, "start": e.start, "stop": e.stop,
-                             "shape": list(new.shape), "dtype": str(new.dtype).removeprefix("torch."),
-                             "orig_sha256": tensor_hash(orig), "new_sha256": tensor_hash(new)})
+        m = {"name": e.name, "dim": e.dim, "start": e.start, "stop": e.stop, "shape": list(new.shape),
+             "dtype": str(new.dtype).removeprefix("torch."), "orig_sha256": tensor_hash(orig),
+             "new_sha256": tensor_hash(new)}
+        if i in lowrank:
+            lr = lowrank[i]
+            layout: MatrixLayout = lr["layout"]
+            a, b = lr["a"].detach().cpu().float().contiguous(), lr["b"].detach().cpu().float().contiguous()
+            if tensor_hash(_lowrank_value(orig, layout, a, b)) != m["new_sha256"]:
+                raise PatchError(f"{e.name}: the model does not hold W0 + B A of its factors; nothing was written")
+            fix_index, fix_value = revert_fixes(layout.matrix(orig), a, b)
+            parts = {"a": a, "b": b, "fix_index": fix_index, "fix_value": fix_value}
+            tensors.update({f"{k}.{i}": v for k, v in parts.items()})
+            m.update(kind="lowrank", rank=int(a.shape[0]), layout=layout.to_dict(), fixes=int(fix_index.numel()),
+                     factor_sha256={k: tensor_hash(v) for k, v in parts.items()})
+        else:
+            tensors[f"new.{i}"] = new
+            tensors[f"orig.{i}"] = orig.contiguous()
+        if i in grams:
+            g = grams[i]
+            gparts = {k: g[k].detach().cpu().float().contiguous() for k in ("forget", "retain")}
+            tensors.update({f"gram_{k}.{i}": v for k, v in gparts.items()})
+            m["gram"] = {"in_features": int(gparts["forget"].shape[0]),
+                         **{f"{k}_{q}": g[f"{k}_{q}"] for k in ("forget", "retain") for q in ("tokens", "energy")},
+                         "sha256": {k: tensor_hash(v) for k, v in gparts.items()}}
+        meta_entries.append(m)
     meta = {"format": FORMAT, "version": VERSION, "base_model": model_identity(model), "entries": meta_entries,
             **info}
 
@@ -119,6 +153,20 @@ def write_patch(out_dir: str | os.PathLike, model: nn.Module, entries: list[Patc
     with atomic_dir(out) as tmp:  # an existing out_dir can only be empty here (checked by the caller)
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+    return out
+
+
+def _lowrank_value(base: torch.Tensor, layout: MatrixLayout, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The tensor (base's shape) holding lowrank_apply of base's matrix."""
+    out = base.detach().cpu().clone()
+    layout.matrix(out).copy_(lowrank_apply(layout.matrix(base.detach().cpu()), a, b))
+    return out
+
+
+def _lowrank_original(current: torch.Tensor, layout: MatrixLayout, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = current.detach().cpu().clone()
+    layout.matrix(out).copy_(lowrank_revert(layout.matrix(current.detach().cpu()), parts["a"], parts["b"],
+                                            parts["fix_index"], parts["fix_value"]))
     return out
 
 
@@ -177,10 +225,42 @@ def _check_meta(meta: dict[str, Any], where: Path) -> None:
             h = m.get(key)
             if not isinstance(h, str) or len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
                 raise bad(f"entry {i} ({m['name']}): {key} is not a sha256 hex digest")
+        kind = m.get("kind", "values")
+        if kind not in ("values", "lowrank"):
+            raise bad(f"entry {i} ({m['name']}): unknown kind {kind!r}")
+        if kind == "lowrank":
+            lay = m.get("layout")
+            r = m.get("rank")
+            if (not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(lay, dict)
+                    or lay.get("in_axis") not in (0, 1) or lay.get("squeeze") not in (None, 0, 1, 2)):
+                raise bad(f"entry {i} ({m['name']}): low-rank entry needs a rank >= 1 and a layout")
+            if not isinstance(m.get("factor_sha256"), dict) or set(m["factor_sha256"]) != set(_FACTORS):
+                raise bad(f"entry {i} ({m['name']}): factor_sha256 must name {', '.join(_FACTORS)}")
+        g = m.get("gram")
+        if g is not None and (not isinstance(g, dict) or not isinstance(g.get("sha256"), dict)
+                              or set(g["sha256"]) != {"forget", "retain"}):
+            raise bad(f"entry {i} ({m['name']}): gram statistics without their sha256")
         key = (m["name"], dim, start, stop)
         if key in seen:
             raise bad(f"entry {i} ({m['name']}) appears twice")
         seen.add(key)
+
+
+_FACTORS = ("a", "b", "fix_index", "fix_value")
+
+
+def _stored(meta: dict[str, Any]) -> dict[str, tuple[int, str, str | None]]:
+    """{tensor key: (entry index, part, recorded sha256)} of every tensor patch.json says is stored;
+    value parts are also checked against the entry's shape and dtype."""
+    want: dict[str, tuple[int, str, str | None]] = {}
+    for i, m in enumerate(meta["entries"]):
+        if m.get("kind", "values") == "lowrank":
+            want.update({f"{k}.{i}": (i, k, m["factor_sha256"][k]) for k in _FACTORS})
+        else:
+            want.update({f"{k}.{i}": (i, k, m[f"{k}_sha256"]) for k in ("orig", "new")})
+        if m.get("gram") is not None:
+            want.update({f"gram_{k}.{i}": (i, f"gram_{k}", m["gram"]["sha256"][k]) for k in ("forget", "retain")})
+    return want
 
 
 def _load_tensors(d: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -190,20 +270,36 @@ def _load_tensors(d: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     except Exception as exc:  # safetensors raises its own error type on a truncated or garbled file
         raise PatchError(f"cannot read {d / TENSORS_FILE} ({' '.join(str(exc).split())[:200]}); the patch is "
                          "damaged") from None
-    want = {f"{kind}.{i}" for i in range(len(meta["entries"])) for kind in ("orig", "new")}
-    if set(tensors) != want:
-        raise PatchError(f"{d / TENSORS_FILE} holds tensors {sorted(set(tensors) ^ want)[:4]} that do not match "
+    want = _stored(meta)
+    if set(tensors) != set(want):
+        raise PatchError(f"{d / TENSORS_FILE} holds tensors {sorted(set(tensors) ^ set(want))[:4]} that do not match "
                          f"{META_FILE}'s {len(meta['entries'])} entries; the patch is damaged")
-    for i, m in enumerate(meta["entries"]):
-        for kind in ("orig", "new"):
-            t = tensors[f"{kind}.{i}"]
-            if list(t.shape) != m["shape"] or str(t.dtype).removeprefix("torch.") != m["dtype"]:
-                raise PatchError(f"{m['name']}: the stored {kind} tensor is {tuple(t.shape)} {t.dtype}, "
-                                 f"{META_FILE} records {tuple(m['shape'])} {m['dtype']}; the patch is damaged")
-            if tensor_hash(t) != m[f"{kind}_sha256"]:
-                raise PatchError(f"{m['name']}: the stored {kind} values do not match their sha256 in {META_FILE}; "
-                                 "the patch was modified or damaged and is not applied")
+    for key, (i, part, sha) in want.items():
+        m, t = meta["entries"][i], tensors[key]
+        if part in ("orig", "new") and (list(t.shape) != m["shape"]
+                                        or str(t.dtype).removeprefix("torch.") != m["dtype"]):
+            raise PatchError(f"{m['name']}: the stored {part} tensor is {tuple(t.shape)} {t.dtype}, "
+                             f"{META_FILE} records {tuple(m['shape'])} {m['dtype']}; the patch is damaged")
+        if tensor_hash(t) != sha:
+            raise PatchError(f"{m['name']}: the stored {part} values do not match their sha256 in {META_FILE}; "
+                             "the patch was modified or damaged and is not applied")
     return tensors
+
+
+def entry_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """The stored tensors of entry i, by part name (orig/new, or a/b/fix_index/fix_value; gram_*)."""
+    suffix = f".{i}"
+    return {k[:-len(suffix)]: v for k, v in tensors.items() if k.endswith(suffix)}
+
+
+def entry_layout(m: dict[str, Any]) -> MatrixLayout:
+    return MatrixLayout(m["layout"]["squeeze"], m["layout"]["in_axis"])
+
+
+def load_patch(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(patch.json, the checked stored tensors) of a patch."""
+    meta = read_patch_meta(path)
+    return meta, _load_tensors(_patch_dir(path), meta)
 
 
 def _swap(model: nn.Module, path: str | os.PathLike, *, forward: bool) -> dict[str, Any]:
@@ -229,7 +325,17 @@ def _swap(model: nn.Module, path: str | os.PathLike, *, forward: bool) -> dict[s
                              + ("apply earlier patches first (in order), or this patch is already applied"
                                 if forward else "this patch is not applied, or later patches must be reverted "
                                 "first (reverse order)"))
-        views.append((view, tensors[f"{put}.{i}"], tensors[f"{have}.{i}"]))
+        if m.get("kind", "values") == "lowrank":  # computed from the factors, then checked bit for bit
+            parts = entry_parts(meta, tensors, i)
+            layout = entry_layout(m)
+            value = (_lowrank_value(view, layout, parts["a"], parts["b"]) if forward
+                     else _lowrank_original(view, layout, parts))
+            if tensor_hash(value) != m[f"{put}_sha256"]:
+                raise PatchError(f"{m['name']}: the values computed from the low-rank factors do not match the "
+                                 f"patch's sha256; nothing was {'applied' if forward else 'reverted'}")
+            views.append((view, value, view.detach().cpu().clone()))
+        else:
+            views.append((view, tensors[f"{put}.{i}"], tensors[f"{have}.{i}"]))
     done = []
     try:
         with torch.no_grad():

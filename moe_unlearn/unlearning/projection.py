@@ -111,15 +111,27 @@ class Projector(TrainHooks):
 
     @torch.no_grad()
     def project(self) -> None:
+        lowrank = getattr(self.slices, "find", None)  # low-rank adapters: project the factor A instead
         for (_, params, sub), origs in zip(self.routers, self._router_orig, strict=True):
-            for (_, p), orig in zip(params, origs, strict=True):
-                if p.dim() == 2:
+            for (name, p), orig in zip(params, origs, strict=True):
+                item = lowrank(name) if lowrank else None
+                if item is not None:
+                    self.slices.project_input(item, sub.basis)
+                elif p.dim() == 2:
                     _project_rows(p.data, orig, sub.basis)
                 else:  # a router bias: kept at its original value
                     p.data.copy_(orig)
         for (layer, e, sub_x, sub_a), origs in zip(self.experts, self._expert_orig, strict=True):
+            skip: set[str] = set()
+            for sl in layer.expert_slices(e) if lowrank else []:
+                item = lowrank(sl.name, sl.dim, sl.start, sl.stop)
+                if item is not None:
+                    self.slices.project_input(item, (sub_a if sl.role == "down" else sub_x).basis)
+                    skip |= {"gate", "up"} if sl.role == "gate_up" else {sl.role}
             views = layer.get_expert(e)
             for role, view in views.items():
+                if role in skip:
+                    continue
                 if role in ("gate", "up"):
                     _project_rows(view, origs[role], sub_x.basis)
                 elif role == "down":
@@ -148,19 +160,18 @@ class Projector(TrainHooks):
 
 
 @torch.no_grad()
-def build_projector(model: nn.Module, retain_batches: list[dict[str, torch.Tensor]], *,
-                    router_layers: list[MoELayer], experts: list[tuple[MoELayer, int]], energy: float,
-                    device: torch.device, slices=None) -> Projector:
-    """Collect the retain statistics with the original weights (one pass over the retain batches)
-    and build the projector for `router_layers` (GRIP) and `experts` (retain-null)."""
-    if not 0.0 < energy <= 1.0:
-        raise BadInputError(f"projection_energy must be in (0, 1], got {energy!r}")
+def input_grams(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, router_layers: list[MoELayer],
+                experts: list[tuple[MoELayer, int]], device: torch.device) -> _Grams:
+    """Gram matrices X^T X (fp64, CPU) of what the given routers and experts read on `batches`, with
+    the model's current weights: "router/<L>" every token's hidden state entering layer L;
+    "x/<L>/<e>" the hidden states of the tokens routed to expert e (its gate/up inputs);
+    "a/<L>/<e>" their intermediate activations act(gate x) * (up x) (its down inputs)."""
     layers = {layer.layer_idx: layer for layer in router_layers}
     layers.update({layer.layer_idx: layer for layer, _ in experts})
     router_idx = {layer.layer_idx for layer in router_layers}
     grams = _Grams()
     with RoutingCapture(model, list(layers.values()), hidden_states=True) as cap:
-        for b in retain_batches:
+        for b in batches:
             cap.clear()
             model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
                   use_cache=False)
@@ -181,6 +192,18 @@ def build_projector(model: nn.Module, retain_batches: list[dict[str, torch.Tenso
                     a = lay._activation(nn.functional.linear(xe, w["gate"].float(), _f(w.get("gate_bias"))),
                                         nn.functional.linear(xe, w["up"].float(), _f(w.get("up_bias"))))
                     grams.add(f"a/{idx}/{e}", a)
+    return grams
+
+
+@torch.no_grad()
+def build_projector(model: nn.Module, retain_batches: list[dict[str, torch.Tensor]], *,
+                    router_layers: list[MoELayer], experts: list[tuple[MoELayer, int]], energy: float,
+                    device: torch.device, slices=None) -> Projector:
+    """Collect the retain statistics with the original weights (one pass over the retain batches)
+    and build the projector for `router_layers` (GRIP) and `experts` (retain-null)."""
+    if not 0.0 < energy <= 1.0:
+        raise BadInputError(f"projection_energy must be in (0, 1], got {energy!r}")
+    grams = input_grams(model, retain_batches, router_layers=router_layers, experts=experts, device=device)
 
     def sub(key: str, dim: int) -> Subspace:
         if key not in grams.sums:
@@ -205,4 +228,4 @@ def _f(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 __all__ = ["EXPERT_PROJECTIONS", "ROUTER_PROJECTIONS", "Projector", "Subspace", "basis_from_gram",
-           "build_projector"]
+           "build_projector", "input_grams"]
