@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "unlearn": "moe_unlearn.commands.unlearn",
     "evaluate": "moe_unlearn.commands.evaluate",
     "evaluate-sequential": "moe_unlearn.commands.evaluate_sequential",
+    "fuse": "moe_unlearn.commands.fuse",
     "demo": "moe_unlearn.commands.demo",
     "frontier": "moe_unlearn.commands.frontier",
     "loramoe": "moe_unlearn.commands.loramoe",

@@ -87,6 +87,11 @@ register_variant(Variant("cov", "topm", "coverage", doc=f"the experts covering {
 register_variant(Variant("cov+grip+null", "topm", "coverage", {**GRIP, **NULL},
                          doc="coverage targets with both projections"))
 register_variant(Variant("full+grip", "full", None, GRIP, doc="full model, every router's change projected"))
+# low-rank adapters on the UOE target's matrices (moe_unlearn.unlearning.adapters); the router trains in full
+ADAPTER_RANKS = (1, 4, 16)
+for _r in ADAPTER_RANKS:
+    register_variant(Variant(f"uoe+lora{_r}", "uoe", "seuf", {"adapter": "lora", "adapter_rank": _r},
+                             doc=f"uoe with a rank-{_r} adapter B A on each of the target's matrices"))
 
 # Learning-rate grids, never chosen on the evaluation splits: half-decade steps, the same for every
 # method; the one-expert scopes train ~100x fewer parameters and need larger steps to move at all,

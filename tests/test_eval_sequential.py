@@ -49,9 +49,9 @@ def test_scalability_undoes_each_size_and_modes_are_pluggable(tmp_path):
 
     def recording_mode(model, tokenizer, request, retain, out_dir, kw):
         calls.append((request.name, len(request.forget)))
-        return MODES["stacked"](model, tokenizer, request, retain, out_dir, kw)
+        return MODES["stacked"]()(model, tokenizer, request, retain, out_dir, kw)
 
-    MODES["recording"] = recording_mode
+    MODES["recording"] = lambda: recording_mode
     try:
         res = evaluate_scalability(model, TOK, REQ_A + REQ_B, [2, 6], retain=RETAIN, holdout=HOLD,
                                    mode="recording", unlearn_kwargs=UNLEARN, eval_kwargs=EVAL, work_dir=tmp_path)
@@ -64,7 +64,7 @@ def test_scalability_undoes_each_size_and_modes_are_pluggable(tmp_path):
     with pytest.raises(BadInputError, match="sizes"):
         evaluate_scalability(model, TOK, REQ_A, [7], retain=RETAIN, work_dir=tmp_path)
     with pytest.raises(BadInputError, match="mode"):
-        evaluate_sequential(model, TOK, [UnlearnRequest("a", REQ_A)], retain=RETAIN, mode="fused", work_dir=tmp_path)
+        evaluate_sequential(model, TOK, [UnlearnRequest("a", REQ_A)], retain=RETAIN, mode="merged", work_dir=tmp_path)
 
 
 def test_cli_evaluate_sequential(tmp_path):

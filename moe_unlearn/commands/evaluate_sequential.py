@@ -42,7 +42,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a further utility split (repeatable)")
     p.add_argument("--holdout", help="never-trained texts of the forget kind: MIA AUC after each step")
     p.add_argument("--sizes", type=_sizes, help="scalability: comma-separated forget-set sizes (first n records)")
-    p.add_argument("--mode", default="stacked", help="how requests are applied (default: stacked patches)")
+    p.add_argument("--mode", default="stacked", help="how requests are applied: stacked (patches in order, the "
+                   "default) or fused (adapters each trained from the base model, fused; needs --adapter lora)")
+    p.add_argument("--adapter", choices=("lora",), default=None, help="train low-rank adapters on the experts")
+    p.add_argument("--adapter-rank", type=int, default=8)
     p.add_argument("--method", default="npo", choices=sorted(OBJECTIVES))
     p.add_argument("--scope", default="uoe", choices=SCOPES)
     p.add_argument("--steps", type=int, default=20)
@@ -70,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError("--sizes (scalability) takes exactly one --request, the whole forget set")
     if args.mode not in MODES:
         raise BadInputError(f"unknown --mode {args.mode!r}; registered: {sorted(MODES)}")
-    if args.steps < 1 or args.batch_size < 1:
-        raise BadInputError("--steps and --batch-size must be >= 1")
+    if args.steps < 1 or args.batch_size < 1 or args.adapter_rank < 1:
+        raise BadInputError("--steps, --batch-size and --adapter-rank must be >= 1")
+    if args.mode == "fused" and args.adapter is None:
+        raise BadInputError("--mode fused fuses adapters: add --adapter lora")
     # read every input before loading the model, so a bad file fails fast and writes nothing
     requests = [UnlearnRequest(n, as_items(f, n)) for n, f in args.request]
     retain = as_items(args.retain, "retain")
@@ -80,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_from_args(args)
     ukw = dict(method=args.method, scope=args.scope, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                progress=not args.quiet)
+    if args.adapter is not None:
+        ukw.update(adapter=args.adapter, adapter_rank=args.adapter_rank)
     ekw = dict(convention=args.convention, generate=not args.no_generate)
     patches = out.parent / f".{out.name}.patches"
     if patches.exists():

@@ -22,7 +22,8 @@ from moe_unlearn.unlearning.scopes import SCOPES
 _DIRECT = ("field", "method", "scope", "top_m", "topm_layer", "allow_shared", "merge", "steps", "epochs", "lr",
            "batch_size", "grad_accum", "max_length", "lr_schedule", "warmup_steps", "anchor_weight",
            "retain_routing_weight", "checkpoint_every", "resume", "seed", "gradient_checkpointing", "loss_tokens",
-           "coverage", "router_projection", "expert_projection", "projection_energy", "retain_weighting")
+           "coverage", "router_projection", "expert_projection", "projection_energy", "retain_weighting",
+           "adapter", "adapter_rank", "adapter_router", "adapter_gram_rank")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -57,6 +58,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--retain-weighting", choices=["trace"], default=None,
                    help="trace: weight retain tokens by how forget-critical their experts are")
     p.add_argument("--allow-shared", action="store_true", default=None, help="allow a shared expert as target")
+    p.add_argument("--adapter", choices=["lora"], default=None,
+                   help="train a low-rank delta B A on each expert matrix of the scope (uoe/topm/experts); the patch "
+                        "stores the factors and the input statistics `moe-unlearn fuse` merges with")
+    p.add_argument("--adapter-rank", type=int, default=None, help="rank r of the adapter (8)")
+    p.add_argument("--adapter-router", action="store_true", default=None,
+                   help="put the router under the adapter too (default: it trains in full)")
+    p.add_argument("--adapter-gram-rank", type=int, default=None,
+                   help="eigendirections kept of each input Gram matrix stored for fusion (256)")
     p.add_argument("--out", default=None, help="new (or empty) output directory")
     p.add_argument("--merge", action="store_true", default=None,
                    help="save the whole unlearned model instead of a patch")

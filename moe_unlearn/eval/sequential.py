@@ -6,10 +6,14 @@
 - scalability (`evaluate_scalability`): forget sets of growing size, each unlearned from the
   original model, each evaluated the same way.
 
-How a request is applied is a *mode*, a function in `MODES` (model, tokenizer, request, retain,
-out_dir, unlearn kwargs) -> an undo callable. "stacked": `moe_unlearn.unlearning.unlearn` in place,
-one reversible patch per request stacked on the previous ones (undone in reverse order). Other
-modes (fused adapters, say) register a function of the same shape.
+How a request is applied is a *mode*: `MODES[name]()` gives, for one run, a function (model,
+tokenizer, request, retain, out_dir, unlearn kwargs) -> an undo callable.
+- "stacked": `moe_unlearn.unlearning.unlearn` in place, one reversible patch per request stacked
+  on the previous ones (undone in reverse order); with unlearn kwargs adapter="lora" the stacked
+  patches are low-rank adapters.
+- "fused": each request's adapter is trained from the base model (the fused patch of the earlier
+  requests is reverted first, then re-fused): after request k the model holds
+  `fuse_patches([adapter_1 .. adapter_k])` (EUL's fusion; unlearn kwargs must name an adapter).
 Row 0 of every result is the model before any request.
 """
 
@@ -56,7 +60,44 @@ def _stacked(model: nn.Module, tokenizer, request: UnlearnRequest, retain, out_d
     return lambda: revert_patch(model, res.patch_path)
 
 
-MODES: dict[str, Mode] = {"stacked": _stacked}
+class _Fused:
+    """The "fused" mode's state over one run: the adapters so far and the fused patch applied now."""
+
+    def __init__(self) -> None:
+        self.adapters: list[Path] = []
+        self.applied: Path | None = None
+
+    def _revert(self, model: nn.Module) -> None:
+        from moe_unlearn.unlearning import revert_patch
+
+        if self.applied is not None:
+            revert_patch(model, self.applied)
+            self.applied = None
+
+    def __call__(self, model: nn.Module, tokenizer, request: UnlearnRequest, retain, out_dir: Path,
+                 unlearn_kwargs: dict[str, Any]) -> Callable[[], None]:
+        from moe_unlearn.unlearning import apply_patch, revert_patch, unlearn
+        from moe_unlearn.unlearning.fusion import fuse_patches
+
+        if not unlearn_kwargs.get("adapter"):
+            raise BadInputError("mode 'fused' fuses adapters: give unlearn_kwargs adapter='lora'")
+        self._revert(model)  # train from the base model
+        data = request.train if request.train is not None else _records(request.forget)
+        res = unlearn(model, data, None if retain is None else _records(retain), tokenizer=tokenizer,
+                      out_dir=out_dir / "adapter", **unlearn_kwargs)
+        revert_patch(model, res.patch_path)
+        self.adapters.append(res.patch_path)
+        fused = res.patch_path if len(self.adapters) == 1 else fuse_patches(model, self.adapters, out_dir / "fused")
+        apply_patch(model, fused)
+        self.applied = fused
+
+        def undo() -> None:
+            if self.applied == fused:
+                self._revert(model)
+        return undo
+
+
+MODES: dict[str, Callable[[], Mode]] = {"stacked": lambda: _stacked, "fused": _Fused}
 
 
 def _records(data: ItemsLike) -> Any:
@@ -146,7 +187,7 @@ def _check(mode: str, work_dir) -> Mode:
         raise BadInputError(f"unknown mode {mode!r}; registered: {sorted(MODES)}")
     if work_dir is None:
         raise BadInputError("work_dir is needed: each request writes its patch there")
-    return MODES[mode]
+    return MODES[mode]()
 
 
 def evaluate_sequential(model: nn.Module, tokenizer, requests: Sequence[UnlearnRequest], *, retain: ItemsLike,

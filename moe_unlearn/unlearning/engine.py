@@ -379,6 +379,8 @@ def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any
     """
     t0 = time.perf_counter()
     cfg = UnlearnConfig.build(config, **options)
+    if cfg.method == "ablate" and cfg.adapter is not None:
+        raise BadInputError("method 'ablate' trains nothing; it takes no adapter")
     if cfg.method == "ablate":  # no training: the targets' down projections zeroed (moe_unlearn.unlearning.ablate)
         from moe_unlearn.unlearning.ablate import ablate
 
