@@ -231,3 +231,27 @@ def test_bad_adapter_options_are_refused(opts, match):
     with pytest.raises(BadInputError, match=match):
         unlearn(model, FORGET, RETAIN, **{**KW, **opts})
     assert all(torch.equal(v, _state(model)[k]) for k, v in before.items())
+
+
+def test_gram_rank_zero_writes_no_statistics_and_caps_the_kept_rank(tmp_path):
+    from moe_unlearn.unlearning.fusion import fuse_patches
+
+    model = tiny_model("qwen2_moe")
+    t = _target(model)
+    bare = [unlearn(model, FORGET[i::2], RETAIN, scope="uoe", target=t, adapter="lora", adapter_gram_rank=0,
+                    out_dir=tmp_path / f"b{i}", **KW) for i in range(1)]
+    meta = json.loads((bare[0].patch_path / "patch.json").read_text())
+    assert all("gram" not in e for e in meta["entries"])
+    revert_patch(model, bare[0].patch_path)
+    capped = unlearn(model, FORGET, RETAIN, scope="uoe", target=t, adapter="lora", adapter_gram_rank=2,
+                     out_dir=tmp_path / "c", **KW)
+    revert_patch(model, capped.patch_path)
+    meta = json.loads((capped.patch_path / "patch.json").read_text())
+    grams = [e["gram"] for e in meta["entries"] if "gram" in e]
+    assert grams and all(0 < g["forget_energy"] <= 1.0 for g in grams)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(capped.patch_path / "patch.safetensors"))
+    assert all(v.shape[1] <= 2 for k, v in stored.items() if k.startswith("gram_"))
+    with pytest.raises(BadInputError, match="Gram"):
+        fuse_patches(model, [bare[0].patch_path, capped.patch_path], tmp_path / "f")

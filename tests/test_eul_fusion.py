@@ -143,7 +143,7 @@ def test_fused_patch_is_the_regression_merge_of_the_stored_statistics(tmp_path):
     model = tiny_model("qwen2_moe")
     before = _state(model)
     p1, p2 = _two_adapters(tmp_path, model)
-    fused = fuse_patches(model, [p1, p2], tmp_path / "f", ridge=1e-3)  # few tokens: singular Grams
+    fused = fuse_patches(model, [p1, p2], tmp_path / "f", ridge=1e-3, alpha=1.0)  # few tokens: singular Grams
     assert all(torch.equal(v, _state(model)[k]) for k, v in before.items())  # fusion reads, never writes
     fm, ft = load_patch(fused)
     metas = [load_patch(p) for p in (p1, p2)]
@@ -173,6 +173,10 @@ def test_fusion_is_order_independent_and_refuses_what_it_cannot_merge(tmp_path):
     a = fuse_patches(model, [p1, p2], tmp_path / "a")
     b = fuse_patches(model, [p2, p1], tmp_path / "b")
     assert (a / "patch.safetensors").read_bytes() == (b / "patch.safetensors").read_bytes()
+    # RegMean's off-diagonal scaling (the default alpha 0.9) changes the merge; alpha 1 is the plain regression
+    plain = fuse_patches(model, [p1, p2], tmp_path / "plain", alpha=1.0)
+    assert (plain / "patch.safetensors").read_bytes() != (a / "patch.safetensors").read_bytes()
+    assert json.loads((a / "patch.json").read_text())["fusion"]["alpha"] == 0.9
     with pytest.raises(BadInputError, match="two"):
         fuse_patches(model, [p1], tmp_path / "c")
     full = unlearn(model, F1, RETAIN, target=_target(model), out_dir=tmp_path / "full",

@@ -25,6 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="relative ridge lambda / (trace / in) of the regression (default 1e-6)")
     p.add_argument("--retain-weight", type=float, default=1.0,
                    help="weight of the retain inputs in each request's Gram matrix (default 1)")
+    p.add_argument("--alpha", type=float, default=0.9,
+                   help="off-diagonal scale of each Gram matrix (RegMean's regularisation; 1 = plain regression)")
     add_model_args(p, device=False)
     return p
 
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         read_patch_meta(p)  # a missing or malformed patch fails before the model load
     check_out_dir(Path(args.out), model_dirs=(args.model, *args.patch), must_be_empty=True, what="--out")
     model, _ = load_from_args(args, tokenizer=False)
-    out = fuse_patches(model, args.patch, args.out, ridge=args.ridge, retain_weight=args.retain_weight)
+    out = fuse_patches(model, args.patch, args.out, ridge=args.ridge, retain_weight=args.retain_weight,
+                       alpha=args.alpha)
     print(f"fused {len(args.patch)} patches into {out}")
     return 0

@@ -167,6 +167,6 @@ def _check_adapter(cfg: Any) -> None:
     if cfg.method == "ablate":
         raise BadInputError("method 'ablate' trains nothing; it takes no adapter")
     check_int("adapter_rank", cfg.adapter_rank, low=1)
-    check_int("adapter_gram_rank", cfg.adapter_gram_rank, low=1)
+    check_int("adapter_gram_rank", cfg.adapter_gram_rank, low=0)
     if not isinstance(cfg.adapter_router, bool):
         raise BadInputError(f"adapter_router must be true or false, got {cfg.adapter_router!r}")

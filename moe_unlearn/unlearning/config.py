@@ -57,7 +57,7 @@ class UnlearnConfig:
     adapter: str | None = None  # "lora" (scopes uoe / topm / experts), None = full slices
     adapter_rank: int = 8
     adapter_router: bool = False  # the router too (else it trains in full: E x H, already small)
-    adapter_gram_rank: int = 256  # eigendirections kept of each input Gram matrix (for fuse_patches)
+    adapter_gram_rank: int = 256  # eigendirections kept of each input Gram matrix (for fuse_patches; 0 = none)
     # data
     field: str | None = None
     loss_tokens: str = "answer"

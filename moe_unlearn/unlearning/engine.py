@@ -566,7 +566,7 @@ def _references(run: _Run) -> dict[str, Any]:
                 if run.rr_layers:
                     ref["r_scores"][k] = {i: run.by_idx[i].scores_from_logits(cap.records[-1].layers[i].logits)
                                           for i in run.rr_layers}
-    if run.cfg.adapter is not None:
+    if run.cfg.adapter is not None and run.cfg.adapter_gram_rank > 0:  # 0: a smaller patch that cannot be fused
         run.grams = _adapter_grams(run)
     ref["trace_w"] = None
     if run.cfg.retain_weighting == "trace":  # retain token weights by how forget-critical their experts are

@@ -6,7 +6,12 @@ that reproduces every adapter's outputs on its own inputs, in the least-squares 
 
     min_W  sum_i ||X_i W^T - X_i dW_i^T||^2   =>   W = (sum_i dW_i G_i) (sum_i G_i + lambda I)^-1,
 
-G_i = X_i^T X_i (forget inputs, plus `retain_weight` times retain inputs). The Gram matrices are
+G_i = X_i^T X_i (forget inputs, plus `retain_weight` times retain inputs), with its off-diagonal
+scaled by `alpha` (G_i <- alpha G_i + (1 - alpha) diag(G_i); RegMean's regularisation, Jin et al.
+2023, whose merge EUL's fusion is; alpha = 0.9 is RegMean's default, alpha = 1 is the plain
+regression). Without it the exact solution fits each request's inputs by large components in
+directions where those inputs have little energy, and inputs the requests never saw (utility
+data) meet those components. The Gram matrices are
 stored with each adapter patch (moe_unlearn.unlearning.adapters), so fusion needs no data. For
 low-rank adapters the result is exactly low rank, sum_i B_i (A_i G_i M^-1), M = sum_i G_i +
 lambda I: the fused patch stores the concatenated factors (rank sum_i r_i). A fully trained
@@ -48,9 +53,10 @@ from moe_unlearn.unlearning.patch import (
 )
 
 
-def _gram(parts: dict[str, torch.Tensor], retain_weight: float) -> torch.Tensor:
+def _gram(parts: dict[str, torch.Tensor], retain_weight: float, alpha: float = 1.0) -> torch.Tensor:
     f, r = parts["gram_forget"].double(), parts["gram_retain"].double()
-    return f @ f.T + retain_weight * (r @ r.T)
+    g = f @ f.T + retain_weight * (r @ r.T)
+    return alpha * g + (1.0 - alpha) * torch.diag(torch.diagonal(g))
 
 
 def _delta(m: dict[str, Any], parts: dict[str, torch.Tensor], layout: MatrixLayout) -> torch.Tensor:
@@ -92,7 +98,7 @@ def _canonical(loaded: list[tuple[Path, dict[str, Any], dict[str, torch.Tensor]]
 
 @torch.no_grad()
 def fuse_patches(model: nn.Module, patches: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
-                 ridge: float = 1e-6, retain_weight: float = 1.0) -> Path:
+                 ridge: float = 1e-6, retain_weight: float = 1.0, alpha: float = 0.9) -> Path:
     """Merge adapter patches, each made from `model`'s current (base) weights, into one patch in
     `out_dir` (module docstring). The model is read, never changed; every patch is checked (sha256
     of every stored tensor, base model, the model holding each entry's original values) before
@@ -102,6 +108,7 @@ def fuse_patches(model: nn.Module, patches: Sequence[str | os.PathLike], out_dir
 
     check_number("ridge", ridge, low=0.0)
     check_number("retain_weight", retain_weight, low=0.0)
+    check_number("alpha", alpha, low=0.0, high=1.0)
     if len(patches) < 2:
         raise BadInputError(f"fuse_patches needs at least two patches, got {len(patches)}")
     loaded = []
@@ -156,7 +163,7 @@ def fuse_patches(model: nn.Module, patches: Sequence[str | os.PathLike], out_dir
                                  for q in ("tokens", "energy")}}
             continue
         layout = layouts[0]
-        gs = [_gram(parts, retain_weight) for _, parts in items]
+        gs = [_gram(parts, retain_weight, alpha) for _, parts in items]
         total = sum(gs)
         lam = ridge * float(torch.trace(total)) / total.shape[0]
         msys = total + lam * torch.eye(total.shape[0], dtype=torch.float64)
@@ -186,7 +193,7 @@ def fuse_patches(model: nn.Module, patches: Sequence[str | os.PathLike], out_dir
                                                                     for t in meta.get("targets", [])}),
             "fused_from": [{"path": str(path), "method": meta.get("method"), "targets": meta.get("targets"),
                             "hyperparameters": meta.get("hyperparameters")} for path, meta, _ in loaded],
-            "fusion": {"ridge": ridge, "retain_weight": retain_weight, "patches": len(loaded)}}
+            "fusion": {"ridge": ridge, "retain_weight": retain_weight, "alpha": alpha, "patches": len(loaded)}}
     return write_patch(out_path, model, entries, originals, info, lowrank=lowrank, grams=grams, values=values)
 
 
