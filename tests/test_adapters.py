@@ -255,3 +255,24 @@ def test_gram_rank_zero_writes_no_statistics_and_caps_the_kept_rank(tmp_path):
     assert all(v.shape[1] <= 2 for k, v in stored.items() if k.startswith("gram_"))
     with pytest.raises(BadInputError, match="Gram"):
         fuse_patches(model, [bare[0].patch_path, capped.patch_path], tmp_path / "f")
+
+
+def test_grip_holds_on_a_low_rank_router():
+    model = tiny_model("qwen3_moe")
+    layer = find_moe_layers(model)[1]
+    batch = torch.tensor([TOK(t)["input_ids"] for t in RETAIN])
+    with torch.no_grad(), RoutingCapture(model, [layer], hidden_states=True) as cap:
+        model(input_ids=batch, attention_mask=torch.ones_like(batch))
+    hidden = cap.last.layers[layer.layer_idx].hidden
+    x = hidden.reshape(-1, hidden.shape[-1])
+    w0 = layer.router_logits(x).detach().clone()
+    kw = {**KW, "method": "ga", "steps": 4}
+    res = unlearn(model, FORGET, RETAIN, scope="uoe", target=(layer.layer_idx, 2), adapter="lora", adapter_rank=2,
+                  adapter_router=True, router_projection="grip", projection_energy=1.0, **kw)
+    assert res.details["adapter"]["low_rank_matrices"] == 3  # gate_up, down and the router
+    w1 = layer.router_logits(x).detach()
+    assert torch.allclose(w0, w1, atol=1e-4), (w0 - w1).abs().max()
+    free = tiny_model("qwen3_moe")
+    unlearn(free, FORGET, RETAIN, scope="uoe", target=(layer.layer_idx, 2), adapter="lora", adapter_rank=2,
+            adapter_router=True, **kw)
+    assert not torch.allclose(w0, find_moe_layers(free)[1].router_logits(x).detach(), atol=1e-4)

@@ -133,7 +133,7 @@ def test_anchor_and_retain_routing_by_hand():
 
 
 def test_registry_errors():
-    with pytest.raises(BadInputError, match="ga, graddiff, npo, rmu, simnpo"):
+    with pytest.raises(BadInputError, match="eul, ga, graddiff, npo, rmu, simnpo"):
         get_objective("dpo")
     with pytest.raises(BadInputError, match="valid: .*beta"):
         OBJECTIVES["npo"].hparams({"betta": 0.2})

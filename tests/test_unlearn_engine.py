@@ -154,7 +154,7 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path):
     before = _state(model)
     out = tmp_path / "out"
     cases = [
-        (dict(method="dpo"), BadInputError, "valid methods: ga, graddiff, npo, rmu, simnpo"),
+        (dict(method="dpo"), BadInputError, "valid methods: eul, ga, graddiff, npo, rmu, simnpo"),
         (dict(scope="some"), BadInputError, "valid scopes: full, experts, routers, uoe, topm"),
         (dict(target="1:6"), BadInputError, r"out of range .*0\.\.5"),
         (dict(target="5:0"), BadInputError, "not an MoE layer"),
