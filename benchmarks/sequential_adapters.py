@@ -18,7 +18,8 @@ the frontier grid whose median forget EM on the whole forget domain reached the 
 EM) (read from the committed frontier results; forget
 EM is the target, utility and neighbor EM are never read). One request is a quarter of the
 domain, so --steps 40 per request is about the frontier's epochs at 120 steps.
-Writes sequential_adapters_<bench>.json (resumable: one entry per mode and seed) and .png.
+Writes sequential_adapters_<bench>[_steps<N>].json (resumable: one entry per mode and seed) and .png.
+For the fused mode it also records each request's adapter applied alone (`adapters_alone`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,26 @@ def summarize_run(result: dict, names: list[str]) -> list[dict]:
                      "forget_first": em[names[0]], "utility": m["utility.exact_match"],
                      "neighbor": m["neighbor.exact_match"], "retain": m["retain.exact_match"], "per_request": em})
     return rows
+
+
+def adapters_alone(model, tok, work: Path, requests: list, utility: dict) -> list[dict]:
+    """Fused mode's diagnosis: each request's adapter applied alone to the base model (what fusion
+    starts from): forget EM of every request, utility and neighbor EM."""
+    from moe_unlearn.eval import evaluate
+    from moe_unlearn.unlearning import apply_patch, revert_patch
+
+    out = []
+    for k, req in enumerate(requests, start=1):
+        patch = work / f"step{k}_{req.name}" / "adapter"
+        apply_patch(model, patch)
+        try:
+            rep = evaluate(model, tok, extra_splits={**{f"forget_{r.name}": r.forget for r in requests}, **utility},
+                           generate=False, progress=False, batch_size=64)
+        finally:
+            revert_patch(model, patch)
+        out.append({"request": req.name, **{name: rep.splits[name].exact_match for name in rep.splits
+                                              if name.startswith("forget_") or name in utility}})
+    return out
 
 
 def plot(data: dict, path: Path) -> None:
@@ -139,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [r.name for r in requests]
     retain = unlearning_records(facts.retain_train)
     utility = {"utility": qa_records(facts.utility), "neighbor": qa_records(facts.neighbor)}
-    path = Path(args.out) / f"sequential_adapters_{args.bench}{'_quick' if args.quick else ''}.json"
+    tag = "" if args.steps == 40 else f"_steps{args.steps}"
+    path = Path(args.out) / f"sequential_adapters_{args.bench}{tag}{'_quick' if args.quick else ''}.json"
     data = json.loads(path.read_text()) if path.exists() else {
         "benchmark": "sequential_adapters", "bench": args.bench, "device": device_name(torch.device("cpu")),
         "bench_model": bench.path.name, "method": args.method, "rank": args.rank, "steps_per_request": args.steps,
@@ -162,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                                           unlearn_kwargs=ukw, eval_kwargs=dict(generate=False, batch_size=64),
                                           work_dir=Path(tmp))
                 sizes = {str(p.parent.relative_to(tmp)): p.stat().st_size for p in Path(tmp).rglob("patch.safetensors")}
+                alone = adapters_alone(model, tok, Path(tmp), requests, utility) if seq_mode == "fused" else None
             d = res.to_dict()
             data["runs"].append({"mode": mode, "seed": seed, "lr": lrs[mode], "summary": summarize_run(d, names),
-                                 "patch_bytes": sizes, "seconds": round(time.perf_counter() - t0, 1), "result": d})
+                                 "patch_bytes": sizes, "seconds": round(time.perf_counter() - t0, 1), "result": d,
+                                 **({"adapters_alone": alone} if alone is not None else {})})
             write_text(path, json.dumps(data, indent=1) + "\n")
             last = data["runs"][-1]["summary"][-1]
             print(f"{mode} seed {seed} lr {lrs[mode]:g}: after {len(names)} requests forget EM {last['forget_done']:.3f} "
