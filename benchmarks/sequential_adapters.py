@@ -118,6 +118,7 @@ def plot(data: dict, path: Path) -> None:
         ax.axhline(data["guess_level"], color="gray", ls=":", lw=1)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("requests applied")
+        ax.set_xticks(range(len(data["requests"]) + 1))
         ax.set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"sequential requests, bench `{data['bench']}` ({data['method']}, median and range over seeds)",

@@ -829,7 +829,7 @@ def _inputs_record(forget: Any, retain: Any, cfg: UnlearnConfig) -> dict[str, An
 
 def _outputs(run: _Run, history: TrainHistory, forget: Any, retain: Any, t0: float) -> UnlearnResult:
     """The patch (or merged model), written by rank 0 only, and the result."""
-    cfg, plan, model, rank = run.cfg, run.plan, run.model, run.rank
+    cfg, model, rank = run.cfg, run.model, run.rank
     targets = [str(t) for t in run.targets]
     replay = cfg.to_dict()
     replay["target"] = targets or replay["target"]  # an attribution is recorded as the targets it gave

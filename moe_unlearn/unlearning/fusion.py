@@ -41,7 +41,13 @@ from torch import nn
 from moe_unlearn.arch.wrappers import canonical_parameters
 from moe_unlearn.atomic import check_out_dir
 from moe_unlearn.errors import BadInputError, PatchError
-from moe_unlearn.unlearning.adapters import MatrixLayout, gram_factor, lowrank_apply, lowrank_delta, router_layout
+from moe_unlearn.unlearning.adapters import (
+    MatrixLayout,
+    gram_factor,
+    lowrank_apply,
+    lowrank_delta,
+    router_layout,
+)
 from moe_unlearn.unlearning.patch import (
     PatchEntry,
     config_hash,
@@ -124,7 +130,7 @@ def fuse_patches(model: nn.Module, patches: Sequence[str | os.PathLike], out_dir
     params = canonical_parameters(model)
     hidden = model.config.hidden_size
     groups: dict[tuple, list[tuple[dict[str, Any], dict[str, torch.Tensor]]]] = {}
-    for path, meta, tensors in loaded:
+    for _path, meta, tensors in loaded:
         for i, m in enumerate(meta["entries"]):
             groups.setdefault((m["name"], m["dim"], m["start"], m["stop"]), []).append(
                 (m, entry_parts(meta, tensors, i)))
