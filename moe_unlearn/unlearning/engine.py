@@ -336,7 +336,7 @@ def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any
     (they override `config`'s values): `unlearn(model, f, r, tokenizer=tok, lr=1e-5)`.
     forget / retain: anything `moe_unlearn.data.load_texts` reads (list of strings, .txt,
       .jsonl, dataset dir) or `TokenizedBatches`. retain is optional except for graddiff.
-    method: a name in `objectives.OBJECTIVES` (ga, graddiff, npo, simnpo, rmu); method_kwargs
+    method: a name in `objectives.OBJECTIVES` (ga, graddiff, npo, simnpo, rmu, eul); method_kwargs
       override its hyperparameters (e.g. {"beta": 0.1, "retain_loss": "kl"}). "ablate" (uoe/topm)
       trains nothing: the targets' down projections are zeroed, as a patch.
     coverage (topm): choose the targets with `select_targets(attribution, coverage)`: experts added
@@ -366,6 +366,10 @@ def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any
       (see moe_unlearn.unlearning.projection).
     retain_weighting="trace": the retain loss weights each token by how much its experts are
       forget-critical (see moe_unlearn.unlearning.trace). All three need retain data.
+    adapter="lora" (uoe / topm / experts): each expert matrix trains as W0 + B A of rank
+      `adapter_rank` (the router too with adapter_router=True); the patch stores the factors and
+      the Gram statistics of each matrix's inputs (`adapter_gram_rank` eigendirections, 0 = none)
+      that `fuse_patches` merges requests with (see moe_unlearn.unlearning.adapters / .fusion).
     out_dir: new (or empty) directory for the patch (or, with merge=True, the merged model);
       None writes nothing. The model's own directory is refused.
     Under torch.distributed (torchrun) the data is split over the ranks and the trained slices'
