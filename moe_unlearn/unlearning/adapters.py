@@ -201,6 +201,7 @@ class AdapterParams(TrainHooks):
             self.items.append(LowRankItem(name, param, dim, start, stop, layout, view.detach().clone(),
                                           nn.Parameter(a.to(param.device)),
                                           nn.Parameter(torch.zeros(out_f, rank, device=param.device))))
+        self._by_key = {it.key: it for it in self.items}
         self._handles = []
         by_param: dict[int, list[LowRankItem]] = {}
         for it in self.items:
@@ -222,10 +223,7 @@ class AdapterParams(TrainHooks):
 
     def find(self, name: str, dim: int | None = None, start: int | None = None,
              stop: int | None = None) -> LowRankItem | None:
-        for it in self.items:
-            if it.key == (name, dim, start, stop):
-                return it
-        return None
+        return self._by_key.get((name, dim, start, stop))
 
     @torch.no_grad()
     def write_back(self) -> None:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
+from moe_unlearn.arch.base import ExpertSlice
 from moe_unlearn.arch.discovery import adapter_for, decoder_layers
 from moe_unlearn.arch.stack import DecoderStack
 from moe_unlearn.arch.wrappers import canonical_parameters, is_peft_layer, unwrap_model
@@ -591,15 +592,18 @@ def _references(run: _Run) -> dict[str, Any]:
     return ref
 
 
-def _gram_key(run: _Run, entry: PatchEntry) -> str | None:
+def _slice_key(x: Any) -> tuple:
+    return (x.name, x.dim, x.start, x.stop)
+
+
+def _gram_key(run: _Run, entry: PatchEntry, slices: dict[tuple, ExpertSlice]) -> str | None:
     """Which input Gram an entry's matrix reads (see moe_unlearn.unlearning.projection.input_grams)."""
     if entry.dim is not None:
-        owner = run.slice_owner.get((entry.name, entry.dim, entry.start, entry.stop))
-        role = next((sl.role for sl in run.plan.slices if (sl.name, sl.dim, sl.start, sl.stop) ==
-                     (entry.name, entry.dim, entry.start, entry.stop)), None)
-        if owner is None or role not in ("gate_up", "gate", "up", "down"):
+        owner = run.slice_owner.get(_slice_key(entry))
+        sl = slices.get(_slice_key(entry))
+        if owner is None or sl is None or sl.role not in ("gate_up", "gate", "up", "down"):
             return None
-        return f"{'a' if role == 'down' else 'x'}/{owner[0]}/{owner[1]}"
+        return f"{'a' if sl.role == 'down' else 'x'}/{owner[0]}/{owner[1]}"
     for i in run.plan.router_layers:
         for n, p in run.by_idx[i].router_parameters():
             if n == entry.name and p.dim() == 2:
@@ -613,7 +617,8 @@ def _adapter_grams(run: _Run) -> dict[int, dict[str, Any]]:
     from moe_unlearn.unlearning.adapters import gram_factor
     from moe_unlearn.unlearning.projection import input_grams
 
-    keys = {i: _gram_key(run, e) for i, e in enumerate(run.entries)}
+    slices = {_slice_key(sl): sl for sl in run.plan.slices}
+    keys = {i: _gram_key(run, e, slices) for i, e in enumerate(run.entries)}
     keys = {i: k for i, k in keys.items() if k is not None}
     experts = sorted({tuple(int(x) for x in k.split("/")[1:]) for k in keys.values() if not k.startswith("router")})
     routers = sorted({int(k.split("/")[1]) for k in keys.values() if k.startswith("router")})
@@ -625,7 +630,7 @@ def _adapter_grams(run: _Run) -> dict[int, dict[str, Any]]:
     out = {}
     for i, key in keys.items():
         e = run.entries[i]
-        in_features = _in_features(run, e, params)
+        in_features = _in_features(run, e, params, slices)
         rec: dict[str, Any] = {}
         for kind, g in stats.items():
             gram = g.sums.get(key, torch.zeros(in_features, in_features, dtype=torch.float64))
@@ -635,14 +640,14 @@ def _adapter_grams(run: _Run) -> dict[int, dict[str, Any]]:
     return out
 
 
-def _in_features(run: _Run, entry: PatchEntry, params: dict[str, nn.Parameter]) -> int:
+def _in_features(run: _Run, entry: PatchEntry, params: dict[str, nn.Parameter],
+                 slices: dict[tuple, ExpertSlice]) -> int:
     from moe_unlearn.unlearning.adapters import router_layout, slice_layout
 
     if entry.dim is None:
         return router_layout(params[entry.name], run.model.config.hidden_size).matrix(params[entry.name]).shape[1]
-    sl = next(sl for sl in run.plan.slices if (sl.name, sl.dim, sl.start, sl.stop) ==
-              (entry.name, entry.dim, entry.start, entry.stop))
-    layer, expert = run.slice_owner[(sl.name, sl.dim, sl.start, sl.stop)]
+    sl = slices[_slice_key(entry)]
+    layer, expert = run.slice_owner[_slice_key(sl)]
     return slice_layout(run.by_idx[layer], sl, expert).matrix(sl.view()).shape[1]
 
 
@@ -657,7 +662,7 @@ def _trained_params(run: _Run):
 
     matrices, rest_slices, rest_whole = [], [], []
     for sl in plan.slices:
-        layer, expert = run.slice_owner[(sl.name, sl.dim, sl.start, sl.stop)]
+        layer, expert = run.slice_owner[_slice_key(sl)]
         layout = slice_layout(run.by_idx[layer], sl, expert)
         if layout is None:
             rest_slices.append(sl)
