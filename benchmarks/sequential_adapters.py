@@ -18,7 +18,7 @@ the frontier grid whose median forget EM on the whole forget domain reached the 
 EM) (read from the committed frontier results; forget
 EM is the target, utility and neighbor EM are never read). One request is a quarter of the
 domain, so --steps 40 per request is about the frontier's epochs at 120 steps.
-Writes sequential_adapters_<bench>[_steps<N>].json (resumable: one entry per mode and seed) and .png.
+Writes sequential_adapters_<bench>[_<method>][_steps<N>].json (resumable: one entry per mode and seed) and .png.
 For the fused mode it also records each request's adapter applied alone (`adapters_alone`).
 """
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [r.name for r in requests]
     retain = unlearning_records(facts.retain_train)
     utility = {"utility": qa_records(facts.utility), "neighbor": qa_records(facts.neighbor)}
-    tag = "" if args.steps == 40 else f"_steps{args.steps}"
+    tag = ("" if args.method == "npo" else f"_{args.method}") + ("" if args.steps == 40 else f"_steps{args.steps}")
     path = Path(args.out) / f"sequential_adapters_{args.bench}{tag}{'_quick' if args.quick else ''}.json"
     data = json.loads(path.read_text()) if path.exists() else {
         "benchmark": "sequential_adapters", "bench": args.bench, "device": device_name(torch.device("cpu")),
