@@ -276,3 +276,67 @@ def test_grip_holds_on_a_low_rank_router():
     unlearn(free, FORGET, RETAIN, scope="uoe", target=(layer.layer_idx, 2), adapter="lora", adapter_rank=2,
             adapter_router=True, **kw)
     assert not torch.allclose(w0, find_moe_layers(free)[1].router_logits(x).detach(), atol=1e-4)
+
+
+def test_adapter_run_resumes_from_a_checkpoint_to_the_same_factors(tmp_path, monkeypatch):
+    from moe_unlearn.training import TrainHooks
+    from moe_unlearn.training import train as real_train
+    from moe_unlearn.unlearning import engine
+
+    args = dict(scope="uoe", target=(2, 1), adapter="lora", adapter_rank=2, checkpoint_every=2,
+                **{**KW, "steps": 6})
+    ref = unlearn(tiny_model("qwen2_moe"), FORGET, RETAIN, out_dir=tmp_path / "ref", **args)
+
+    class Crash(Exception):
+        pass
+
+    class CrashAt(TrainHooks):
+        def after_step(self, step):
+            if step == 5:
+                raise Crash
+
+    monkeypatch.setattr(engine, "train", lambda *a, hooks, **k: real_train(*a, hooks=[*hooks, CrashAt()], **k))
+    model = tiny_model("qwen2_moe")
+    before = _state(model)
+    with pytest.raises(Crash):
+        unlearn(model, FORGET, RETAIN, out_dir=tmp_path / "run", **args)
+    assert all(torch.equal(v, _state(model)[k]) for k, v in before.items())
+    monkeypatch.setattr(engine, "train", real_train)
+    res = unlearn(tiny_model("qwen2_moe"), FORGET, RETAIN, out_dir=tmp_path / "run", resume=True, **args)
+    assert res.history.resumed_from == 4
+    from safetensors.torch import load_file
+
+    got, want = load_file(res.patch_path / "patch.safetensors"), load_file(ref.patch_path / "patch.safetensors")
+    assert got.keys() == want.keys() and any(k.startswith("a.") for k in got)
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_adapter_round_trip_and_cli(tmp_path):
+    model = tiny_model("qwen2_moe").to(torch.bfloat16)
+    before = _state(model)
+    res = unlearn(model, FORGET, RETAIN, scope="uoe", target=(2, 1), adapter="lora", out_dir=tmp_path / "p", **KW)
+    after = _state(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    revert_patch(model, res.patch_path)
+    assert all(torch.equal(v, _state(model)[k]) for k, v in before.items())
+    apply_patch(model, res.patch_path)
+    assert all(torch.equal(v, _state(model)[k]) for k, v in after.items())
+
+    from moe_unlearn.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_model("qwen2_moe").save_pretrained(model_dir)
+    TOK.save_pretrained(model_dir)
+    forget = tmp_path / "forget.txt"
+    forget.write_text("\n".join(FORGET))
+    out = tmp_path / "cli"
+    assert main(["unlearn", "--model", str(model_dir), "--forget", str(forget), "--target", "2:1", "--out", str(out),
+                 "--steps", "2", "--lr", "1e-2", "--adapter", "lora", "--adapter-rank", "3", "--quiet",
+                 "--device", "cpu"]) == 0
+    meta = json.loads((out / "patch.json").read_text())
+    assert {e.get("rank") for e in meta["entries"] if e.get("kind") == "lowrank"} == {3}
+    assert meta["config"]["adapter"] == "lora" and meta["config"]["adapter_rank"] == 3
+    assert main(["unlearn", "--model", str(model_dir), "--forget", str(forget), "--scope", "full", "--out",
+                 str(tmp_path / "bad"), "--adapter", "lora", "--quiet"]) == 2
+    assert not (tmp_path / "bad").exists()
