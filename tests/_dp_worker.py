@@ -18,13 +18,13 @@ FORGET = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(6 + i % 3)) for i in ra
 RETAIN = [" ".join(f"w{40 + (i * 5 + j) % 40}" for j in range(7)) for i in range(8)]
 
 
-def main(out: str, grad_accum: int) -> None:
+def main(out: str, grad_accum: int, adapter: str | None = None) -> None:
     init_from_env("cpu")
     rank, _ = world()
     model = tiny_model("qwen3_moe")
     res = unlearn(model, FORGET, RETAIN, tokenizer=word_tokenizer(), method="graddiff", scope="uoe", target=None,
                   steps=2, lr=1e-2, batch_size=2, grad_accum=grad_accum, max_length=12, progress=False,
-                  out_dir=out)
+                  out_dir=out, adapter=adapter, adapter_rank=2)
     from moe_unlearn.attribution import attribute_experts
 
     att = attribute_experts(model, FORGET, tokenizer=word_tokenizer(), batch_size=2, max_length=12,
@@ -39,4 +39,4 @@ def main(out: str, grad_accum: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
