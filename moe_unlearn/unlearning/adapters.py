@@ -118,6 +118,13 @@ def lowrank_unapply(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.
     return (w.double() - lowrank_delta(a.to(w.device), b.to(w.device))).to(w.dtype)
 
 
+def lowrank_value(base: torch.Tensor, layout: MatrixLayout, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of `base` (an entry's tensor, its own shape) whose matrix holds lowrank_apply(W0, a, b)."""
+    out = base.detach().cpu().clone()
+    layout.matrix(out).copy_(lowrank_apply(layout.matrix(base.detach().cpu()), a, b))
+    return out
+
+
 _INT_OF = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -283,4 +290,4 @@ def gram_factor(gram: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, float]
 
 
 __all__ = ["ADAPTERS", "AdapterParams", "LowRankItem", "MatrixLayout", "gram_factor", "lowrank_apply",
-           "lowrank_delta", "lowrank_revert", "lowrank_unapply", "revert_fixes", "router_layout", "slice_layout"]
+           "lowrank_delta", "lowrank_revert", "lowrank_unapply", "lowrank_value", "revert_fixes", "router_layout", "slice_layout"]

@@ -44,8 +44,8 @@ from moe_unlearn.errors import BadInputError, PatchError
 from moe_unlearn.unlearning.adapters import (
     MatrixLayout,
     gram_factor,
-    lowrank_apply,
     lowrank_delta,
+    lowrank_value,
     router_layout,
 )
 from moe_unlearn.unlearning.patch import (
@@ -85,12 +85,16 @@ def regression_merge(deltas: Sequence[torch.Tensor], grams: Sequence[torch.Tenso
                      ) -> torch.Tensor:
     """argmin_W sum_i ||X_i W^T - X_i dW_i^T||^2 (+ lambda ||W||^2) from the Grams G_i = X_i^T X_i:
     W = (sum_i dW_i G_i)(sum_i G_i + lambda I)^-1, lambda = ridge * trace(sum G) / in. float64."""
-    total = sum(g.double() for g in grams)
-    d = total.shape[0]
-    lam = ridge * float(torch.trace(total)) / d
-    m = total + lam * torch.eye(d, dtype=torch.float64)
+    m = _normal_matrix(grams, ridge)
     rhs = sum(dw.double() @ g.double() for dw, g in zip(deltas, grams, strict=True))
     return torch.linalg.solve(m, rhs.T).T  # M symmetric: (M^-1 rhs^T)^T = rhs M^-1
+
+
+def _normal_matrix(grams: Sequence[torch.Tensor], ridge: float) -> torch.Tensor:
+    """M = sum_i G_i + lambda I, lambda = ridge * trace(sum G) / in (float64)."""
+    total = sum(g.double() for g in grams)
+    d = total.shape[0]
+    return total + ridge * float(torch.trace(total)) / d * torch.eye(d, dtype=torch.float64)
 
 
 def _canonical(loaded: list[tuple[Path, dict[str, Any], dict[str, torch.Tensor]]]):
@@ -117,6 +121,7 @@ def fuse_patches(model: nn.Module, patches: Sequence[str | os.PathLike], out_dir
     check_number("alpha", alpha, low=0.0, high=1.0)
     if len(patches) < 2:
         raise BadInputError(f"fuse_patches needs at least two patches, got {len(patches)}")
+    out_path = check_out_dir(Path(out_dir), model_dirs=(), must_be_empty=True, what="out_dir")
     loaded = []
     for p in patches:
         meta, tensors = load_patch(p)
@@ -156,9 +161,7 @@ def fuse_patches(model: nn.Module, patches: Sequence[str | os.PathLike], out_dir
             if len(items) == 1 and items[0][0].get("kind", "values") == "lowrank":
                 m, parts = items[0]
                 lowrank[idx] = {"a": parts["a"], "b": parts["b"], "layout": entry_layout(m)}
-                out = orig.clone()
-                entry_layout(m).matrix(out).copy_(lowrank_apply(entry_layout(m).matrix(orig), parts["a"], parts["b"]))
-                values.append(out)
+                values.append(lowrank_value(orig, entry_layout(m), parts["a"], parts["b"]))
             else:  # one request's values, or (no Gram: a bias) the mean of the changes
                 mean = sum(p["new"].double() - p["orig"].double() for _, p in items) / len(items)
                 values.append((orig.double() + mean).to(orig.dtype))
@@ -170,17 +173,14 @@ def fuse_patches(model: nn.Module, patches: Sequence[str | os.PathLike], out_dir
             continue
         layout = layouts[0]
         gs = [_gram(parts, retain_weight, alpha) for _, parts in items]
-        total = sum(gs)
-        lam = ridge * float(torch.trace(total)) / total.shape[0]
-        msys = total + lam * torch.eye(total.shape[0], dtype=torch.float64)
+        msys = _normal_matrix(gs, ridge)
         if all(m.get("kind", "values") == "lowrank" for m, _ in items):
             # sum_i B_i A_i G_i M^-1: factors [B_1 .. B_k], [A_1 G_1 M^-1; ..; A_k G_k M^-1]
             a = torch.cat([torch.linalg.solve(msys, g @ parts["a"].double().T).T for (_, parts), g
                            in zip(items, gs, strict=True)]).float()
             b = torch.cat([parts["b"].double() for _, parts in items], dim=1).float()
             lowrank[idx] = {"a": a.contiguous(), "b": b.contiguous(), "layout": layout}
-            out = orig.clone()
-            layout.matrix(out).copy_(lowrank_apply(layout.matrix(orig), a, b))
+            out = lowrank_value(orig, layout, a, b)
         else:
             fused = regression_merge([_delta(m, parts, layout) for m, parts in items], gs, ridge)
             out = orig.clone()
@@ -193,8 +193,6 @@ def fuse_patches(model: nn.Module, patches: Sequence[str | os.PathLike], out_dir
                                                            * len(fs))
             rec[f"{kind}_tokens"] = sum(m["gram"][f"{kind}_tokens"] for m, _ in items)
         grams[idx] = rec
-    out_path = Path(out_dir)
-    check_out_dir(out_path, model_dirs=(), must_be_empty=True, what="out_dir")
     info = {"method": "fused", "scope": "fused", "targets": sorted({t for _, meta, _ in loaded
                                                                     for t in meta.get("targets", [])}),
             "fused_from": [{"path": str(path), "method": meta.get("method"), "targets": meta.get("targets"),

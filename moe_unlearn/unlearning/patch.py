@@ -39,7 +39,7 @@ from torch import nn
 from moe_unlearn.arch.wrappers import canonical_parameters, unwrap_model
 from moe_unlearn.atomic import atomic_dir
 from moe_unlearn.errors import BadInputError, PatchError, TrainingDiverged
-from moe_unlearn.unlearning.adapters import MatrixLayout, lowrank_apply, lowrank_revert, revert_fixes
+from moe_unlearn.unlearning.adapters import MatrixLayout, lowrank_revert, lowrank_value, revert_fixes
 
 FORMAT = "moe-unlearn-patch"
 VERSION = 1
@@ -128,7 +128,7 @@ def write_patch(out_dir: str | os.PathLike, model: nn.Module, entries: list[Patc
             lr = lowrank[i]
             layout: MatrixLayout = lr["layout"]
             a, b = lr["a"].detach().cpu().float().contiguous(), lr["b"].detach().cpu().float().contiguous()
-            if tensor_hash(_lowrank_value(orig, layout, a, b)) != m["new_sha256"]:
+            if tensor_hash(lowrank_value(orig, layout, a, b)) != m["new_sha256"]:
                 raise PatchError(f"{e.name}: the model does not hold W0 + B A of its factors; nothing was written")
             fix_index, fix_value = revert_fixes(layout.matrix(orig), a, b)
             parts = {"a": a, "b": b, "fix_index": fix_index, "fix_value": fix_value}
@@ -153,13 +153,6 @@ def write_patch(out_dir: str | os.PathLike, model: nn.Module, entries: list[Patc
     with atomic_dir(out) as tmp:  # an existing out_dir can only be empty here (checked by the caller)
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-    return out
-
-
-def _lowrank_value(base: torch.Tensor, layout: MatrixLayout, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The tensor (base's shape) holding lowrank_apply of base's matrix."""
-    out = base.detach().cpu().clone()
-    layout.matrix(out).copy_(lowrank_apply(layout.matrix(base.detach().cpu()), a, b))
     return out
 
 
@@ -328,7 +321,7 @@ def _swap(model: nn.Module, path: str | os.PathLike, *, forward: bool) -> dict[s
         if m.get("kind", "values") == "lowrank":  # computed from the factors, then checked bit for bit
             parts = entry_parts(meta, tensors, i)
             layout = entry_layout(m)
-            value = (_lowrank_value(view, layout, parts["a"], parts["b"]) if forward
+            value = (lowrank_value(view, layout, parts["a"], parts["b"]) if forward
                      else _lowrank_original(view, layout, parts))
             if tensor_hash(value) != m[f"{put}_sha256"]:
                 raise PatchError(f"{m['name']}: the values computed from the low-rank factors do not match the "
