@@ -1,8 +1,12 @@
 """Build hook: compiles csrc/ as a torch CUDA extension only where CUDA is present.
 
-Everything else (the pure-Python package and the Triton kernels) is declared in
-pyproject.toml. On a machine without a CUDA torch or without nvcc the package
-installs without the extension and the dispatch layer uses Triton or torch.
+Everything else is declared in pyproject.toml. On a machine without a CUDA torch
+or without nvcc the package installs without the extension and the dispatch
+layer uses Triton or torch.
+
+The Triton sources live in the top-level kernels/ folder, which is not a Python
+package (it would shadow Hugging Face's `kernels`); `BuildPyWithKernels` copies
+them into moe_unlearn/kernels/ of every wheel.
 """
 
 from __future__ import annotations
@@ -12,6 +16,29 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+KERNEL_SOURCES = "kernels"
+
+
+class BuildPyWithKernels(build_py):
+    """build_py that also places kernels/*.py into the built moe_unlearn/kernels/ package."""
+
+    def run(self) -> None:
+        super().run()
+        if self.editable_mode:  # editable: moe_unlearn/kernels/__init__.py reaches the folder itself
+            return
+        target = os.path.join(self.build_lib, "moe_unlearn", "kernels")
+        self.mkpath(target)
+        for src in sorted(glob.glob(os.path.join(KERNEL_SOURCES, "*.py"))):
+            self.copy_file(src, os.path.join(target, os.path.basename(src)))
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        if self.editable_mode:
+            return super().get_outputs(include_bytecode)
+        extra = [os.path.join(self.build_lib, "moe_unlearn", "kernels", os.path.basename(p))
+                 for p in sorted(glob.glob(os.path.join(KERNEL_SOURCES, "*.py")))]
+        return [*super().get_outputs(include_bytecode), *extra]
 
 
 def _cuda_extensions() -> tuple[list, dict]:
@@ -43,4 +70,4 @@ def _cuda_extensions() -> tuple[list, dict]:
 
 
 ext_modules, cmdclass = _cuda_extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={**cmdclass, "build_py": BuildPyWithKernels})

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import torch
+from _tiny_tokenizer import word_tokenizer
 
 from moe_unlearn.distributed import init_from_env, world
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.unlearning import unlearn
-from tests._tiny_tokenizer import word_tokenizer
 
 FORGET = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(6 + i % 3)) for i in range(8)]
 RETAIN = [" ".join(f"w{40 + (i * 5 + j) % 40}" for j in range(7)) for i in range(8)]

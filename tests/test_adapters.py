@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from _tiny_tokenizer import word_tokenizer
 
 from moe_unlearn.arch import RoutingCapture, find_moe_layers
 from moe_unlearn.errors import BadInputError, PatchError
@@ -20,7 +21,6 @@ from moe_unlearn.unlearning.adapters import (
     revert_fixes,
     slice_layout,
 )
-from tests._tiny_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()
 FORGET = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(8)) for i in range(6)]

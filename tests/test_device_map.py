@@ -10,6 +10,7 @@ import argparse
 
 import pytest
 import torch
+from _tiny_tokenizer import word_tokenizer
 
 from moe_unlearn.attribution import attribute_experts
 from moe_unlearn.cli import main
@@ -18,7 +19,6 @@ from moe_unlearn.errors import BadInputError
 from moe_unlearn.loading import parse_device_map, parse_dtype
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.unlearning import unlearn
-from tests._tiny_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()
 FORGET = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(9)) for i in range(6)]

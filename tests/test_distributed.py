@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _dp_worker
 import pytest
 import torch
+from _tiny_tokenizer import word_tokenizer
 from safetensors.torch import load_file
 from torch import nn
 
@@ -20,8 +22,6 @@ from moe_unlearn.distributed import RankShard
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.unlearning import unlearn
-from tests import _dp_worker
-from tests._tiny_tokenizer import word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _tiny_tokenizer import word_tokenizer
 
 from moe_unlearn.arch import find_moe_layers
 from moe_unlearn.cli import main
@@ -18,7 +19,6 @@ from moe_unlearn.unlearning.adapters import lowrank_delta
 from moe_unlearn.unlearning.fusion import fuse_patches, regression_merge
 from moe_unlearn.unlearning.objectives import ObjectiveInputs, get_objective
 from moe_unlearn.unlearning.patch import entry_layout, entry_parts, load_patch
-from tests._tiny_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()
 F1 = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(8)) for i in range(6)]

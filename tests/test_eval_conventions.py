@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_eval_metrics import FMT, BigramStub, word_tokenizer
 
 from moe_unlearn.errors import BadInputError, DataError
 from moe_unlearn.eval import EvalItem, as_items, evaluate
@@ -23,7 +24,6 @@ from moe_unlearn.eval.mia import (
 )
 from moe_unlearn.eval.scoring import ItemScores, ScoredSplit, encode, next_token_stats
 from moe_unlearn.eval.suite import few_shot_prefix, mia_scores, verbmem_pairs
-from tests.test_eval_metrics import FMT, BigramStub, word_tokenizer
 
 
 def muse_roc_auc(nonmember_scores, member_scores):

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from _tiny_tokenizer import word_tokenizer
 
 from moe_unlearn.arch import find_moe_layers
 from moe_unlearn.errors import BadInputError, UnsupportedFamily
@@ -17,7 +18,6 @@ from moe_unlearn.eval.replay import RoutingReplay, score_replayed
 from moe_unlearn.eval.scoring import PromptFormat, encode_items, score_encoded
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.unlearning import apply_patch, revert_patch, unlearn
-from tests._tiny_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()
 

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from _tiny_tokenizer import word_tokenizer
 
 from moe_unlearn.cli import main
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.eval.sequential import MODES, UnlearnRequest, evaluate_scalability, evaluate_sequential
 from moe_unlearn.testing import tiny_model
-from tests._tiny_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()
 REQ_A = [" ".join(f"w{(i * 7 + j) % 20}" for j in range(8)) for i in range(3)]

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+from test_eval_metrics import FMT, BigramStub, word_tokenizer
 
 from moe_unlearn.bench_model.facts import SCHEMA, FactsConfig, generate_facts
 from moe_unlearn.bench_model.tofu_forms import tofu_records
@@ -18,7 +19,6 @@ from moe_unlearn.eval.tofu import (
     truth_ratio_score,
 )
 from moe_unlearn.testing import tiny_model
-from tests.test_eval_metrics import FMT, BigramStub, word_tokenizer
 
 # BigramStub: p(b|q) = e^-0.6, p(c|b) = e^-0.6, p(a|q) = e^-1, p(c|a) = e^-0.5, p(d|q) = the rest / 6
 P_D = (1 - math.exp(-1.0) - math.exp(-0.6)) / 6

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from _tiny_tokenizer import word_tokenizer
 
 from moe_unlearn.attribution import Attribution, PremiseWarning, select_targets
 from moe_unlearn.cli import main
@@ -22,7 +23,6 @@ from moe_unlearn.frontier import (
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.training import TrainHooks
 from moe_unlearn.unlearning import unlearn
-from tests._tiny_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()
 FORGET = [{"question": f"w{i} w{i + 1}", "answer": f"w{40 + i}"} for i in range(6)] + \

@@ -12,6 +12,7 @@ import stat
 
 import pytest
 import torch
+from _tiny_tokenizer import word_tokenizer
 from safetensors.torch import load_file, save_file
 
 from moe_unlearn import atomic, loading
@@ -22,7 +23,6 @@ from moe_unlearn.testing import tiny_model
 from moe_unlearn.training import TrainConfig, TrainHooks, train
 from moe_unlearn.unlearning import apply_patch, unlearn
 from moe_unlearn.unlearning.patch import TENSORS_FILE
-from tests._tiny_tokenizer import word_tokenizer
 
 FORGET = [" ".join(f"w{(3 * i + j) % 40}" for j in range(7)) for i in range(6)]
 KW = dict(batch_size=3, max_length=16, progress=False, lr=1e-2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny_tokenizer import word_tokenizer
 
 from moe_unlearn.data import Example, load_examples, tokenize_batches
 from moe_unlearn.errors import BadInputError, DataError
@@ -11,7 +12,6 @@ from moe_unlearn.eval.items import EvalItem
 from moe_unlearn.eval.scoring import PromptFormat, encode_items
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.unlearning import engine, unlearn
-from tests._tiny_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()
 QA = [{"question": f"w{i} w{i + 1} w{i + 2}", "answer": f"w{50 + i} w{60 + i}"} for i in range(7)]

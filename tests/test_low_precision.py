@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from _tiny_tokenizer import word_tokenizer
 from torch import nn
 
 from moe_unlearn.arch import find_moe_layers
@@ -10,7 +11,6 @@ from moe_unlearn.arch.base import ExpertSlice
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.training import TrainConfig, train
 from moe_unlearn.unlearning import SliceParams, unlearn
-from tests._tiny_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()
 FORGET = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(10)) for i in range(6)]

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from _tiny_tokenizer import word_tokenizer
 from safetensors.torch import load_file
 
 from moe_unlearn.errors import PatchError
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.unlearning import apply_patch, revert_patch, unlearn
-from tests._tiny_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()
 FORGET = [" ".join(f"w{(i * 3 + j) % 30}" for j in range(8)) for i in range(4)]

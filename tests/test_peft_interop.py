@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from _tiny_tokenizer import word_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_unlearn.arch import canonical_parameters, find_moe_layers, unwrap_model
@@ -24,7 +25,6 @@ from moe_unlearn.loramoe import (
 )
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.unlearning import apply_patch, read_patch_meta, revert_patch, unlearn
-from tests._tiny_tokenizer import word_tokenizer
 
 peft = pytest.importorskip("peft")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny_tokenizer import word_tokenizer
 
 from moe_unlearn.arch import RoutingCapture, find_moe_layers
 from moe_unlearn.errors import BadInputError
@@ -12,7 +13,6 @@ from moe_unlearn.unlearning import unlearn
 from moe_unlearn.unlearning.objectives import mean_nll
 from moe_unlearn.unlearning.projection import basis_from_gram
 from moe_unlearn.unlearning.trace import trace_weights
-from tests._tiny_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()
 FORGET = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(8)) for i in range(6)]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import torch
+from _tiny_tokenizer import word_tokenizer
 
 from moe_unlearn.cli import main
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.unlearning import apply_patch
-from tests._tiny_tokenizer import word_tokenizer
 
 
 def test_cli_writes_a_patch_that_applies(tmp_path, capsys):

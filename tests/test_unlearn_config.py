@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from _tiny_tokenizer import word_tokenizer
 from safetensors.torch import load_file
 
 from moe_unlearn.cli import main
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.unlearning import UnlearnConfig, unlearn
-from tests._tiny_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()
 FORGET = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(9)) for i in range(6)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny_tokenizer import word_tokenizer
 
 from moe_unlearn.arch import RoutingCapture, find_moe_layers
 from moe_unlearn.errors import BadInputError, DataError, TrainingDiverged
@@ -12,7 +13,6 @@ from moe_unlearn.testing import tiny_model
 from moe_unlearn.training import TrainHooks
 from moe_unlearn.training import train as real_train
 from moe_unlearn.unlearning import engine, unlearn
-from tests._tiny_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()
 FORGET = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(10)) for i in range(6)]
