@@ -243,10 +243,14 @@ class Attribution:
         sel = self.selectivity
         sel_list = None if sel is None else [float(sel[self._row(lay), e]) for lay, e in pairs]
         knowledge = None
-        if model is not None and forget is not None and utility is not None:
+        if model is not None and forget is not None and utility is not None and not any(
+                isinstance(d, TokenizedBatches) for d in (forget, utility)):
             from moe_unlearn.locate import knowledge_check
 
-            knowledge = knowledge_check(model, tokenizer, forget, utility, pairs, sample=sample)
+            try:
+                knowledge = knowledge_check(model, tokenizer, forget, utility, pairs, sample=sample)
+            except DataError:  # records the evaluation cannot read (custom fields): the routing verdict only
+                knowledge = None
         result = Premise(targets=pairs, coverage=cov, selectivity=sel_list, per_layer_coverage=per_layer,
                          knowledge=knowledge)
         if warn and knowledge is not None and not knowledge.holds:

@@ -7,7 +7,7 @@
 Routing statistics (`attribute_experts`) say which experts the forget tokens pass through; they
 do not say where the facts are stored. A storage map removes one component at a time and
 measures what the model still knows: forget / utility exact match of QA items (answer tokens all
-greedy-correct under teacher forcing), or the answer / text NLL for plain texts. Components:
+greedy-correct under teacher forcing), or the answer / text NLL when either side has no QA item. Components:
 
 - embeddings; attention of each decoder layer; the shared expert of each layer; all routed
   experts of each layer; the same for the middle layers together ("middle" = the second third
@@ -525,8 +525,9 @@ def storage_map(model: nn.Module, tokenizer: Any, forget: Any, utility: Any, *, 
     r_items = _sample(_items(retain, "retain"), config.sample, config.seed + 2) if retain is not None else u_items
     enc = {k: _encode(tokenizer, v, config.max_length) for k, v in
            (("forget", f_items), ("utility", u_items), ("retain", r_items))}
-    if any(enc["forget"].is_qa) != any(enc["utility"].is_qa):
-        raise BadInputError("forget and utility must both be QA records (scored by EM) or both plain texts (NLL)")
+    if not (any(enc["forget"].is_qa) and any(enc["utility"].is_qa)):  # EM needs QA on both sides: else NLL
+        for k in ("forget", "utility"):
+            enc[k].is_qa = [False] * len(enc[k].ids)
     if components is None:
         if attribution is None:
             from moe_unlearn.attribution import attribute_experts

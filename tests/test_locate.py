@@ -159,7 +159,7 @@ def test_bad_inputs(planted):
     with pytest.raises(BadInputError, match="layers the model does not have"):
         storage_map(model, tok, forget, utility, progress=False,
                     components=[Component("x", "routed", "routed experts", (17,))])
-    with pytest.raises(BadInputError, match="both be QA"):
-        storage_map(model, tok, forget, [{"text": "w1 w2 w3"}], progress=False,
-                    components=[Component("x", "routed", "routed experts", (lay,))])
+    mixed = storage_map(model, tok, forget, [{"text": "w1 w2 w3"}], progress=False,  # EM needs QA on both sides
+                        components=[Component("x", "routed", "routed experts", (lay,))])
+    assert mixed.metric == "nll"
     assert middle_layers(6) == (2, 3, 4) and middle_layers(2) == (1,)

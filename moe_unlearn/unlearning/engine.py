@@ -148,7 +148,9 @@ def _parse_targets(target: Any, scope: str, *, model: nn.Module, forget_source: 
             raise BadInputError(f"top_m={m} but the attribution has only {len(entries)} candidate experts"
                                 f"{'' if topm_layer is None else f' in layer {topm_layer}'}; lower top_m")
         if target.token_topk is not None or (len(entries) == 1 and target.retain_frequency is not None):
-            target.premise([(e.layer, e.expert) for e in entries])  # PremiseWarning when UOE's premise fails
+            # PremiseWarning when UOE's premise fails; with retain data also whether the targets hold the knowledge
+            target.premise([(e.layer, e.expert) for e in entries], model=model, tokenizer=tokenizer,
+                           forget=forget_source if retain_source is not None else None, utility=retain_source)
         return [ExpertTarget(e.layer, e.expert) for e in entries]
     single = isinstance(target, (str, ExpertTarget)) or hasattr(target, "layer") or (
         isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], int))
