@@ -163,3 +163,27 @@ def test_bad_inputs(planted):
                         components=[Component("x", "routed", "routed experts", (lay,))])
     assert mixed.metric == "nll"
     assert middle_layers(6) == (2, 3, 4) and middle_layers(2) == (1,)
+
+
+def test_cli(planted, tmp_path, capsys):
+    import json
+
+    from moe_unlearn.cli import main
+
+    model, tok, lay, forget, utility = planted
+    mdir = tmp_path / "m"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    paths = {}
+    for name, recs in (("forget", forget), ("utility", utility)):
+        paths[name] = tmp_path / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "out"
+    args = ["locate", "--model", str(mdir), "--forget", str(paths["forget"]), "--utility", str(paths["utility"]),
+            "--out", str(out), "--sample", "16", "--device", "cpu"]
+    assert main([*args, "--methods", "zero,melt"]) == 2
+    assert "unknown ablation method" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--methods", "zero"]) == 0
+    data = json.loads((out / "storage_map.json").read_text())
+    assert data["metric"] == "em" and {r["method"] for r in data["rows"]} == {"zero"}
+    assert (out / "storage_map.png").stat().st_size > 0 and "| component |" in capsys.readouterr().out
