@@ -228,13 +228,34 @@ _PHASE2_FIELDS = ("name", "exclude_forget", "steps", "lr", "extra_steps", "extra
 BENCH_MODELS = ("natural", "implanted", "localized", "allparam")
 
 
-def bench_config(name: str, *, quick: bool = False, retrained: bool = False) -> BenchModelConfig:
+REALIZATION_DOMAINS = ("compounds", "compounds", "species")  # realization r forgets REALIZATION_DOMAINS[r % 3]
+
+
+def realize(config: BenchModelConfig, realization: int) -> BenchModelConfig:
+    """Realization r of a bench recipe: r = 0 is the recipe itself; r > 0 draws another world (facts
+    seed + r), another initialisation and data order (seed + r), and r = 2, 5, ... forgets another
+    domain. Conclusions should hold across realizations, not on one set of weights."""
+    if not isinstance(realization, int) or realization < 0:
+        raise BadInputError(f"realization must be an integer >= 0, got {realization!r}")
+    if realization == 0:
+        return config
+    domain = REALIZATION_DOMAINS[realization % len(REALIZATION_DOMAINS)]
+    facts = dataclasses.replace(config.facts, seed=config.facts.seed + realization, forget_domain=domain)
+    return dataclasses.replace(config, name=f"{config.name}-r{realization}", facts=facts,
+                               seed=config.seed + realization)
+
+
+def bench_config(name: str, *, quick: bool = False, retrained: bool = False, realization: int = 0) -> BenchModelConfig:
     """The config of a built-in bench model by name, its tiny test version with quick=True, its
-    retrained reference with retrained=True. natural: facts in the MoE blocks (two phases);
-    implanted: the forget facts in one expert; localized: routing (not knowledge) localized;
-    allparam: the one-phase recipe whose facts sit mostly in attention (negative case)."""
+    retrained reference with retrained=True, another realization of it with realization=r (`realize`).
+    natural: facts in the MoE blocks (two phases); implanted: the forget facts in one expert;
+    localized: routing (not knowledge) localized; allparam: the one-phase recipe whose facts sit
+    mostly in attention (negative case)."""
     if name not in BENCH_MODELS:
         raise BadInputError(f"unknown bench model {name!r}; choose one of {', '.join(BENCH_MODELS)}")
+    if realization:
+        return realize(bench_config(name, quick=quick), realization).retrained() if retrained else \
+            realize(bench_config(name, quick=quick), realization)
     if quick:
         cfg = BenchModelConfig.quick(localized=name == "localized")
         if name == "implanted":
@@ -663,5 +684,5 @@ def load_or_build(config: BenchModelConfig | None = None, *, cache_root: str | o
 
 
 __all__ = ["BENCH_MODELS", "BenchModel", "BenchModelConfig", "answer_exact_match", "bench_config", "build_bench_model", "cache_path",
-           "default_cache_root", "encode_with_eos", "implant_expert", "load_bench_model", "load_or_build",
+           "default_cache_root", "encode_with_eos", "implant_expert", "realize", "load_bench_model", "load_or_build",
            "localization_loss", "moe_block_parameters", "shipped_path", "train_bench_model", "weights_sha256"]
