@@ -187,3 +187,18 @@ def test_cli(planted, tmp_path, capsys):
     data = json.loads((out / "storage_map.json").read_text())
     assert data["metric"] == "em" and {r["method"] for r in data["rows"]} == {"zero"}
     assert (out / "storage_map.png").stat().st_size > 0 and "| component |" in capsys.readouterr().out
+
+
+def test_locate_bench_writes_the_storage_map_of_a_bench_model(bench_cache, tmp_path):
+    import json
+
+    from moe_unlearn.locate import locate_bench
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the quick model is below the EM target on purpose
+        smap = locate_bench("natural", quick=True, cache_root=bench_cache, out_dir=tmp_path, progress=False,
+                            config=LocateConfig(methods=("zero", "mean"), sample=16))
+    data = json.loads((tmp_path / "storage_natural_quick.json").read_text())
+    assert data["meta"]["model"] == "natural" and len(data["meta"]["weights_sha256"]) == 64
+    assert {r["method"] for r in data["rows"]} == {"zero", "mean"} and len(smap.rows) == len(data["rows"])
+    assert (tmp_path / "storage_natural_quick.png").is_file() and (tmp_path / "storage_natural_quick.md").is_file()
