@@ -202,3 +202,20 @@ def test_locate_bench_writes_the_storage_map_of_a_bench_model(bench_cache, tmp_p
     assert data["meta"]["model"] == "natural" and len(data["meta"]["weights_sha256"]) == 64
     assert {r["method"] for r in data["rows"]} == {"zero", "mean"} and len(smap.rows) == len(data["rows"])
     assert (tmp_path / "storage_natural_quick.png").is_file() and (tmp_path / "storage_natural_quick.md").is_file()
+
+
+def test_unlearn_warns_when_the_targets_do_not_hold_the_knowledge(planted):
+    import copy
+
+    from moe_unlearn.attribution import PremiseWarning, attribute_experts
+    from moe_unlearn.unlearning import unlearn
+
+    model, tok, lay, forget, utility = planted
+    work = copy.deepcopy(model)
+    att = attribute_experts(work, [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in forget],
+                            tokenizer=tok, progress=False)
+    att.affinity[att.layers.index(lay), E_NULL] = 10.0  # make the knowledge-free expert the SEUF target
+    assert att.target() == (lay, E_NULL)
+    with pytest.warns(PremiseWarning, match="do not hold the forget knowledge"):
+        unlearn(work, forget, utility, tokenizer=tok, method="ga", scope="uoe", target=att, steps=1,
+                batch_size=4, progress=False)
