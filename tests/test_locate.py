@@ -219,3 +219,19 @@ def test_unlearn_warns_when_the_targets_do_not_hold_the_knowledge(planted):
     with pytest.warns(PremiseWarning, match="do not hold the forget knowledge"):
         unlearn(work, forget, utility, tokenizer=tok, method="ga", scope="uoe", target=att, steps=1,
                 batch_size=4, progress=False)
+
+
+def test_locate_bench_checks_the_implant_against_the_reference(bench_cache, tmp_path):
+    from moe_unlearn.locate import REFERENCE_TOLERANCE, locate_bench
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        smap = locate_bench("implanted", quick=True, cache_root=bench_cache, out_dir=tmp_path, progress=False,
+                            config=LocateConfig(methods=("zero",), sample=16))
+    ref, chk = smap.meta["reference"], smap.meta["implant_check"]
+    assert ref["name"] == "quick-retrained" and chk["tolerance"] == REFERENCE_TOLERANCE
+    row = smap.row("implant 1/2", "zero")
+    assert chk["zero"]["forget_gap"] == pytest.approx(abs(row["forget"]["em"] - ref["forget"]["em"]), abs=1e-4)
+    assert chk["zero"]["passes"] == (chk["zero"]["forget_gap"] <= REFERENCE_TOLERANCE
+                                     and chk["zero"]["utility_gap"] <= REFERENCE_TOLERANCE)
+    assert "Implant check" in (tmp_path / "storage_implanted_quick.md").read_text()
