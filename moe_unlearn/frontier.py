@@ -337,6 +337,10 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
                              progress=False)
     target = attr.target()
     cover = select_targets(attr, coverage=COVERAGE, warn=False)
+    recorded = (data or {}).get("bench_model", {}).get("path_name")
+    if recorded is not None and recorded != bench.path.name:  # runs on other weights must not mix with these
+        raise DataError(f"{path} holds runs on bench model {recorded}, not {bench.path.name} (another recipe or "
+                        "build); move it away or choose another --out")
     if data is None:
         original = evaluator()
         data = {"model": config.model, "quick": config.quick, "device": device_name(),
