@@ -221,12 +221,12 @@ def test_unlearn_warns_when_the_targets_do_not_hold_the_knowledge(planted):
                 batch_size=4, progress=False)
 
 
-def test_locate_bench_checks_the_implant_against_the_reference(bench_cache, tmp_path):
+def test_locate_bench_checks_the_implant_against_the_reference(tmp_path):
     from moe_unlearn.locate import REFERENCE_TOLERANCE, locate_bench
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        smap = locate_bench("implanted", quick=True, cache_root=bench_cache, out_dir=tmp_path, progress=False,
+        warnings.simplefilter("ignore")  # its own cache: the shared one holds only the quick natural model
+        smap = locate_bench("implanted", quick=True, cache_root=tmp_path / "cache", out_dir=tmp_path, progress=False,
                             config=LocateConfig(methods=("zero",), sample=16))
     ref, chk = smap.meta["reference"], smap.meta["implant_check"]
     assert ref["name"] == "quick-retrained" and chk["tolerance"] == REFERENCE_TOLERANCE
