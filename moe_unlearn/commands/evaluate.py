@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moe_unlearn.commands import add_model_args, load_from_args
+from moe_unlearn.commands import add_model_args, add_template_args, load_from_args
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.validate import check_number
 
@@ -76,9 +76,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="an lm-evaluation-harness task to run on the (patched) model (repeatable; needs "
                         "pip install 'moe-unlearn[eval]')")
     p.add_argument("--lm-eval-include", help="folder of local lm-eval task YAML files for --lm-eval-task")
-    p.add_argument("--template", default=None,
-                   help="QA text template with {question} and {answer} (default: moe_unlearn.data's "
-                        "'Question: {question}\\nAnswer: {answer}'); write a new line as \\n")
+    add_template_args(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens for QA answers (ROUGE-L)")
     p.add_argument("--no-generate", action="store_true", help="skip ROUGE-L and VerbMem (no decoding)")
@@ -112,8 +110,6 @@ def run(args: argparse.Namespace) -> int:
         from moe_unlearn.eval.lm_eval_bridge import require_lm_eval
 
         require_lm_eval()
-    template = (args.template or DEFAULT_TEMPLATE).replace("\\n", "\n")
-    fmt = PromptFormat.from_template(template)
     # read every input before loading anything, so a bad file fails fast and writes nothing
     splits = {"forget": as_items(args.forget, "forget"), "retain": as_items(args.retain, "retain")}
     if args.holdout:
@@ -132,7 +128,15 @@ def run(args: argparse.Namespace) -> int:
 
         if not Path(args.patch).exists():
             raise BadInputError(f"patch {args.patch} does not exist")
-        read_patch_meta(args.patch)  # a malformed patch.json fails here, before the model load
+        meta = read_patch_meta(args.patch)  # a malformed patch.json fails here, before the model load
+        run_cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        if args.template is None and run_cfg.get("template"):  # score the tokens the unlearning trained on
+            args.template = str(run_cfg["template"])
+        targets = meta.get("targets") or []
+        if args.target is None and len(targets) == 1:  # the patch's one target: report its gate mass
+            args.target = _target(str(targets[0]))
+    template = (args.template or DEFAULT_TEMPLATE).replace("\\n", "\n")
+    fmt = PromptFormat.from_template(template)
 
     progress = not args.quiet
     model, tokenizer = load_from_args(args, tokenizer_path=args.tokenizer)

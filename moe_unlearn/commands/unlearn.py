@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from moe_unlearn.commands import add_model_args, load_from_args
+from moe_unlearn.commands import add_model_args, add_template_args, load_from_args
 from moe_unlearn.unlearning.objectives import OBJECTIVES
 from moe_unlearn.unlearning.scopes import SCOPES
 
@@ -23,7 +23,7 @@ _DIRECT = ("field", "method", "scope", "top_m", "topm_layer", "allow_shared", "m
            "batch_size", "grad_accum", "max_length", "lr_schedule", "warmup_steps", "anchor_weight",
            "retain_routing_weight", "checkpoint_every", "resume", "seed", "gradient_checkpointing", "loss_tokens",
            "coverage", "router_projection", "expert_projection", "projection_energy", "retain_weighting",
-           "adapter", "adapter_rank", "adapter_router", "adapter_gram_rank")
+           "adapter", "adapter_rank", "adapter_router", "adapter_gram_rank", "template")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--forget", default=None, help=".txt (one document per line), .jsonl, or a save_to_disk dir")
     p.add_argument("--retain", default=None, help="retain data (same formats); needed by graddiff")
     p.add_argument("--field", default=None, help="jsonl/dataset field holding the text")
+    add_template_args(p)
     p.add_argument("--method", default=None, choices=[*sorted(OBJECTIVES), "ablate"],
                    help="default npo; ablate (uoe/topm): zero the targets' down projections, no training")
     p.add_argument("--scope", default=None, choices=SCOPES, help="default uoe")
@@ -165,7 +166,7 @@ def check_inputs(args: argparse.Namespace, cfg, model_dir: str, forget: str, ret
     parse_dtype(args.dtype)
     for source in (forget, retain):  # read once to check (the engine reads them again, cheaply)
         if source is not None:
-            load_texts(source, field=cfg.field)
+            load_texts(source, field=cfg.field, template=None if cfg.template == "chat" else cfg.template)
     return mdir
 
 

@@ -84,7 +84,7 @@ class UnlearnResult:
 
 
 def _batches(source: Any, tokenizer: Any, *, batch_size: int, max_length: int, field_name: str | None,
-             what: str, loss_tokens: str, seed: int, model: nn.Module | None = None):
+             what: str, loss_tokens: str, seed: int, model: nn.Module | None = None, template: str | None = None):
     """The padded batches of one data set, its texts in a seeded order (so the seed changes
     which texts share a batch). QA records score their answer tokens only unless
     loss_tokens="all" (see moe_unlearn.data.tokenize_batches). With `model`, token ids past its
@@ -97,7 +97,7 @@ def _batches(source: Any, tokenizer: Any, *, batch_size: int, max_length: int, f
         if tokenizer is None:
             raise BadInputError("unlearn() needs tokenizer=... to tokenize text data")
         try:
-            examples = load_examples(source, field=field_name)
+            examples = load_examples(source, field=field_name, template=template, tokenizer=tokenizer)
         except DataError as exc:
             raise DataError(f"{what} set: {exc}") from exc
         tb = tokenize_batches(examples, tokenizer, batch_size=batch_size, max_length=max_length,
@@ -459,7 +459,8 @@ def _inputs(model: nn.Module, forget: Any, retain: Any, tokenizer: Any, cfg: Unl
                             "adapter first")
 
     data_kw = dict(batch_size=cfg.batch_size, max_length=cfg.max_length, field_name=cfg.field,
-                   loss_tokens=cfg.loss_tokens, model=model)  # model: token ids past its embedding are refused
+                   loss_tokens=cfg.loss_tokens, model=model,  # model: token ids past its embedding are refused
+                   template=cfg.template)
     forget_batches = _batches(forget, tokenizer, what="forget", seed=cfg.seed, **data_kw)
     retain_batches = (_batches(retain, tokenizer, what="retain", seed=cfg.seed + 1, **data_kw)
                       if retain is not None else None)
