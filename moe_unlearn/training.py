@@ -40,9 +40,11 @@ import torch
 
 from moe_unlearn.atomic import atomic_path, clean_dead_temps
 from moe_unlearn.errors import BadInputError, TrainingDiverged
+from moe_unlearn.log import get_logger, open_sinks, parse_report_to
 from moe_unlearn.validate import check_int, check_number
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+logger = get_logger(__name__)
 _CKPT_PATTERN = "step_*.pt"
 
 
@@ -78,6 +80,9 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 1
     desc: str = "train"
+    # metrics sinks (moe_unlearn.log): "tensorboard", "jsonl" (a list or comma-separated), under logging_dir
+    report_to: str | list[str] | None = None
+    logging_dir: str | None = None
     # what the run is (method, targets, data hash, ...): stored in each checkpoint, and `resume` refuses a
     # checkpoint whose identity differs, so a resumed run can never finish another run's work
     run_identity: dict[str, Any] | None = None
@@ -102,6 +107,8 @@ class TrainConfig:
                                                                           "seed", "log_every") else 1)
         if self.max_grad_norm is not None:
             check_number("TrainConfig.max_grad_norm", self.max_grad_norm, low=0.0)
+        if parse_report_to(self.report_to) and not self.logging_dir:
+            raise BadInputError("TrainConfig: report_to needs logging_dir")
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
             raise BadInputError(f"TrainConfig.betas must be two numbers, got {self.betas!r}")
         for b in self.betas:
@@ -483,6 +490,10 @@ def train(
         hook.after_resume(step)
 
     hook.on_train_start(optimizer)
+    sinks = open_sinks(config.report_to, config.logging_dir)
+    logger.info("%s: %s optimizer steps of %d trained tensors (%d values), lr %g", config.desc,
+                total_steps if total_steps is not None else "?", len(leaves), sum(p.numel() for p in leaves),
+                config.lr)
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
@@ -553,6 +564,10 @@ def train(
             history.record(step, terms, lr_now, grad_norm)
             if step % max(1, config.log_every) == 0 or step == total_steps:
                 hook.on_log(step, terms)
+                metrics = {**terms, "lr": lr_now, "grad_norm": grad_norm}
+                for sink in sinks:
+                    sink.log(step, metrics)
+                logger.debug("step %d: %s", step, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()}, refresh=False)
             if bar is not None:
@@ -573,9 +588,13 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+        for sink in sinks:
+            sink.close()
     check_finite(leaves, step)  # the last update is never followed by a loss that would catch it
     history.wall_time += time.perf_counter() - start
     history.optimizer_state_bytes = optimizer_state_bytes(optimizer)
+    logger.info("%s: %d steps in %.1f s; final %s", config.desc, step, history.wall_time,
+                " ".join(f"{k}={v:.5g}" for k, v in history.final().items()))
     return history
 
 

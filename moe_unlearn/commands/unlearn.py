@@ -23,7 +23,7 @@ _DIRECT = ("field", "method", "scope", "top_m", "topm_layer", "allow_shared", "m
            "batch_size", "grad_accum", "max_length", "lr_schedule", "warmup_steps", "anchor_weight",
            "retain_routing_weight", "checkpoint_every", "resume", "seed", "gradient_checkpointing", "loss_tokens",
            "coverage", "router_projection", "expert_projection", "projection_energy", "retain_weighting",
-           "adapter", "adapter_rank", "adapter_router", "adapter_gram_rank", "template")
+           "adapter", "adapter_rank", "adapter_router", "adapter_gram_rank", "template", "report_to", "logging_dir")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -93,6 +93,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="orders texts into batches, forget batches per epoch and the forget/retain pairing (0)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute the activations of the layers above the target in backward (less memory)")
+    p.add_argument("--report-to", default=None, metavar="tensorboard,jsonl",
+                   help="send each step's loss terms, lr and gradient norm to TensorBoard and/or metrics.jsonl")
+    p.add_argument("--logging-dir", default=None, help="folder for --report-to")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_args(p)
     return p

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moe_unlearn.config_aliases import apply_aliases
 from moe_unlearn.errors import BadInputError
 
 
@@ -75,6 +76,8 @@ class UnlearnConfig:
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     progress: bool = True
+    report_to: str | list[str] | None = None  # metrics sinks of the loop: "tensorboard", "jsonl" (moe_unlearn.log)
+    logging_dir: str | None = None  # where report_to writes
 
     @classmethod
     def names(cls) -> list[str]:
@@ -91,7 +94,7 @@ class UnlearnConfig:
         for k, v in overrides.items():
             setattr(cfg, k, v)
         cfg.method_kwargs = dict(cfg.method_kwargs or {})
-        for k in ("out_dir", "model_dir", "checkpoint_dir"):
+        for k in ("out_dir", "model_dir", "checkpoint_dir", "logging_dir"):
             v = getattr(cfg, k)
             if v is not None:
                 setattr(cfg, k, os.fspath(v))
@@ -147,4 +150,4 @@ def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
         raise BadInputError(f"--config {p} must hold a mapping of option names to values")
     if "config" in data and isinstance(data["config"], dict):  # a patch.json: replay its run
         return {**data.get("inputs", {}), **data["config"]}
-    return data
+    return apply_aliases(data)  # TrainingArguments names (learning_rate, max_steps, ...): moe_unlearn.config_aliases
