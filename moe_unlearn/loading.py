@@ -107,7 +107,7 @@ def resolve_model_dir(path: str | os.PathLike, *, what: str = "model") -> Path:
                             "package to find them in the local cache") from None
     except Exception:  # LocalEntryNotFoundError and kin: not in the cache (never a network error here)
         raise BadInputError(f"{what} {p} is not a local folder, and the hub id {repo}"
-                            f"{f'@{rev}' if rev else ''} is not in the local Hugging Face cache ({cache}); "
+                            f"{f'@{rev}' if rev else ''} is not in the local Hugging Face cache ({cache}; nothing is downloaded); "
                             f"{fetch}") from None
     return Path(snap)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,11 @@ def setup_cli_logging(verbose: int = 0, quiet: bool = False) -> None:
     handler.setFormatter(logging.Formatter("moe-unlearn: %(levelname)s: %(message)s"))
     handler._moe_unlearn_cli = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
+    warnings.showwarning = _show_warning  # one line per warning (no source line), hidden by --quiet
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    logging.getLogger(ROOT).warning("%s: %s", category.__name__, message)
 
 
 class MetricsSink:
