@@ -66,7 +66,7 @@ def test_chat_template_errors_are_clear():
     assert load_examples(["w1 w2"], template=CHAT_TEMPLATE, tokenizer=chat_tokenizer())[0].prompt == ""
 
 
-def test_cli_unlearn_and_evaluate_share_the_chat_template(tmp_path):
+def test_cli_unlearn_and_evaluate_share_the_chat_template(tmp_path, capsys):
     model_dir = tmp_path / "model"
     tiny_model("olmoe").save_pretrained(model_dir)
     chat_tokenizer().save_pretrained(model_dir)
@@ -85,7 +85,12 @@ def test_cli_unlearn_and_evaluate_share_the_chat_template(tmp_path):
     # evaluate --patch takes the template and the target from patch.json
     ev = tmp_path / "eval"
     assert main(["evaluate", "--model", str(model_dir), "--patch", str(tmp_path / "chat"), "--forget", str(forget),
-                 "--retain", str(retain), "--out", str(ev), "--no-generate", "--quiet", "--device", "cpu"]) == 0
+                 "--retain", str(retain), "--out", str(ev), "--no-generate", "--quiet", "--device", "cpu",
+                 "--max-new-tokens", "8"]) == 0
     report = json.loads((ev / "report.json").read_text())
+    assert report["meta"]["verbmem_max_new_tokens"] == 8 == report["meta"]["max_new_tokens"]  # one bound for both
+    before = report["meta"]["before_patch"]
+    assert set(before) == {"forget", "retain"} and before["forget"]["nll"] != report["splits"]["forget"]["nll"]
+    assert "forget: exact match" in capsys.readouterr().out
     assert report["meta"]["prompt_template"] == "{question}" and report["meta"].get("chat_template") is True
     assert report["meta"]["target"] == [1, 2]
