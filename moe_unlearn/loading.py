@@ -109,6 +109,9 @@ def resolve_model_dir(path: str | os.PathLike, *, what: str = "model") -> Path:
         raise BadInputError(f"{what} {p} is not a local folder, and the hub id {repo}"
                             f"{f'@{rev}' if rev else ''} is not in the local Hugging Face cache ({cache}; nothing is downloaded); "
                             f"{fetch}") from None
+    from moe_unlearn.log import get_logger
+
+    get_logger(__name__).info("%s %s: local Hugging Face cache snapshot %s", what, os.fspath(path), snap)
     return Path(snap)
 
 
