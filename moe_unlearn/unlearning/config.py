@@ -63,7 +63,6 @@ class UnlearnConfig:
     field: str | None = None
     loss_tokens: str = "answer"
     template: str | None = None  # QA records: a text with {question} {answer}; "chat" = the tokenizer's chat template
-
     # memory / speed
     prefix_cache: bool = True
     prefix_cache_mb: float = 1024
