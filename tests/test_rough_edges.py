@@ -34,10 +34,10 @@ def test_premise_warning_names_only_what_failed():
         assert not msgs
         pytest.skip("the premise happens to hold on this random model")
     (msg,) = msgs
-    if prem.coverage >= PREMISE_MIN_COVERAGE:
-        assert f"want >= {PREMISE_MIN_COVERAGE}" not in msg and f"coverage {prem.coverage:.2f} is enough" in msg
+    if prem.coverage >= PREMISE_MIN_COVERAGE:  # then the selectivity failed: the message says which is which
+        assert f"coverage {prem.coverage:.2f} is enough, but selectivity" in msg and "is below 2.0" in msg
     else:
-        assert f"coverage {prem.coverage:.2f} of the forget tokens (want >= {PREMISE_MIN_COVERAGE})" in msg
+        assert f"coverage {prem.coverage:.2f} of the forget tokens is below {PREMISE_MIN_COVERAGE}" in msg
 
 
 def test_inspect_takes_the_model_flags(tmp_path, capsys):
