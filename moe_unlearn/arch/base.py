@@ -267,7 +267,7 @@ class MoELayer:
         """Views of expert `expert` in nn.Linear orientation (see `get_expert`)."""
         raise NotImplementedError
 
-    def _check_expert(self, expert: int) -> None:
+    def check_expert(self, expert: int) -> None:
         if not 0 <= int(expert) < self.num_experts:
             raise BadInputError(
                 f"expert {expert} out of range for layer {self.layer_idx}: it has {self.num_experts} routed "
@@ -278,7 +278,7 @@ class MoELayer:
         "gate" [I, H], "up" [I, H], "down" [H, I] (nn.Linear orientation: out x in), and
         "gate_bias" [I], "up_bias" [I], "down_bias" [H] where the family has biases.
         Views may be transposed or strided; writing into them writes the model."""
-        self._check_expert(expert)
+        self.check_expert(expert)
         return self._expert_views(int(expert))
 
     @torch.no_grad()

@@ -49,7 +49,7 @@ class DbrxLayer(MoELayer):
         return Routing(scores=torch.softmax(logits.float(), dim=-1), topk_idx=idx, topk_weight=weight.float())
 
     def expert_slices(self, expert: int) -> list[ExpertSlice]:
-        self._check_expert(expert)
+        self.check_expert(expert)
         start, stop = int(expert) * self._inter, (int(expert) + 1) * self._inter
         mlp = self.experts.mlp
         return [ExpertSlice(self.param_name(getattr(mlp, attr)), getattr(mlp, attr), 0, start, stop, role)

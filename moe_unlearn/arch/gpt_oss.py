@@ -30,7 +30,7 @@ class GptOssLayer(MoELayer):
         return Routing(scores=torch.softmax(logits.float(), dim=-1), topk_idx=idx, topk_weight=weight.float())
 
     def expert_slices(self, expert: int) -> list[ExpertSlice]:
-        self._check_expert(expert)
+        self.check_expert(expert)
         e = int(expert)
         out = []
         for attr, role in (("gate_up_proj", "gate_up"), ("gate_up_proj_bias", "gate_up_bias"),

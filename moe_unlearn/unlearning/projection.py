@@ -33,10 +33,15 @@ from torch import nn
 
 from moe_unlearn.arch import MoELayer, RoutingCapture
 from moe_unlearn.errors import BadInputError
+from moe_unlearn.registry import Choice, registry_of
 from moe_unlearn.training import TrainHooks
 
-ROUTER_PROJECTIONS = (None, "grip")
-EXPERT_PROJECTIONS = (None, "retain_null")
+ROUTER_PROJECTIONS = registry_of("router_projection", Choice(
+    "grip", "the trained routers' change projected off the span of their retain inputs", needs_retain=True),
+    plural="router projections")
+EXPERT_PROJECTIONS = registry_of("expert_projection", Choice(
+    "retain_null", "the trained experts' change projected off the span of the retain tokens routed to them",
+    needs_retain=True, needs_targets=True), plural="expert projections")
 
 
 @dataclass
