@@ -66,11 +66,6 @@ class ExpertSlice:
         """A view (no copy) of the expert's part of the parameter's data."""
         return self.param.data.narrow(self.dim, self.start, self.stop - self.start)
 
-    def grad_view(self) -> torch.Tensor | None:
-        if self.param.grad is None:
-            return None
-        return self.param.grad.narrow(self.dim, self.start, self.stop - self.start)
-
     def mask(self) -> torch.Tensor:
         """Bool tensor shaped like the parameter, True inside this slice (for gradient masking)."""
         m = torch.zeros(self.param.shape, dtype=torch.bool, device=self.param.device)
@@ -298,11 +293,12 @@ class MoELayer:
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, H]: routed expert `expert` applied to x, before its routing weight."""
         w = self.get_expert(expert)
-        h = self._activation(nn.functional.linear(x, w["gate"], w.get("gate_bias")),
+        h = self.activation(nn.functional.linear(x, w["gate"], w.get("gate_bias")),
                              nn.functional.linear(x, w["up"], w.get("up_bias")))
         return nn.functional.linear(h, w["down"], w.get("down_bias"))
 
-    def _activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The expert's intermediate activation from its gate and up projections (the down projection's input)."""
         return self.experts.act_fn(gate) * up
 
     def expert_num_params(self) -> int:

@@ -61,5 +61,5 @@ class DbrxLayer(MoELayer):
         return {"gate": mlp.w1.data.narrow(0, start, n), "up": mlp.v1.data.narrow(0, start, n),
                 "down": mlp.w2.data.narrow(0, start, n).T}
 
-    def _activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self.experts.mlp.activation_fn(gate) * up

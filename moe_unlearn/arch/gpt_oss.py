@@ -46,7 +46,7 @@ class GptOssLayer(MoELayer):
                 "gate_bias": gate_up_bias[::2], "up_bias": gate_up_bias[1::2],
                 "down_bias": ex.down_proj_bias.data[expert]}
 
-    def _activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ex = self.experts
         gate = gate.clamp(min=None, max=ex.limit)
         up = up.clamp(min=-ex.limit, max=ex.limit)

@@ -247,5 +247,5 @@ class MegablocksLayer(MoELayer):
             self.args.activation_fn(up)
         return nn.functional.linear(h, w["down"])
 
-    def _activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self.args.activation_fn(gate) * up

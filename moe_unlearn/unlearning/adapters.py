@@ -39,7 +39,7 @@ from torch import nn
 from moe_unlearn.arch.base import ExpertSlice, MoELayer
 from moe_unlearn.registry import Choice, registry_of
 from moe_unlearn.training import TrainHooks
-from moe_unlearn.unlearning.scopes import SliceParams
+from moe_unlearn.unlearning.scopes import SliceParams, accumulate_grad
 from moe_unlearn.unlearning.tensor import Key, TrainedTensor
 
 ADAPTERS = registry_of("adapter", Choice("lora", "W0 + B A of rank adapter_rank on each expert matrix"))
@@ -223,8 +223,8 @@ class AdapterParams(TrainHooks):
         def hook(param: torch.Tensor) -> None:
             for it in group:
                 g = it.grad().float()
-                SliceParams._accumulate(it.a, it.b.detach().T @ g)
-                SliceParams._accumulate(it.b, g @ it.a.detach().T)
+                accumulate_grad(it.a, it.b.detach().T @ g)
+                accumulate_grad(it.b, g @ it.a.detach().T)
             param.grad = None
         return hook
 

@@ -194,7 +194,7 @@ def input_grams(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, rou
                     xe = x[(topk == e).any(-1).to(x.device)]
                     grams.add(f"x/{idx}/{e}", xe)
                     w = lay.get_expert(e)
-                    a = lay._activation(nn.functional.linear(xe, w["gate"].float(), _f(w.get("gate_bias"))),
+                    a = lay.activation(nn.functional.linear(xe, w["gate"].float(), _f(w.get("gate_bias"))),
                                         nn.functional.linear(xe, w["up"].float(), _f(w.get("up_bias"))))
                     grams.add(f"a/{idx}/{e}", a)
     return grams

@@ -161,6 +161,14 @@ def master_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+def accumulate_grad(leaf: torch.Tensor, g: torch.Tensor) -> None:
+    """Add `g` to `leaf.grad` in the leaf's dtype (micro-batches accumulate; the first one sets it)."""
+    if leaf.grad is None:
+        leaf.grad = g.detach().to(leaf.dtype, copy=True)
+    else:
+        leaf.grad.add_(g.to(leaf.dtype))
+
+
 class SliceParams(TrainHooks):
     """The leaves the optimizer trains for a scope; pass `.leaves` to `train` and this object as a hook.
 
@@ -197,24 +205,17 @@ class SliceParams(TrainHooks):
                 in_place.append(p)
         self.leaves: list[nn.Parameter] = in_place + [m for _, m in self.masters] + self.shadows
 
-    @staticmethod
-    def _accumulate(leaf: torch.Tensor, g: torch.Tensor) -> None:
-        if leaf.grad is None:
-            leaf.grad = g.detach().to(leaf.dtype, copy=True)
-        else:
-            leaf.grad.add_(g.to(leaf.dtype))
-
     def _slice_hook(self, idxs: list[int]):
         def hook(param: torch.Tensor) -> None:
             for i in idxs:
                 s = self.slices[i]
-                self._accumulate(self.shadows[i], param.grad.narrow(s.dim, s.start, s.stop - s.start))
+                accumulate_grad(self.shadows[i], param.grad.narrow(s.dim, s.start, s.stop - s.start))
             param.grad = None  # the fused gradient is not kept: memory of one expert, not E
         return hook
 
     def _master_hook(self, master: nn.Parameter):
         def hook(param: torch.Tensor) -> None:
-            self._accumulate(master, param.grad)
+            accumulate_grad(master, param.grad)
             param.grad = None
         return hook
 
