@@ -172,3 +172,16 @@ def test_ablate_merge_through_the_cli(tmp_path):
     assert main(["unlearn", "--model", str(model_dir), "--forget", str(forget), "--method", "ablate", "--target",
                  "1:2", "--merge", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
     assert (out / "config.json").exists()
+
+
+def test_an_option_added_to_the_config_reaches_the_cli_the_checks_and_the_loop(tmp_path):
+    """keep_checkpoints was added as one UnlearnConfig field: the flag, the range check and the training
+    loop's setting (moe_unlearn.training reads the fields it shares with the config) follow from it."""
+    with pytest.raises(BadInputError, match="keep_checkpoints must be >= 1"):
+        check_unlearn_config(UnlearnConfig.build(keep_checkpoints=0), has_retain=False)
+    assert _unlearn_parser().parse_args(["--keep-checkpoints", "3"]).keep_checkpoints == 3
+    ck = tmp_path / "ck"
+    ck.mkdir()  # existed before the run: kept after it
+    unlearn(tiny_model("qwen3_moe"), FORGET, method="ga", scope="uoe", target="1:2", steps=4, checkpoint_every=1,
+            keep_checkpoints=3, checkpoint_dir=ck, out_dir=tmp_path / "p", **KW)
+    assert len(list(ck.glob("step_*.pt"))) == 3

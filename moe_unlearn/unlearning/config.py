@@ -234,6 +234,7 @@ class UnlearnConfig:
                                    help="the model's directory (never written; CLI: --model)")
     resume: bool = option(False, kind="bool", help="continue from the latest checkpoint in OUT.ckpt")
     checkpoint_every: int = option(0, kind="int", low=0, help="steps between checkpoints (in OUT.ckpt)")
+    keep_checkpoints: int = option(1, kind="int", low=1, help="how many of the latest checkpoints are kept (1)")
     checkpoint_dir: str | None = option(None, kind="path", optional=True, cli=False,
                                         help="where checkpoints go (default OUT.ckpt)")
     progress: bool = option(True, kind="bool", cli=False, help="progress bar (CLI: --quiet turns it off)")
