@@ -228,9 +228,9 @@ class AdapterParams(TrainHooks):
             param.grad = None
         return hook
 
-    def find(self, name: str, dim: int | None = None, start: int | None = None,
-             stop: int | None = None) -> LowRankItem | None:
-        return self._by_key.get((name, dim, start, stop))
+    def find(self, tensor: TrainedTensor) -> LowRankItem | None:
+        """The low-rank item of `tensor`, None when it trains in full (or not at all)."""
+        return self._by_key.get(tensor.key)
 
     @torch.no_grad()
     def write_back(self) -> None:

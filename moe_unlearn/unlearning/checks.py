@@ -72,9 +72,8 @@ def check_unlearn_config(cfg: UnlearnConfig, *, has_retain: bool,
     hp = method.hparams(cfg.method_kwargs)
     if (cfg.steps is None) == (cfg.epochs is None):
         raise BadInputError("give exactly one of steps and epochs")
-    if method.scopes is not None and cfg.scope not in method.scopes:
-        raise BadInputError(f"method {method.name!r} removes target experts: use scope "
-                            f"{' or '.join(method.scopes)} (got {cfg.scope!r})")
+    if method.needs_targets and not scope.reads_targets:
+        raise BadInputError(f"method {method.name!r} {method.help}: use scope {_target_scopes()} (got {cfg.scope!r})")
     check_targets(cfg.target, cfg.scope)
     _check_retain_needs(cfg, method, has_retain)
     _check_outputs(cfg, model_dir)

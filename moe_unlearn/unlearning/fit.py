@@ -107,7 +107,7 @@ def _identity(cfg: UnlearnConfig, hp: dict[str, Any], model: nn.Module, plan: Pl
     """What a checkpoint must agree on to be resumed: the config's identity fields, the targets, the
     method's hyperparameters, the model, the trained tensors and the data."""
     return {**cfg.identity(), "targets": [str(t) for t in plan.targets], "hparams": hp, "model": config_hash(model),
-            "entries": [[t.name, t.dim, t.start, t.stop] for t in plan.tensors],
+            "entries": [list(t.key) for t in plan.tensors],
             "forget": batches_hash(batches.forget), "retain": batches_hash(batches.retain or [])}
 
 

@@ -24,7 +24,7 @@ class Method:
     """One registered method.
 
     objective: the loss it trains (None: it trains nothing and applies `edit` to the planned tensors).
-    scopes: the scopes it runs with (None: every scope). roles: the plan keeps only the expert slices
+    needs_targets: it runs with the scopes that train target experts only (`Scope.reads_targets`). roles: the plan keeps only the expert slices
     of these roles and no whole tensor (None: the scope's plan as it is). routed_only: shared
     experts are refused as targets.
     """
@@ -32,7 +32,7 @@ class Method:
     name: str
     objective: Objective | None = None
     edit: Callable[[list[torch.Tensor]], None] | None = None
-    scopes: tuple[str, ...] | None = None
+    needs_targets: bool = False
     roles: tuple[str, ...] | None = None
     routed_only: bool = False
     help: str = ""
@@ -57,8 +57,8 @@ class Method:
 METHODS: Registry[Method] = Registry("unlearning method", "methods")
 for _name in sorted(OBJECTIVES):
     METHODS.register(_name, Method(_name, objective=OBJECTIVES[_name]))
-METHODS.register(ABLATE, Method(ABLATE, edit=zero_, scopes=("uoe", "topm"), roles=ABLATED_ROLES, routed_only=True,
-                                help="zero the targets' down projections, no training"))
+METHODS.register(ABLATE, Method(ABLATE, edit=zero_, needs_targets=True, roles=ABLATED_ROLES,
+                                routed_only=True, help="removes target experts"))
 
 
 def get_method(name: Any) -> Method:

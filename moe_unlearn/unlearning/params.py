@@ -54,8 +54,8 @@ def lowrank_parts(trained: Any, plan: Plan) -> dict[int, dict[str, Any]]:
     return {i: factors[t.key] for i, t in enumerate(plan.tensors) if t.key in factors}
 
 
-def _key(x: Any) -> Key:
-    return (x.name, x.dim, x.start, x.stop)
+def _key(sl: ExpertSlice) -> Key:
+    return TrainedTensor.of_slice(sl).key
 
 
 def _owners(plan: Plan) -> dict[Key, TrainedTensor]:

@@ -87,7 +87,7 @@ def make_plan(cfg: UnlearnConfig, method: Method, hp: dict[str, Any], model: nn.
         scope.whole, scope.router_layers = [], []
     owner = _slice_owners(layers, scope, split=cfg.adapter is not None and SCOPES.lookup(cfg.scope).split_experts)
     tensors = tuple([TrainedTensor(n) for n, _ in scope.whole]
-                    + [TrainedTensor.of_slice(s, owner.get((s.name, s.dim, s.start, s.stop))) for s in scope.slices])
+                    + [TrainedTensor.of_slice(s, owner.get(TrainedTensor.of_slice(s).key)) for s in scope.slices])
     if not tensors and method.roles is not None:
         raise BadInputError(f"method {method.name!r} needs at least one target expert")
     if cfg.router_projection is not None and not scope.router_layers:
@@ -120,7 +120,7 @@ def _slice_owners(layers: list[MoELayer], scope: ScopePlan, *, split: bool) -> d
     for layer in layers:
         for e in range(layer.num_experts):
             for sl in layer.expert_slices(e):
-                owner[(sl.name, sl.dim, sl.start, sl.stop)] = (layer.layer_idx, e)
+                owner[TrainedTensor.of_slice(sl).key] = (layer.layer_idx, e)
                 if split:
                     scope.slices.append(sl)
     if split:

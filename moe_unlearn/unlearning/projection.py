@@ -35,6 +35,7 @@ from moe_unlearn.arch import MoELayer, RoutingCapture
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.registry import Choice, registry_of
 from moe_unlearn.training import TrainHooks
+from moe_unlearn.unlearning.tensor import TrainedTensor
 
 ROUTER_PROJECTIONS = registry_of("router_projection", Choice(
     "grip", "the trained routers' change projected off the span of their retain inputs", needs_retain=True),
@@ -119,7 +120,7 @@ class Projector(TrainHooks):
         lowrank = getattr(self.slices, "find", None)  # low-rank adapters: project the factor A instead
         for (_, params, sub), origs in zip(self.routers, self._router_orig, strict=True):
             for (name, p), orig in zip(params, origs, strict=True):
-                item = lowrank(name) if lowrank else None
+                item = lowrank(TrainedTensor(name)) if lowrank else None
                 if item is not None:
                     self.slices.project_input(item, sub.basis)
                 elif p.dim() == 2:
@@ -129,7 +130,7 @@ class Projector(TrainHooks):
         for (layer, e, sub_x, sub_a), origs in zip(self.experts, self._expert_orig, strict=True):
             skip: set[str] = set()
             for sl in layer.expert_slices(e) if lowrank else []:
-                item = lowrank(sl.name, sl.dim, sl.start, sl.stop)
+                item = lowrank(TrainedTensor.of_slice(sl))
                 if item is not None:
                     self.slices.project_input(item, (sub_a if sl.role == "down" else sub_x).basis)
                     skip |= {"gate", "up"} if sl.role == "gate_up" else {sl.role}
