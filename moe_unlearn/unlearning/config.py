@@ -340,7 +340,7 @@ def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
         if p.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+            data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass: no arbitrary objects
         else:
             data = json.loads(text)
     except Exception as exc:  # yaml.YAMLError / JSONDecodeError: a bad input either way
