@@ -431,6 +431,20 @@ def check_finite(leaves: Sequence[torch.Tensor], step: int) -> None:
 # -- the loop ----------------------------------------------------------------------------------
 
 
+def _open_reporting(config: TrainConfig, total_steps: int | None, leaves: Sequence[torch.Tensor]) -> list[Any]:
+    """The run's metrics sinks (moe_unlearn.log), after one info line on what trains."""
+    logger.info("%s: %s optimizer steps of %d trained tensors (%d values), lr %g", config.desc,
+                total_steps if total_steps is not None else "?", len(leaves), sum(p.numel() for p in leaves),
+                config.lr)
+    return open_sinks(config.report_to, config.logging_dir)
+
+
+def _report(sinks: Sequence[Any], step: int, metrics: Mapping[str, float]) -> None:
+    for sink in sinks:
+        sink.log(step, metrics)
+    logger.debug("step %d: %s", step, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
+
+
 def train(
     params_or_groups: Iterable[Any],
     loss_fn: Callable[[Any], Mapping[str, torch.Tensor]],
@@ -490,10 +504,7 @@ def train(
         hook.after_resume(step)
 
     hook.on_train_start(optimizer)
-    sinks = open_sinks(config.report_to, config.logging_dir)
-    logger.info("%s: %s optimizer steps of %d trained tensors (%d values), lr %g", config.desc,
-                total_steps if total_steps is not None else "?", len(leaves), sum(p.numel() for p in leaves),
-                config.lr)
+    sinks = _open_reporting(config, total_steps, leaves)
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
@@ -564,10 +575,7 @@ def train(
             history.record(step, terms, lr_now, grad_norm)
             if step % max(1, config.log_every) == 0 or step == total_steps:
                 hook.on_log(step, terms)
-                metrics = {**terms, "lr": lr_now, "grad_norm": grad_norm}
-                for sink in sinks:
-                    sink.log(step, metrics)
-                logger.debug("step %d: %s", step, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
+                _report(sinks, step, {**terms, "lr": lr_now, "grad_norm": grad_norm})
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()}, refresh=False)
             if bar is not None:
