@@ -10,8 +10,8 @@ Every check compares with the torch reference in fp32; a low-precision result ma
 it as torch's own computation in that dtype, plus a small floor.
 
     python benchmarks/gpu_checks.py --out checks.json [--tiny] [--budget-s 170]
-    python benchmarks/gpu_checks.py --preflight [--tiny]    # versions and what is missing (exit 1 if unusable)
-    python benchmarks/gpu_checks.py --plan [--tiny]         # the checks it would run
+    python benchmarks/gpu_checks.py --preflight [--tiny]    # versions, what is missing (exit 1 if unusable), plan
+    python benchmarks/gpu_checks.py --plan [--tiny]         # the checks and benchmark rows it would run
 
 checks.json is rewritten after every check (a run cut off keeps its rows); each row records its seconds and
 the Triton compiles it caused. Checks started after --budget-s is spent are recorded as skipped. Exit status
@@ -358,13 +358,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU dry run under TRITON_INTERPRET=1)")
     p.add_argument("--budget-s", type=float, default=None, help="start no check after this many seconds")
     args = p.parse_args(argv)
-    if args.preflight:
-        return preflight(args.tiny)
+    if args.preflight and preflight(args.tiny):
+        return 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     todo = checks(device, args.tiny)
-    if args.plan:
+    if args.plan or args.preflight:
+        import bench_ops
+
         print(f"checks ({len(todo)}, {'tiny, interpreter' if args.tiny else device.type}): "
               + " ".join(name for name, _ in todo))
+        for line in bench_ops.plan(args.tiny):
+            print(f"bench {line}")
         return 0
     budget = Budget(args.budget_s)
     log = RowLog(args.out, {"environment": environment(device), "tiny": args.tiny, "planned": len(todo),

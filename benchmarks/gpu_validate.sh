@@ -84,10 +84,9 @@ preflight() {
   (command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv) \
     || echo "nvidia-smi: none"
   (command -v nvcc > /dev/null && nvcc --version | tail -1) || echo "nvcc: none"
-  "$PY" benchmarks/gpu_checks.py --preflight $TINY || return 1
   echo "plan ($([ "$DRY" = 1 ] && echo dry-run || echo gpu)); step limits sum to $STEP_LIMIT_TOTAL s"
   printf '%s %s %s\n' $STEPS_TEXT | while read -r n l b; do echo "  step $n: limit $l s, row budget $b s"; done
-  "$PY" benchmarks/gpu_checks.py --plan $TINY && "$PY" benchmarks/bench_ops.py --plan $TINY
+  "$PY" benchmarks/gpu_checks.py --preflight $TINY  # versions, problems (exit 1), the checks and bench rows
 }
 step preflight "$OUT/env.txt" preflight
 cat "$OUT/env.txt"
