@@ -309,22 +309,25 @@ EXPECTED = {"torch": "2.11", "triton": "3.6"}  # the lent GPU machine's versions
 def preflight(tiny: bool) -> int:
     """Print versions and what the run needs; 1 when the run cannot work (no CUDA on a GPU run, no Triton,
     TRITON_INTERPRET set for compiled kernels, the package not importable)."""
-    import importlib
+    import importlib.metadata
+    import importlib.util
     import os
     import platform
 
     problems = []
     print(f"python {platform.python_version()} torch {torch.__version__} (CUDA {torch.version.cuda}) "
           f"cuda_available={torch.cuda.is_available()} devices={torch.cuda.device_count()}")
-    for mod in ("triton", "numpy", "transformers", "setuptools"):
+    versions = {"torch": torch.__version__}
+    for dist in ("triton", "numpy", "transformers", "setuptools", "pip"):  # metadata only: no slow imports
         try:
-            print(f"{mod} {importlib.import_module(mod).__version__}")
-        except Exception as exc:
-            print(f"{mod}: not importable ({type(exc).__name__})")
-            if mod == "triton":
-                problems.append("triton is not importable")
+            versions[dist] = importlib.metadata.version(dist)
+            print(f"{dist} {versions[dist]}")
+        except importlib.metadata.PackageNotFoundError:
+            print(f"{dist}: not installed")
+    if importlib.util.find_spec("triton") is None:
+        problems.append("triton is not importable")
     for mod, want in EXPECTED.items():
-        have = getattr(sys.modules.get(mod), "__version__", None)
+        have = versions.get(mod)
         if have and not have.startswith(want):
             print(f"note: {mod} {have} here; the lent GPU machine has {want}")
     import moe_unlearn

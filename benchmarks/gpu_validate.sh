@@ -52,7 +52,7 @@ else
 fi
 
 # name limit_s budget_s (budget: what the python step plans its rows against, below the hard limit)
-STEPS=("preflight 30 0" "install 45 0" "checks 190 170" "bench 200 180")
+STEPS=("preflight 40 0" "install 40 0" "checks 185 165" "bench 200 180")
 STEP_LIMIT_TOTAL=0
 for s in "${STEPS[@]}"; do set -- $s; STEP_LIMIT_TOTAL=$((STEP_LIMIT_TOTAL + $2)); done
 limit() { local want=$1; for s in "${STEPS[@]}"; do set -- $s; [ "$1" = "$want" ] && { echo "$2"; return; }; done; }

@@ -206,7 +206,7 @@ def _reduce_kernel(
 def _config(T: int, E_PAD: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_T, tiles per program). The interpreter wants few, big programs; the GPU wants enough
     programs to fill the SMs with a register tile of about 4K values."""
-    if interpreting() or device.type != "cuda":
+    if interpreting():  # (CPU tensors reach here only under the interpreter: check_launchable)
         block_t = max(16, min(256, 16384 // E_PAD))
         n_tiles = triton.cdiv(max(T, 1), block_t)
         return block_t, max(1, triton.cdiv(n_tiles, 4))
