@@ -154,7 +154,8 @@ def _bench_lora_shape(rows: Rows, T, d_in, d_out, E, r, gating, dtype_name, devi
     bwd_bytes = fwd_bytes + (T * d_out + 2 * T * d_in + A.numel() + B.numel() + T * E) * es
     k_eff = E if gating == "dense" else int(gating[3:])  # experts a token really uses
     fwd_flops = 2 * T * k_eff * r * (d_in + d_out)
-    shape = dict(T=T, d_in=d_in, d_out=d_out, E=E, r=r, gating=gating, dtype=dtype_name)
+    shape = dict(T=T, d_in=d_in, d_out=d_out, E=E, r=r, gating=gating, dtype=dtype_name,
+                 routed_pays=gating != "dense" and routed_pays(E, r, k_eff, d_in, d_out, es))
     gates_full = dense if gating == "dense" else dense_gates(E, kw["topk_idx"], kw["topk_weight"])
     with torch.no_grad():
         ref = loramoe_delta_torch(x.float(), A.float(), B.float(), gates_full.float(), scale=2.0)
@@ -162,15 +163,16 @@ def _bench_lora_shape(rows: Rows, T, d_in, d_out, E, r, gating, dtype_name, devi
     fns = {("torch_loop", "e2e"): lambda: loramoe_delta_loop(x, A, B, gates_full, scale=2.0)}
     for b in backends:
         fns[(b, "e2e")] = (lambda b=b: loramoe_delta(x, A, B, scale=2.0, backend=b, **kw))
-    if "triton" in backends and (gating == "dense" or not routed_pays(E, r)):
+    # Top-K over a wide mixture: the routed kernels are measured too, whichever path routed_pays picks.
+    routed_row = "triton" in backends and gating != "dense" and E * (1 << max(0, (r - 1).bit_length())) > 256
+    if "triton" in backends:
         from moe_unlearn.kernels.loramoe_delta import loramoe_delta_forward
-
-        fns[("triton", "kernel")] = lambda: loramoe_delta_forward(x, A, B, gates_full, 2.0, save_h=False)[0]
-    elif "triton" in backends:
         from moe_unlearn.kernels.loramoe_routed import loramoe_delta_routed_triton
 
-        fns[("triton", "kernel")] = lambda: loramoe_delta_routed_triton(x, A, B, kw["topk_idx"], kw["topk_weight"],
-                                                                        scale=2.0)
+        fns[("triton", "kernel")] = lambda: loramoe_delta_forward(x, A, B, gates_full, 2.0, save_h=False)[0]
+    if routed_row:
+        fns[("triton_routed", "kernel")] = lambda: loramoe_delta_routed_triton(x, A, B, kw["topk_idx"],
+                                                                               kw["topk_weight"], scale=2.0)
     times, fwd_rows = {}, []
 
     def measure_fwd(fn, name, kind):
@@ -203,7 +205,10 @@ def _bench_lora_shape(rows: Rows, T, d_in, d_out, E, r, gating, dtype_name, devi
     def grads(name, dt, leaves_src):
         leaves = [t.to(dt).clone().requires_grad_() for t in leaves_src[:3]]
         gl = {k: (v.to(dt).clone().requires_grad_() if v.is_floating_point() else v) for k, v in kw.items()}
-        out = loramoe_delta(*leaves, scale=2.0, backend=name, **gl)
+        if name == "triton_routed":
+            out = loramoe_delta_routed_triton(*leaves, gl["topk_idx"], gl["topk_weight"], scale=2.0)
+        else:
+            out = loramoe_delta(*leaves, scale=2.0, backend=name, **gl)
         return [out.detach(), *torch.autograd.grad(out, [*leaves, gl[gate_key]], dout.to(dt))]
 
     # The fp32 torch reference of every gradient and torch's own error in this dtype (the tolerance).
@@ -219,7 +224,7 @@ def _bench_lora_shape(rows: Rows, T, d_in, d_out, E, r, gating, dtype_name, devi
                 "grads_checked": ["out", "dx", "dA", "dB", "d" + gate_key], "err_over_allowed": round(worst, 4),
                 "ok": ok}
 
-    for name in [b for b in backends if b != "cuda"]:
+    for name in [b for b in backends if b != "cuda"] + (["triton_routed"] if routed_row else []):
         row = rows.run({"op": "loramoe_delta_fwd_bwd", "backend": name, "kind": "e2e", **shape},
                        lambda name=name: measure_bwd(name))
         if row is not None:

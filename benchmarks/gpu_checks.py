@@ -41,18 +41,19 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def poisoned_buffers():
     """Every buffer the Triton launchers allocate starts as NaN (floats) or -12345 (ints)."""
     import moe_unlearn.kernels.loramoe_delta as ld
+    import moe_unlearn.kernels.loramoe_routed as lr
     import moe_unlearn.kernels.routing_stats as rs
 
     def poisoned(shape, dtype, device):
         t = torch.empty(shape, dtype=dtype, device=device)
         return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(-12345)
 
-    saved = ld.new_empty, rs.new_empty
-    ld.new_empty = rs.new_empty = poisoned
+    saved = ld.new_empty, lr.new_empty, rs.new_empty
+    ld.new_empty = lr.new_empty = rs.new_empty = poisoned
     try:
         yield
     finally:
-        ld.new_empty, rs.new_empty = saved
+        ld.new_empty, lr.new_empty, rs.new_empty = saved
 
 
 @contextlib.contextmanager
