@@ -224,14 +224,52 @@ def routing_per_token(row: dict) -> float | None:
     return round(row["loops"][0]["instructions"] * row["num_warps"] / bt, 1)
 
 
+HBM_BYTES_PER_S, BF16_FLOPS = 3.35e12, 989e12  # H100 SXM
+
+
+def traffic() -> dict:
+    """Byte model of the routed design at its goal shape (T=16384, d=4096, E=64, r=16, top-4, bf16) next to
+    the minimum (read x once, write the delta once; + dout read, x re-read, dx written for the backward)
+    and the dense formulation routed_pays compares it with: terms in MB, ceilings as a fraction of the
+    memory roofline (minimum bytes over the larger of moved bytes / HBM and FLOPs / tensor-core peak)."""
+    T, d, E, r, K, es = 16384, 4096, 64, 16, 4, 2
+    mb = 1e-6
+    tok = T * d * es  # one [T, d] tensor in bf16
+    pair = K * tok  # one [T, K, d] gather or intermediate
+    small = (2 * E * r * d * es + 2 * T * K * r * 4)  # A and B once, h (fp32) written and read
+    fwd = {"x gathered per pair": pair, "y_p written (bf16)": pair, "y_p read by the K-sum": pair,
+           "delta written": tok, "A, B, h": small}
+    bwd = {"dout gathered per pair (g)": pair, "dx_p written (bf16)": pair, "dx_p read by the K-sum": pair,
+           "dx written": tok, "x gathered again (dA)": pair, "dout gathered again (dB)": pair, "A, B, g": small}
+    min_fwd, min_fwd_bwd = 2 * tok + small, 5 * tok + 2 * small
+    dense_flops = 2 * T * E * r * (2 * d)
+
+    def ceiling(min_b, moved_b, flops=0.0):
+        return round(min_b / HBM_BYTES_PER_S / max(moved_b / HBM_BYTES_PER_S, flops / BF16_FLOPS), 3)
+
+    moved_f, moved_fb = sum(fwd.values()), sum(fwd.values()) + sum(bwd.values())
+    return {"shape": "T=16384 d_in=d_out=4096 E=64 r=16 top-4 bf16",
+            "routed_forward_MB": {k: round(v * mb, 1) for k, v in fwd.items()},
+            "routed_backward_MB": {k: round(v * mb, 1) for k, v in bwd.items()},
+            "minimum_MB": {"forward": round(min_fwd * mb, 1), "forward_backward": round(min_fwd_bwd * mb, 1)},
+            "routed_moved_MB": {"forward": round(moved_f * mb, 1), "forward_backward": round(moved_fb * mb, 1)},
+            "routed_ceiling": {"forward": ceiling(min_fwd, moved_f), "forward_backward": ceiling(min_fwd_bwd, moved_fb)},
+            "dense_gemm_GFLOP": {"forward": round(dense_flops * 1e-9, 1), "forward_backward": round(3 * dense_flops * 1e-9, 1)},
+            "dense_ceiling": {"forward": ceiling(min_fwd, 2 * tok, dense_flops),
+                              "forward_backward": ceiling(min_fwd_bwd, 5 * tok, 3 * dense_flops)}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the three headline ops only")
     p.add_argument("--out", type=Path)
+    p.add_argument("--only", default="", help="ops whose name contains this (e.g. routing)")
     args = p.parse_args(argv)
     variants: dict[str, dict] = {}
     op_rows = {}
     for op, run in ops(args.quick).items():
+        if args.only not in op:
+            continue
         calls: list = []
         with recorded_launches(calls):
             run()
@@ -259,7 +297,7 @@ def main(argv=None) -> int:
                   f"blocks/SM={r.get('blocks_per_sm')} loop={[lp['instructions'] for lp in r.get('loops', [])][:3]} "
                   f"{r.get('error', '')}", flush=True)
     payload = {"triton": triton.__version__, "torch": torch.__version__, "target": "cuda sm_90 (H100: 132 SMs)",
-               "limits": SM90, "ops": op_rows, "kernels": list(variants.values())}
+               "limits": SM90, "traffic_routed_goal_shape": traffic(), "ops": op_rows, "kernels": list(variants.values())}
     if args.out:
         args.out.write_text(json.dumps(payload, indent=1) + "\n")
     return 0 if all(r["ok"] for r in variants.values()) else 1
