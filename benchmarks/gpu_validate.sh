@@ -37,6 +37,7 @@ mkdir -p "$OUT" || { echo "gpu_validate.sh: cannot create $OUT" >&2; exit 2; }
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python}"
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+if ! command -v "$PY" > /dev/null; then PY=python3; fi
 
 # Offline like the GPU machine: no index, no version check; the checkout is importable without any install.
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_FIND_LINKS=""
