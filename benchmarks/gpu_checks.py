@@ -104,7 +104,13 @@ def lora_case(device, T, d_in, d_out, E, r, dtype, *, strided=False, backward=Tr
 
 
 def routed_case(device, T, d_in, d_out, E, r, K, dtype, seed=0) -> dict:
-    """Top-K with many experts (pairs sorted by expert): forward and gradients in x, A, B and the weights."""
+    """The routed kernels (pairs sorted by expert), called directly whatever routed_pays would pick: forward
+    and gradients in x, A, B and the weights against the dense fp32 torch reference."""
+    from moe_unlearn.kernels.loramoe_routed import loramoe_delta_routed_triton
+
+    def routed(x, A, B, *, topk_idx, topk_weight, scale, backend):
+        return loramoe_delta_routed_triton(x, A, B, topk_idx, topk_weight, scale=scale)
+
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(T, d_in, generator=g)
     A = torch.randn(E, r, d_in, generator=g) / d_in**0.5
@@ -118,7 +124,7 @@ def routed_case(device, T, d_in, d_out, E, r, K, dtype, seed=0) -> dict:
         out = fn(leaves[0], leaves[1], leaves[2], topk_idx=idx, topk_weight=leaves[3], scale=2.0, **kw)
         return [out.detach(), *torch.autograd.grad(out, leaves, dout.to(device=device, dtype=dt))]
 
-    got = run(dtype, loramoe_delta, backend="triton")
+    got = run(dtype, routed, backend="triton")
     res = _compare(["out", "dx", "dA", "dB", "dweight"], got, run(torch.float32, loramoe_delta_torch),
                    run(dtype, loramoe_delta_torch), dtype)
     res["ok"] = bool(res["ok"] and not got[3][E - 1].any() and not got[2][E - 1].any())
