@@ -1,7 +1,8 @@
 """benchmarks/gpu_validate.sh run end to end on the CPU in the GPU machine's offline conditions (no package
 index, no network, the checkout importable from PYTHONPATH alone), in its dry-run mode: every step, file and
 row of the GPU run, with the kernels launched through the interpreter at tiny shapes. Measured wall time of
-the dry run on the 2-core CPU machine: about 2 minutes (the GPU run's step limits sum to 465 s)."""
+the dry run on the 2-core CPU machine: about 2 minutes when the machine is quiet, up to ~7 under load (the GPU
+run's step limits sum to 465 s; the dry run allows three times as much)."""
 
 import json
 import os
@@ -38,19 +39,22 @@ def test_gpu_validate_dry_run_end_to_end(tmp_path):
     out = tmp_path / "gv"
     t0 = time.perf_counter()
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(out)], cwd=tmp_path,
-                          env=offline_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=480)
+                          env=offline_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=1500)
     wall = time.perf_counter() - t0
     summary = (out / "summary.txt").read_text()
     assert proc.returncode == 0, summary + proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == FILES, summary  # everything under the folder given, nothing else
-    steps = dict(re.findall(r"^(\w+) rc=0 seconds=\d+ limit=(\d+)$", summary, re.M))
+    steps = {name: (int(sec), int(lim), int(gpu)) for name, sec, lim, gpu in
+             re.findall(r"^(\w+) rc=0 seconds=(\d+) limit=(\d+) gpu_limit=(\d+)$", summary, re.M)}
     assert set(steps) == {"preflight", "install", "checks", "bench"}, summary
-    assert sum(int(v) for v in steps.values()) <= 480, summary
+    assert sum(gpu for _, _, gpu in steps.values()) <= 480, summary  # the GPU run fits one 10-minute command
+    assert all(sec <= lim for sec, lim, _ in steps.values()), summary
     assert "mode=dry-run" in summary and "failed=0" in summary
     print(f"gpu_validate.sh --dry-run wall time: {wall:.0f} s")
 
     env_txt = (out / "env.txt").read_text()
-    for want in ("torch", "triton", "numpy", "transformers", "checks (", "bench loramoe_delta", "step checks: limit"):
+    for want in ("torch", "triton", "numpy", "transformers", "checks (", "bench loramoe_delta", "step checks: limit",
+                 "GPU step limits sum to 465 s"):
         assert want in env_txt, want
     install = (out / "install.log").read_text()
     assert "install=pip-dry-run" in install and "imports ok from" in install, install[-2000:]
