@@ -48,6 +48,7 @@ from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
 from moe_unlearn.arch.wrappers import unwrap_model
 from moe_unlearn.data import DataSource, TokenizedBatches, load_texts, tokenize_batches
 from moe_unlearn.errors import BadInputError, DataError
+from moe_unlearn.identity import config_hash, model_identity
 from moe_unlearn.validate import check_token_ids
 
 NEAR_TIE_REL = 0.01  # runner-up within 1% of the chosen score -> near-tie
@@ -263,9 +264,18 @@ class Attribution:
                 "`moe-unlearn locate` for where the knowledge is.", PremiseWarning, stacklevel=2)
         elif warn and knowledge is None and not result.holds:
             sel_txt = "unknown (no retain data given)" if sel_list is None else ", ".join(f"{v:.2f}" for v in sel_list)
+            cov_ok = cov >= PREMISE_MIN_COVERAGE
+            sel_ok = sel_list is not None and all(v >= PREMISE_MIN_SELECTIVITY for v in sel_list)
+            cov_txt = (f"coverage {cov:.2f} is enough" if cov_ok else
+                       f"coverage {cov:.2f} of the forget tokens is below {PREMISE_MIN_COVERAGE}")
+            if sel_list is None:
+                sel_part = f"selectivity {sel_txt}"
+            else:
+                sel_part = (f"selectivity {sel_txt} is enough" if sel_ok else
+                            f"selectivity {sel_txt} is below {PREMISE_MIN_SELECTIVITY}")
+            joint = ", but " if cov_ok != sel_ok and (cov_ok or sel_list is not None) else ", and "
             warnings.warn(
-                f"UOE's premise does not hold for targets {pairs}: coverage {cov:.2f} of the forget tokens "
-                f"(want >= {PREMISE_MIN_COVERAGE}), selectivity {sel_txt} (want >= {PREMISE_MIN_SELECTIVITY}). "
+                f"UOE's premise does not hold for targets {pairs}: {cov_txt}{joint}{sel_part}. "
                 "The forget knowledge is spread: unlearning these experts alone plateaus or damages the retain "
                 "tokens routed through them. Use select_targets(attribution, coverage=0.8) for a covering set, "
                 "projections that protect retain tokens, or a full-model baseline.", PremiseWarning, stacklevel=2)
@@ -275,8 +285,6 @@ class Attribution:
         """BadInputError unless this attribution was made on `model` (same config hash, recorded since the
         model identity is stored) and its layers, expert counts and top-K match the model's MoE layers:
         the experts it names are then the model's own."""
-        from moe_unlearn.unlearning.patch import config_hash  # lazy: unlearning imports this module
-
         recorded = (self.meta.get("model") or {}).get("config_hash") if isinstance(self.meta, dict) else None
         if recorded and recorded != config_hash(model):
             name = (self.meta.get("model") or {}).get("name_or_path") or "another model"
@@ -683,8 +691,6 @@ def attribute_experts(
 
 
 def _model_identity(model: nn.Module) -> dict[str, str]:
-    from moe_unlearn.unlearning.patch import model_identity  # lazy: unlearning imports this module
-
     return model_identity(model)
 
 

@@ -74,7 +74,7 @@ def _generation_metrics(model, tokenizer, scored: ScoredSplit, items, *, name: s
     stem = conv.rouge_stemmer
     if qa:
         prompts = [e.ids[: e.target_start] if not shots else
-                   encode(tokenizer, shots + fmt.template.format(question=it.question), True) for e, it in qa]
+                   fmt.prompt_ids(tokenizer, it.question, shots=shots) for e, it in qa]
         gens = greedy_generate(model, tokenizer, prompts, max_new_tokens,
                                batch_size=batch_size, progress=progress, desc=f"{name}: QA answers")
         for (_, it), g in zip(qa, gens, strict=True):
@@ -129,7 +129,7 @@ def reference_mia_aucs(reference_model: nn.Module, tokenizer, forget: ItemsLike,
                       ratio=min_k_ratio, rounding=conv.min_k_rounding, tokens=conv.mia_tokens).auc
 
 
-def _as_model(ref: nn.Module | str, like: nn.Module) -> nn.Module:
+def as_model(ref: nn.Module | str, like: nn.Module) -> nn.Module:
     """A reference model given as a module, or loaded (local files only) from a directory onto `like`'s device."""
     if isinstance(ref, nn.Module):
         return ref
@@ -307,7 +307,7 @@ def evaluate(
     if "forget" in scored and "holdout" in scored:
         ref = reference_auc
         if reference_model is not None:
-            ref_model = _as_model(reference_model, model)
+            ref_model = as_model(reference_model, model)
             ref = reference_mia_aucs(ref_model, tokenizer, items["forget"], items["holdout"], convention=conv,
                                      prompt_format=fmt, min_k_ratio=min_k_ratio, batch_size=batch_size,
                                      progress=progress)
@@ -332,7 +332,7 @@ def evaluate(
         "seconds": round(time.perf_counter() - t0, 3),
         "batch_size": batch_size, "max_new_tokens": max_new_tokens, "generate": generate,
         "verbmem_prefix_tokens": verbmem_prefix_tokens, "verbmem_max_new_tokens": verbmem_max_new_tokens,
-        "prompt_template": fmt.template, "answer_prefix": fmt.answer_prefix, "min_k_ratio": min_k_ratio,
+        "prompt_template": fmt.template, "chat_template": fmt.chat, "answer_prefix": fmt.answer_prefix, "min_k_ratio": min_k_ratio,
         "convention": dataclasses.asdict(conv), "knowmem_shots": shots.count("Question: "),
         "stop_strings": list(stops),
         "target": list(target) if target is not None else None, "replay_gates": replay,
