@@ -37,10 +37,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush into a closed pipe stays silent."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real stdout (a captured one): nothing to redirect
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Exit codes: 0 done, 2 a bad input or a refused write (one line on stderr, no
+    traceback, nothing written), 130 interrupted (Ctrl-C: outputs are atomic, so nothing half-written stays),
+    141 the reader of stdout went away (`| head`: quiet, like any Unix tool)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"moe-unlearn {args.command}: interrupted; no half-written output was left", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
     except MoEUnlearnError as exc:
         print(f"moe-unlearn {args.command}: error: {exc}", file=sys.stderr)
         return 2

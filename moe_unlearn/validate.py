@@ -34,7 +34,7 @@ from typing import Any
 from moe_unlearn.errors import BadInputError, DataError
 
 __all__ = ["FLOAT32_MAX", "INT64_MAX", "MAX_JSON_BYTES", "check_allocation", "check_choice", "check_fields",
-           "check_int", "check_number", "check_regular_file", "check_tensor", "check_token_ids", "check_type",
+           "check_int", "check_number", "check_regular_file", "check_tensor", "check_text", "check_token_ids", "check_type",
            "embedding_rows", "parse_json", "read_json_file", "read_text_file"]
 
 FLOAT32_MAX = 3.4028234663852886e38  # larger numbers overflow to inf in float32 math (the optimizer's lr)
@@ -256,6 +256,17 @@ def check_tensor(what: str, t: Any, *, shape: Iterable[int | None] | None = None
 
 
 # -- files ---------------------------------------------------------------------------------------
+
+def check_text(what: str, value: Any, *, error: type[Exception] = DataError) -> str:
+    """A record field that becomes training or scoring text: a string, or a number written as one. A dict,
+    list, bool or null is refused (its str() would be trained on), as is a string with a lone surrogate (no
+    tokenizer can encode it)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise error(f"{what} holds a {type(value).__name__}, expected a string")
+    text = value if isinstance(value, str) else str(value)
+    _check_text(text, what, error)
+    return text
+
 
 def check_regular_file(path: str | os.PathLike, *, what: str = "file", max_bytes: int | None = None,
                        error: type[Exception] = DataError) -> Path:

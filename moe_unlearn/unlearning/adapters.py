@@ -197,7 +197,7 @@ class AdapterParams(TrainHooks):
         self.rank = rank
         self.values = SliceParams(slices, whole)
         full_params = {id(s.param) for s in slices} | {id(p) for _, p in whole}
-        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7)
+        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + 7) % 2**63)
         self.items: list[LowRankItem] = []
         for name, param, dim, start, stop, layout in matrices:
             if id(param) in full_params:
