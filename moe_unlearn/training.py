@@ -78,6 +78,9 @@ class TrainConfig:
     run_identity: dict[str, Any] | None = None
 
     def validate(self) -> None:
+        from moe_unlearn.validate import check_fields
+
+        check_fields(self, prefix="TrainConfig.", skip=("checkpoint_dir", "run_identity"))
         if (self.steps is None) == (self.epochs is None):
             raise BadInputError("TrainConfig: set exactly one of steps or epochs")
         if self.lr_schedule not in LR_SCHEDULES:

@@ -276,7 +276,7 @@ def check_regular_file(path: str | os.PathLike, *, what: str = "file", max_bytes
     try:
         st = os.stat(p)
     except FileNotFoundError:
-        raise error(f"{what} {p} does not exist") from None
+        raise error(f"cannot read {what} {p}: it does not exist") from None
     except OSError as exc:
         raise error(f"cannot read {what} {p}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(st.st_mode):

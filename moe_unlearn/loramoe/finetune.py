@@ -74,8 +74,11 @@ class FinetuneConfig:
     progress: bool = _TRAIN_DEFAULTS["progress"]
 
     def __post_init__(self) -> None:
+        from moe_unlearn.validate import check_fields
+
         if not isinstance(self.adapter, LoRAMoEConfig):
             raise BadInputError(f"adapter must be a LoRAMoEConfig, got {type(self.adapter).__name__}")
+        check_fields(self)
 
     def adapter_config(self) -> LoRAMoEConfig | None:
         """The LoRAMoEConfig this run injects (None for full fine-tuning); validates the method."""
