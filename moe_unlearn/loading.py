@@ -71,9 +71,9 @@ def check_model_dir(path: str | os.PathLike, *, what: str = "model", trust_remot
     if not p.is_dir():
         raise BadInputError(f"{what} directory {p} does not exist or is not a directory; pass a local folder "
                             "written by save_pretrained (nothing is downloaded)")
+    _check_folder_files(p, what)
     if need_config and not (p / "config.json").is_file():
         raise BadInputError(f"{what} directory {p} has no config.json; pass a folder written by save_pretrained")
-    _check_folder_files(p, what)
     if not trust_remote_code:
         files = remote_code_files(p)
         if files:
