@@ -52,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Exit codes: 0 done, 2 a bad input or a refused write (one line on stderr, no
     traceback, nothing written), 130 interrupted (Ctrl-C: outputs are atomic, so nothing half-written stays),
     141 the reader of stdout went away (`| head`: quiet, like any Unix tool)."""
-    args = build_parser().parse_args(argv)
+    args = None
     try:
+        args = build_parser().parse_args(argv)  # inside: a Ctrl-C while the heavy imports run is an interrupt too
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        print(f"moe-unlearn {args.command}: interrupted; no half-written output was left", file=sys.stderr)
+        where = f"moe-unlearn {args.command}" if args is not None else "moe-unlearn"
+        print(f"{where}: interrupted; no half-written output was left", file=sys.stderr)
         return 130
     except BrokenPipeError:
         _quiet_stdout()
