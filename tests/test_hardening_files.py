@@ -565,3 +565,24 @@ def test_attribute_out_is_both_files_or_neither(saved, tmp_path, capsys, monkeyp
     assert main(argv + ["--max-length", "8"]) == 2
     _err(capsys)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+
+
+def test_ablate_merge_writes_a_model_and_a_failed_write_restores_the_experts(tmp_path, monkeypatch):
+    import moe_unlearn.unlearning.patch as patch_mod
+
+    model = tiny_model("qwen3_moe")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = unlearn(model, FORGET, tokenizer=word_tokenizer(), method="ablate", target="1:2", merge=True,
+                  out_dir=tmp_path / "merged", **KW)
+    assert res.merged_path is not None and (tmp_path / "merged" / "config.json").exists()
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(patch_mod, "save_file", full)
+    model = tiny_model("qwen3_moe")
+    with pytest.raises(OSError):
+        unlearn(model, FORGET, tokenizer=word_tokenizer(), method="ablate", target="1:2", out_dir=tmp_path / "p", **KW)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert not (tmp_path / "p").exists()

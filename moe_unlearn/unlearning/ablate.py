@@ -68,10 +68,17 @@ def ablate(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any,
             "hyperparameters": {"roles": list(ABLATED_ROLES)}, "ablated_params": zeroed, "steps_run": 0,
             "trainable_params": 0}
     patch_path = merged_path = None
-    if out_path is not None and merge:
-        merged_path = _save_merged(model, out_path)
-    elif out_path is not None:
-        patch_path = write_patch(out_path, model, entries, originals, info)
+    try:
+        if out_path is not None and merge:
+            merged_path = _save_merged(model, out_path, entries)
+        elif out_path is not None:
+            patch_path = write_patch(out_path, model, entries, originals, info)
+    except BaseException:  # nothing was written: the model must not stay ablated either
+        with torch.no_grad():
+            for e, orig in zip(entries, originals, strict=True):
+                view = e.view(params)
+                view.copy_(orig.to(view.device))
+        raise
     return UnlearnResult(patch_path=patch_path, merged_path=merged_path, method=ABLATE, scope=scope,
                          targets=[str(t) for t in targets], history=TrainHistory(), trainable_params=0,
                          optimizer_state_bytes=0, wall_time=time.perf_counter() - t0,
