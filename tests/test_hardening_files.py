@@ -586,3 +586,20 @@ def test_ablate_merge_writes_a_model_and_a_failed_write_restores_the_experts(tmp
         unlearn(model, FORGET, tokenizer=word_tokenizer(), method="ablate", target="1:2", out_dir=tmp_path / "p", **KW)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert not (tmp_path / "p").exists()
+
+
+def test_adapter_files_are_read_safely(tmp_path):
+    from moe_unlearn.loramoe.peft_io import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, import_peft
+
+    good = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    for name, cfg, weights, word in (("deep", "[" * 100000, b"", "nested"),
+                                     ("r string", json.dumps({**good, "r": "2"}), b"", "integer"),
+                                     ("alpha nan", json.dumps(good).replace('"lora_alpha": 4', '"lora_alpha": NaN'),
+                                      b"", "finite"),
+                                     ("garbled", json.dumps(good), b"\x00garbage" * 4, "damaged")):
+        d = tmp_path / name.replace(" ", "_")
+        d.mkdir()
+        (d / PEFT_CONFIG_FILE).write_text(cfg)
+        (d / PEFT_WEIGHTS_FILE).write_bytes(weights)
+        with pytest.raises(BadInputError, match=word):
+            import_peft(tiny_model("qwen3_moe"), d)
