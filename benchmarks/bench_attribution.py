@@ -2,7 +2,7 @@
 
 Both run the same pre-tokenized batches through the same decoder call (no LM head, no
 KV cache, position ids from the mask), interleaved round by round so machine load hits
-both alike; the median over rounds is reported. The goal (issue 3) is an overhead of at
+both alike; the median over rounds is reported. The goal is an overhead of at
 most 5% over the plain forward. The full causal-LM forward (with LM head) is timed too,
 as what a user would otherwise run.
 

@@ -1,5 +1,5 @@
 """Is it erased or hidden? Routing replay, paraphrase / completion probes and relearning curves
-for a few unlearning runs on the bench models (issue 13).
+for a few unlearning runs on the bench models.
 
 Per bench model (`natural`, `localized`; cached models reused from --cache):
 - runs: npo with variants full, uoe, uoe+grip+null, cov+grip+null at one learning rate each

@@ -1,6 +1,6 @@
 """uoe vs full unlearning on one tiny model and batch: step time and optimizer-state bytes.
 
-Goals (issue 4): uoe at least 2x faster per step and at least 10x less optimizer memory.
+Goals: uoe at least 2x faster per step and at least 10x less optimizer memory.
 Step time = the training loop's wall time / steps, median over --repeats runs (reference values
 are computed before the loop; the prefix cache is filled during the first step, which is counted). Writes benchmarks/results/unlearn_<family>_h<hidden>_<device>.json.
 

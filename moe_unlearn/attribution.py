@@ -45,6 +45,7 @@ from moe_unlearn.arch import MoELayer, RoutingCapture, find_moe_layers
 from moe_unlearn.arch.wrappers import unwrap_model
 from moe_unlearn.data import DataSource, TokenizedBatches, load_texts, tokenize_batches
 from moe_unlearn.errors import BadInputError, DataError
+from moe_unlearn.identity import config_hash, model_identity
 from moe_unlearn.validate import check_token_ids
 
 NEAR_TIE_REL = 0.01  # runner-up within 1% of the chosen score -> near-tie
@@ -240,8 +241,6 @@ class Attribution:
         """BadInputError unless this attribution was made on `model` (same config hash, recorded since the
         model identity is stored) and its layers, expert counts and top-K match the model's MoE layers:
         the experts it names are then the model's own."""
-        from moe_unlearn.unlearning.patch import config_hash  # lazy: unlearning imports this module
-
         recorded = (self.meta.get("model") or {}).get("config_hash") if isinstance(self.meta, dict) else None
         if recorded and recorded != config_hash(model):
             name = (self.meta.get("model") or {}).get("name_or_path") or "another model"
@@ -701,8 +700,6 @@ def attribute_experts(
 
 
 def _model_identity(model: nn.Module) -> dict[str, str]:
-    from moe_unlearn.unlearning.patch import model_identity  # lazy: unlearning imports this module
-
     return model_identity(model)
 
 

@@ -21,6 +21,7 @@ from moe_unlearn.unlearning.adapters import (
     revert_fixes,
     slice_layout,
 )
+from moe_unlearn.unlearning.tensor import TrainedTensor
 
 TOK = word_tokenizer()
 FORGET = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(8)) for i in range(6)]
@@ -73,7 +74,7 @@ def test_adapter_gradient_is_the_chain_rule_of_w0_plus_ba():
     fused = torch.nn.Parameter(torch.randn(3, 6, 4, generator=g))  # [E, out, in]; expert 1 trains
     x = torch.randn(10, 4, generator=g)
     layout = MatrixLayout(0, 1)
-    ap = AdapterParams([("w", fused, 0, 1, 2, layout)], [], [], rank=2, seed=5)
+    ap = AdapterParams([(TrainedTensor("w", 0, 1, 2), fused, layout)], [], [], rank=2, seed=5)
     item = ap.items[0]
     with torch.no_grad():
         item.b.copy_(torch.randn(6, 2, generator=g))  # off zero, so both factors get gradients
@@ -281,7 +282,7 @@ def test_grip_holds_on_a_low_rank_router():
 def test_adapter_run_resumes_from_a_checkpoint_to_the_same_factors(tmp_path, monkeypatch):
     from moe_unlearn.training import TrainHooks
     from moe_unlearn.training import train as real_train
-    from moe_unlearn.unlearning import engine
+    from moe_unlearn.unlearning import fit
 
     args = dict(scope="uoe", target=(2, 1), adapter="lora", adapter_rank=2, checkpoint_every=2,
                 **{**KW, "steps": 6})
@@ -295,13 +296,13 @@ def test_adapter_run_resumes_from_a_checkpoint_to_the_same_factors(tmp_path, mon
             if step == 5:
                 raise Crash
 
-    monkeypatch.setattr(engine, "train", lambda *a, hooks, **k: real_train(*a, hooks=[*hooks, CrashAt()], **k))
+    monkeypatch.setattr(fit, "train", lambda *a, hooks, **k: real_train(*a, hooks=[*hooks, CrashAt()], **k))
     model = tiny_model("qwen2_moe")
     before = _state(model)
     with pytest.raises(Crash):
         unlearn(model, FORGET, RETAIN, out_dir=tmp_path / "run", **args)
     assert all(torch.equal(v, _state(model)[k]) for k, v in before.items())
-    monkeypatch.setattr(engine, "train", real_train)
+    monkeypatch.setattr(fit, "train", real_train)
     res = unlearn(tiny_model("qwen2_moe"), FORGET, RETAIN, out_dir=tmp_path / "run", resume=True, **args)
     assert res.history.resumed_from == 4
     from safetensors.torch import load_file

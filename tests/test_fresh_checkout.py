@@ -79,3 +79,21 @@ def test_a_wheel_carries_the_kernels_inside_the_package(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     n_paths, where = res.stdout.split()
     assert n_paths == "1" and Path(where).resolve().is_relative_to(target.resolve())
+
+
+def test_floor_constraints_pin_every_declared_lower_bound():
+    tomllib = pytest.importorskip("tomllib")
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
+    try:
+        from floor_constraints import floor_pins
+    finally:
+        sys.path.pop(0)
+    pins = dict(p.split("==") for p in floor_pins())
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "torch" not in pins  # chosen per machine by TORCH_SPEC
+    assert pins["transformers"] == "5.4" and pins["peft"] == "0.18"
+    declared = [d for d in meta["dependencies"] if ">=" in d and not d.startswith("torch")]
+    assert len(pins) >= len(declared)
+    for dep in declared:
+        name, low = dep.split(">=")
+        assert pins[name.split("[")[0]] == low.split(",")[0], dep

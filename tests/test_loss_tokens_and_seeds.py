@@ -11,7 +11,8 @@ from moe_unlearn.errors import BadInputError, DataError
 from moe_unlearn.eval.items import EvalItem
 from moe_unlearn.eval.scoring import PromptFormat, encode_items
 from moe_unlearn.testing import tiny_model
-from moe_unlearn.unlearning import engine, unlearn
+from moe_unlearn.unlearning import unlearn
+from moe_unlearn.unlearning.batches import ForgetRetainPairs
 
 TOK = word_tokenizer()
 QA = [{"question": f"w{i} w{i + 1} w{i + 2}", "answer": f"w{50 + i} w{60 + i}"} for i in range(7)]
@@ -74,13 +75,13 @@ def test_forget_set_without_scored_positions_is_refused():
 
 
 def test_pairs_cover_every_batch_and_depend_on_the_seed():
-    pairs = engine._ForgetRetainPairs(5, 3, seed=0)
+    pairs = ForgetRetainPairs(5, 3, seed=0)
     for epoch in range(3):
         assert sorted(p["k"] for p in pairs(epoch)) == list(range(5))
     retain_used = [p["rk"] for e in range(3) for p in pairs(e)]  # 15 draws over 3 retain batches
     assert sorted(retain_used) == sorted([0, 1, 2] * 5)
-    assert pairs(0) == engine._ForgetRetainPairs(5, 3, seed=0)(0)
-    assert any(engine._ForgetRetainPairs(5, 3, seed=s)(0) != pairs(0) for s in (1, 2, 3))
+    assert pairs(0) == ForgetRetainPairs(5, 3, seed=0)(0)
+    assert any(ForgetRetainPairs(5, 3, seed=s)(0) != pairs(0) for s in (1, 2, 3))
     assert pairs(0) != pairs(1) or pairs(1) != pairs(2)  # the order changes across epochs
 
 

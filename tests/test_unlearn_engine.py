@@ -12,7 +12,7 @@ from moe_unlearn.errors import BadInputError, DataError, TrainingDiverged
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.training import TrainHooks
 from moe_unlearn.training import train as real_train
-from moe_unlearn.unlearning import engine, unlearn
+from moe_unlearn.unlearning import fit, unlearn
 
 TOK = word_tokenizer()
 FORGET = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(10)) for i in range(6)]
@@ -128,7 +128,7 @@ def test_resumed_run_ends_where_uninterrupted_one_does(tmp_path, monkeypatch):
             if step == 5:
                 raise _Crash
 
-    monkeypatch.setattr(engine, "train", lambda *a, hooks, **k: real_train(*a, hooks=[*hooks, CrashAt()], **k))
+    monkeypatch.setattr(fit, "train", lambda *a, hooks, **k: real_train(*a, hooks=[*hooks, CrashAt()], **k))
     model = tiny_model("qwen3_moe")
     orig = _state(model)
     with pytest.raises(_Crash):
@@ -136,7 +136,7 @@ def test_resumed_run_ends_where_uninterrupted_one_does(tmp_path, monkeypatch):
     assert all(torch.equal(orig[n], p) for n, p in model.named_parameters())  # restored after the crash
     assert not (tmp_path / "run").exists()
     assert (tmp_path / "run.ckpt" / "step_00000004.pt").exists()
-    monkeypatch.setattr(engine, "train", real_train)
+    monkeypatch.setattr(fit, "train", real_train)
 
     res = unlearn(tiny_model("qwen3_moe"), FORGET, RETAIN, out_dir=tmp_path / "run", resume=True, **args)
     assert res.history.resumed_from == 4
@@ -210,15 +210,15 @@ def test_retain_batches_cycle_independently_of_forget_batches():
     """A retain set larger than the forget set is used in full across epochs, and every epoch
     has the forget set's length (so the loop knows its total steps)."""
     from moe_unlearn.training import _epoch_len
-    from moe_unlearn.unlearning.engine import _ForgetRetainPairs
+    from moe_unlearn.unlearning.batches import ForgetRetainPairs
 
-    pairs = _ForgetRetainPairs(n_forget=3, n_retain=7)
+    pairs = ForgetRetainPairs(n_forget=3, n_retain=7)
     assert _epoch_len(pairs) == 3
     seen = [item["rk"] for epoch in range(3) for item in pairs(epoch)]
     assert sorted(seen[:7]) == list(range(7)) and len(set(seen[7:])) == 2  # all 7 used before any repeats
     assert sorted(item["k"] for item in pairs(1)) == [0, 1, 2]
     assert pairs(2) == pairs(2)  # deterministic per epoch (resume sees the same pairs)
-    assert all(item["rk"] is None for item in _ForgetRetainPairs(2, 0)(0))
+    assert all(item["rk"] is None for item in ForgetRetainPairs(2, 0)(0))
 
 
 @pytest.mark.parametrize("prefix_cache", [True, False])

@@ -66,11 +66,6 @@ class ExpertSlice:
         """A view (no copy) of the expert's part of the parameter's data."""
         return self.param.data.narrow(self.dim, self.start, self.stop - self.start)
 
-    def grad_view(self) -> torch.Tensor | None:
-        if self.param.grad is None:
-            return None
-        return self.param.grad.narrow(self.dim, self.start, self.stop - self.start)
-
     def mask(self) -> torch.Tensor:
         """Bool tensor shaped like the parameter, True inside this slice (for gradient masking)."""
         m = torch.zeros(self.param.shape, dtype=torch.bool, device=self.param.device)
@@ -267,7 +262,7 @@ class MoELayer:
         """Views of expert `expert` in nn.Linear orientation (see `get_expert`)."""
         raise NotImplementedError
 
-    def _check_expert(self, expert: int) -> None:
+    def check_expert(self, expert: int) -> None:
         if not 0 <= int(expert) < self.num_experts:
             raise BadInputError(
                 f"expert {expert} out of range for layer {self.layer_idx}: it has {self.num_experts} routed "
@@ -278,7 +273,7 @@ class MoELayer:
         "gate" [I, H], "up" [I, H], "down" [H, I] (nn.Linear orientation: out x in), and
         "gate_bias" [I], "up_bias" [I], "down_bias" [H] where the family has biases.
         Views may be transposed or strided; writing into them writes the model."""
-        self._check_expert(expert)
+        self.check_expert(expert)
         return self._expert_views(int(expert))
 
     @torch.no_grad()
@@ -298,11 +293,12 @@ class MoELayer:
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, H]: routed expert `expert` applied to x, before its routing weight."""
         w = self.get_expert(expert)
-        h = self._activation(nn.functional.linear(x, w["gate"], w.get("gate_bias")),
+        h = self.activation(nn.functional.linear(x, w["gate"], w.get("gate_bias")),
                              nn.functional.linear(x, w["up"], w.get("up_bias")))
         return nn.functional.linear(h, w["down"], w.get("down_bias"))
 
-    def _activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The expert's intermediate activation from its gate and up projections (the down projection's input)."""
         return self.experts.act_fn(gate) * up
 
     def expert_num_params(self) -> int:

@@ -49,7 +49,7 @@ class DbrxLayer(MoELayer):
         return Routing(scores=torch.softmax(logits.float(), dim=-1), topk_idx=idx, topk_weight=weight.float())
 
     def expert_slices(self, expert: int) -> list[ExpertSlice]:
-        self._check_expert(expert)
+        self.check_expert(expert)
         start, stop = int(expert) * self._inter, (int(expert) + 1) * self._inter
         mlp = self.experts.mlp
         return [ExpertSlice(self.param_name(getattr(mlp, attr)), getattr(mlp, attr), 0, start, stop, role)
@@ -61,5 +61,5 @@ class DbrxLayer(MoELayer):
         return {"gate": mlp.w1.data.narrow(0, start, n), "up": mlp.v1.data.narrow(0, start, n),
                 "down": mlp.w2.data.narrow(0, start, n).T}
 
-    def _activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self.experts.mlp.activation_fn(gate) * up

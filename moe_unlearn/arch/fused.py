@@ -26,7 +26,7 @@ class FusedGateUpLayer(MoELayer):
                 f"for {type(self).__name__}; this transformers version lays experts out differently")
 
     def expert_slices(self, expert: int) -> list[ExpertSlice]:
-        self._check_expert(expert)
+        self.check_expert(expert)
         e = int(expert)
         out = []
         for attr, role in (("gate_up_proj", "gate_up"), ("down_proj", "down")):

@@ -30,7 +30,7 @@ class GptOssLayer(MoELayer):
         return Routing(scores=torch.softmax(logits.float(), dim=-1), topk_idx=idx, topk_weight=weight.float())
 
     def expert_slices(self, expert: int) -> list[ExpertSlice]:
-        self._check_expert(expert)
+        self.check_expert(expert)
         e = int(expert)
         out = []
         for attr, role in (("gate_up_proj", "gate_up"), ("gate_up_proj_bias", "gate_up_bias"),
@@ -46,7 +46,7 @@ class GptOssLayer(MoELayer):
                 "gate_bias": gate_up_bias[::2], "up_bias": gate_up_bias[1::2],
                 "down_bias": ex.down_proj_bias.data[expert]}
 
-    def _activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ex = self.experts
         gate = gate.clamp(min=None, max=ex.limit)
         up = up.clamp(min=-ex.limit, max=ex.limit)

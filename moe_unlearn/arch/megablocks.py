@@ -225,7 +225,7 @@ class MegablocksLayer(MoELayer):
         return (("w1", "gate"), ("v1", "up"), ("w2", "down")) if self.is_glu else (("w1", "up"), ("w2", "down"))
 
     def expert_slices(self, expert: int) -> list[ExpertSlice]:
-        self._check_expert(expert)
+        self.check_expert(expert)
         e = int(expert)
         start, stop = (e, e + 1) if self.is_3d else (e * self._inter, (e + 1) * self._inter)
         return [ExpertSlice(self.param_name(getattr(self.mlp, attr)), getattr(self.mlp, attr), 0, start, stop, role)
@@ -247,5 +247,5 @@ class MegablocksLayer(MoELayer):
             self.args.activation_fn(up)
         return nn.functional.linear(h, w["down"])
 
-    def _activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self.args.activation_fn(gate) * up

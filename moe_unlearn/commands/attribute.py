@@ -7,9 +7,7 @@ targets with their near-tie flags.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
-from typing import Any
 
 from moe_unlearn.atomic import staged_files
 from moe_unlearn.commands import add_model_args, load_from_args
@@ -40,15 +38,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "stored in attribution.json")
     add_model_args(p)
     return p
-
-
-def load_model_and_tokenizer(model_dir: str | os.PathLike, *, trust_remote_code: bool = False,
-                             device: str | None = None, device_map: Any = None, dtype: str | None = None):
-    """Model (eval mode) and tokenizer from a local directory (moe_unlearn.loading: local files only, no
-    code from the folder unless trusted); BadInputError if either does not load."""
-    args = argparse.Namespace(model=model_dir, trust_remote_code=trust_remote_code, device=device,
-                              device_map=device_map, dtype=dtype)
-    return load_from_args(args)
 
 
 def write_outputs(attribution, out: Path) -> None:

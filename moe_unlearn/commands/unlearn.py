@@ -15,15 +15,7 @@ import argparse
 import json
 
 from moe_unlearn.commands import add_model_args, load_from_args
-from moe_unlearn.unlearning.objectives import OBJECTIVES
-from moe_unlearn.unlearning.scopes import SCOPES
-
-# flag dest -> UnlearnConfig field, for the flags whose value is the field's value as is
-_DIRECT = ("field", "method", "scope", "top_m", "topm_layer", "allow_shared", "merge", "steps", "epochs", "lr",
-           "batch_size", "grad_accum", "max_length", "lr_schedule", "warmup_steps", "anchor_weight",
-           "retain_routing_weight", "checkpoint_every", "resume", "seed", "gradient_checkpointing", "loss_tokens",
-           "coverage", "router_projection", "expert_projection", "projection_energy", "retain_weighting",
-           "adapter", "adapter_rank", "adapter_router", "adapter_gram_rank")
+from moe_unlearn.unlearning.config import UnlearnConfig
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,67 +26,38 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="local model directory (save_pretrained layout, with tokenizer)")
     p.add_argument("--forget", default=None, help=".txt (one document per line), .jsonl, or a save_to_disk dir")
     p.add_argument("--retain", default=None, help="retain data (same formats); needed by graddiff")
-    p.add_argument("--field", default=None, help="jsonl/dataset field holding the text")
-    p.add_argument("--method", default=None, choices=[*sorted(OBJECTIVES), "ablate"],
-                   help="default npo; ablate (uoe/topm): zero the targets' down projections, no training")
-    p.add_argument("--scope", default=None, choices=SCOPES, help="default uoe")
     p.add_argument("--target", action="append", default=None, metavar="L:E",
                    help="target expert LAYER:EXPERT (repeat for topm; 'L:shared' needs --allow-shared)")
     p.add_argument("--attribution", default=None, help="attribution.json from `moe-unlearn attribute` "
                                                       "(used when --target is not given)")
-    p.add_argument("--top-m", type=int, default=None, help="experts for --scope topm from the attribution (2)")
-    p.add_argument("--topm-layer", type=int, default=None, help="take the topm experts from this layer only")
-    p.add_argument("--coverage", type=float, default=None,
-                   help="--scope topm: take the experts that together cover this share of the forget tokens "
-                        "(attributes the forget data, with --retain for selectivity)")
-    p.add_argument("--router-projection", choices=["grip"], default=None,
-                   help="grip: keep the trained routers' logits on retain inputs fixed (change projected off "
-                        "their span after every step)")
-    p.add_argument("--expert-projection", choices=["retain_null"], default=None,
-                   help="retain_null: project the trained experts' change off the span of the retain tokens "
-                        "routed to them (uoe / topm)")
-    p.add_argument("--projection-energy", type=float, default=None,
-                   help="energy fraction of the retain span the projections keep (default 0.99)")
-    p.add_argument("--retain-weighting", choices=["trace"], default=None,
-                   help="trace: weight retain tokens by how forget-critical their experts are")
-    p.add_argument("--allow-shared", action="store_true", default=None, help="allow a shared expert as target")
-    p.add_argument("--adapter", choices=["lora"], default=None,
-                   help="train a low-rank delta B A on each expert matrix of the scope (uoe/topm/experts); the patch "
-                        "stores the factors and the input statistics `moe-unlearn fuse` merges with")
-    p.add_argument("--adapter-rank", type=int, default=None, help="rank r of the adapter (8)")
-    p.add_argument("--adapter-router", action="store_true", default=None,
-                   help="put the router under the adapter too (default: it trains in full)")
-    p.add_argument("--adapter-gram-rank", type=int, default=None,
-                   help="eigendirections kept of each input Gram matrix stored for fusion (256)")
     p.add_argument("--out", default=None, help="new (or empty) output directory")
-    p.add_argument("--merge", action="store_true", default=None,
-                   help="save the whole unlearned model instead of a patch")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 20)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the forget set (instead of --steps)")
-    p.add_argument("--lr", type=float, default=None, help="default 1e-4")
-    p.add_argument("--batch-size", type=int, default=None, help="default 4")
-    p.add_argument("--grad-accum", type=int, default=None, help="default 1")
-    p.add_argument("--max-length", type=int, default=None, help="default 256")
-    p.add_argument("--lr-schedule", default=None, choices=("constant", "linear", "cosine"))
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--anchor-weight", type=float, default=None, help="SEUF router anchor weight (uoe/topm; 1.0)")
-    p.add_argument("--retain-routing-weight", type=float, default=None,
-                   help="KL(original || current) routing on retain tokens at trained routers (0)")
-    p.add_argument("--loss-tokens", default=None, choices=("answer", "all"),
-                   help="answer (default): QA records score their answer tokens only; all: every token")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="method hyperparameter, e.g. --set beta=0.1 --set retain_loss=kl")
     p.add_argument("--no-prefix-cache", action="store_true", default=None, help="run the whole model every step")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (in OUT.ckpt)")
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="continue from the latest checkpoint in OUT.ckpt")
-    p.add_argument("--seed", type=int, default=None,
-                   help="orders texts into batches, forget batches per epoch and the forget/retain pairing (0)")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
-                   help="recompute the activations of the layers above the target in backward (less memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(p)
     add_model_args(p)
     return p
+
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> list[str]:
+    """One flag per `UnlearnConfig` field whose Option has cli=True (--top-m for top_m; bools are
+    switches); returns the field names. Each defaults to None: not given."""
+    names = []
+    for name, opt in UnlearnConfig.options().items():
+        if not opt.cli:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if opt.kind == "bool":
+            p.add_argument(flag, action="store_true", default=None, help=opt.help)
+        else:
+            choices = list(opt.choices()) if opt.choices is not None else None
+            p.add_argument(flag, type=_TYPES[opt.kind], default=None, choices=choices, help=opt.help)
+        names.append(name)
+    return names
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -115,7 +78,8 @@ def _parse_sets(items: list[str]) -> dict:
 def build_config(args: argparse.Namespace):
     """(UnlearnConfig, model dir, forget, retain) from the --config file and the flags (flags win)."""
     from moe_unlearn.errors import BadInputError
-    from moe_unlearn.unlearning.config import UnlearnConfig, read_run_file
+    from moe_unlearn.unlearning.config import read_run_file
+    from moe_unlearn.unlearning.scopes import SCOPES
 
     if args.target and args.attribution:
         raise BadInputError("give --target or --attribution, not both")
@@ -124,7 +88,8 @@ def build_config(args: argparse.Namespace):
     for k in ("progress", "out_dir", "model_dir", "checkpoint_dir"):  # where things go is this run's choice
         opts.pop(k, None)
     cfg = UnlearnConfig.from_dict(opts)
-    given = {k: getattr(args, k) for k in _DIRECT if getattr(args, k) is not None}
+    flags = [k for k, o in UnlearnConfig.options().items() if o.cli]  # what add_config_flags added
+    given = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     if args.epochs is not None and args.steps is None:
         given["steps"] = None
     elif args.steps is not None and args.epochs is None:
@@ -146,7 +111,7 @@ def build_config(args: argparse.Namespace):
     if missing:
         raise BadInputError(f"{', '.join(missing)} required (as flags, or model/forget in --config)")
     cfg = UnlearnConfig.build(cfg, **given, out_dir=args.out, model_dir=model, progress=not args.quiet)
-    if args.top_m is not None and cfg.scope != "topm":
+    if args.top_m is not None and not SCOPES.lookup(cfg.scope).picks_several:
         raise BadInputError(f"--top-m is only read by --scope topm (got --scope {cfg.scope})")
     return cfg, model, forget, retain
 

@@ -107,14 +107,15 @@ def read_records(source: Any) -> list[Any]:
     return load_records(source)
 
 
-def _is_source(data: Any) -> bool:
+def is_source(data: Any) -> bool:
+    """Whether `data` names records to read (a path, a dataset) rather than holding them."""
     return isinstance(data, os.PathLike) or hasattr(data, "column_names") or (
         isinstance(data, str) and "\n" not in data)
 
 
 def as_items(data: ItemsLike, name: str = "data") -> list[EvalItem]:
     """Normalise one split's data (path, dataset or list, see module docstring) to a non-empty list of EvalItem."""
-    if _is_source(data):
+    if is_source(data):
         records, where = read_records(data), str(data) if not hasattr(data, "column_names") else "dataset"
     elif isinstance(data, str):
         raise DataError(f"split {name!r}: got a multi-line string; pass a path or a list of texts")
@@ -160,7 +161,7 @@ def mcq_from_record(record: Any, where: str = "record") -> McqItem:
 
 def as_mcq_items(data: ItemsLike) -> list[McqItem]:
     """MCQ items from a .jsonl/.json path or a list of records."""
-    if _is_source(data):
+    if is_source(data):
         records, where = read_records(data), str(data)
     else:
         records, where = list(data), "mcq"

@@ -129,7 +129,7 @@ def reference_mia_aucs(reference_model: nn.Module, tokenizer, forget: ItemsLike,
                       ratio=min_k_ratio, rounding=conv.min_k_rounding, tokens=conv.mia_tokens).auc
 
 
-def _as_model(ref: nn.Module | str, like: nn.Module) -> nn.Module:
+def as_model(ref: nn.Module | str, like: nn.Module) -> nn.Module:
     """A reference model given as a module, or loaded (local files only) from a directory onto `like`'s device."""
     if isinstance(ref, nn.Module):
         return ref
@@ -307,7 +307,7 @@ def evaluate(
     if "forget" in scored and "holdout" in scored:
         ref = reference_auc
         if reference_model is not None:
-            ref_model = _as_model(reference_model, model)
+            ref_model = as_model(reference_model, model)
             ref = reference_mia_aucs(ref_model, tokenizer, items["forget"], items["holdout"], convention=conv,
                                      prompt_format=fmt, min_k_ratio=min_k_ratio, batch_size=batch_size,
                                      progress=progress)

@@ -36,7 +36,7 @@ from torch import nn
 
 from moe_unlearn.errors import BadInputError, DataError
 from moe_unlearn.eval.conventions import Convention, get_convention
-from moe_unlearn.eval.items import EvalItem, ItemsLike, _is_source, read_records
+from moe_unlearn.eval.items import EvalItem, ItemsLike, is_source, read_records
 from moe_unlearn.eval.scoring import PromptFormat, encode_items, score_encoded
 
 
@@ -72,7 +72,7 @@ def tofu_item_from_record(record: Any, where: str = "record") -> TofuItem:
 
 
 def as_tofu_items(data: ItemsLike, name: str = "data") -> list[TofuItem]:
-    records = read_records(data) if _is_source(data) else list(data)
+    records = read_records(data) if is_source(data) else list(data)
     items = [tofu_item_from_record(r, f"{name} record {i}") for i, r in enumerate(records)]
     if not items:
         raise DataError(f"TOFU split {name!r} is empty")
@@ -259,9 +259,9 @@ def _reference_ratios(reference, model, tokenizer, items, fmt, batch_size, progr
             raise BadInputError("the reference TofuResult has no forget split")
         return list(reference.forget.truth_ratios)
     if isinstance(reference, (nn.Module, str)) or hasattr(reference, "__fspath__"):
-        from moe_unlearn.eval.suite import _as_model
+        from moe_unlearn.eval.suite import as_model
 
-        ref_model = _as_model(str(reference) if not isinstance(reference, nn.Module) else reference, model)
+        ref_model = as_model(str(reference) if not isinstance(reference, nn.Module) else reference, model)
         lp = _logprobs(ref_model, tokenizer, items, fmt, batch_size, progress)
         return [float(r) for r in truth_ratio_values(lp.correct, lp.perturbed)]
     values = [float(v) for v in reference]

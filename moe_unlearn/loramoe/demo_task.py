@@ -1,16 +1,15 @@
 """New tasks for the demo model, and how well a model does them: for the LoRAMoE example and benchmark.
 
-The demo model (moe_unlearn.bench_model) knows fictitious facts. Two new tasks it was never
+The demo model (moe_unlearn.bench_model) knows fictitious facts. A new task it was never
 trained on:
 
-- `new_domain_facts`: a new knowledge domain, ships, with invented names that no original
+`new_domain_facts`: a new knowledge domain, ships, with invented names that no original
   entity has, four attributes and question templates the model has never seen ("What cargo
   does the ship Braelux carry?" -> "marble"); answers come from the facts' value pools, so the
   tokenizer knows them. Learnable in a few hundred steps by every fine-tuning method; scored
   by exact match on its questions (knowledge injection: the questions are the trained ones).
-- `word_reversal_records`: a rule ("Reverse: teal marsh salt" -> "salt marsh teal"), scored
-  on held-out word lists. The small demo model does not learn it in a few hundred steps with
-  any method, so the benchmark uses the new domain.
+(A rule task, reversing word lists, was not learned by the small demo model in a few hundred
+steps with any method, so the benchmark uses the new domain.)
 """
 
 from __future__ import annotations
@@ -51,23 +50,6 @@ def new_domain_facts(existing: Sequence[Fact], entities: int, *, seed: int = 1) 
                             attribute=attr.name, question=attr.questions[0].format(e=name), answer=answer,
                             text=attr.statements[0].format(e=name, a=answer), paraphrases=(),
                             question_paraphrases=()))
-    return out
-
-
-def word_reversal_records(words: Sequence[str], n: int, *, length: int = 3, seed: int = 0,
-                          type_label: str = "task", exclude: set[tuple[str, ...]] | None = None
-                          ) -> list[dict[str, Any]]:
-    """n distinct {"prompt", "response", "type"} records; word tuples in `exclude` are skipped."""
-    rng = random.Random(seed)
-    seen = set(exclude or ())
-    out = []
-    while len(out) < n:
-        picked = tuple(rng.sample(list(words), length))
-        if picked in seen:
-            continue
-        seen.add(picked)
-        out.append({"prompt": f"Reverse: {' '.join(picked)}\nAnswer:", "response": " " + " ".join(reversed(picked)),
-                    "type": type_label, "words": list(picked)})
     return out
 
 

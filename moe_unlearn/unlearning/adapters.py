@@ -37,10 +37,12 @@ import torch
 from torch import nn
 
 from moe_unlearn.arch.base import ExpertSlice, MoELayer
+from moe_unlearn.registry import Choice, registry_of
 from moe_unlearn.training import TrainHooks
-from moe_unlearn.unlearning.scopes import SliceParams
+from moe_unlearn.unlearning.scopes import SliceParams, accumulate_grad
+from moe_unlearn.unlearning.tensor import Key, TrainedTensor
 
-ADAPTERS = (None, "lora")
+ADAPTERS = registry_of("adapter", Choice("lora", "W0 + B A of rank adapter_rank on each expert matrix"))
 
 
 # -- the matrix of a slice ---------------------------------------------------------------------
@@ -158,31 +160,29 @@ def lowrank_revert(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fix_index:
 
 @dataclass
 class LowRankItem:
-    """One matrix trained as W0 + B A: a whole parameter (dim None) or an expert slice of it."""
+    """One matrix trained as W0 + B A: a whole parameter or an expert slice of it (`tensor`)."""
 
-    name: str
+    tensor: TrainedTensor
     param: nn.Parameter
-    dim: int | None
-    start: int | None
-    stop: int | None
     layout: MatrixLayout
     w0: torch.Tensor  # [out, in] copy of the original matrix, model dtype
     a: nn.Parameter  # [r, in] fp32
     b: nn.Parameter  # [out, r] fp32
 
-    def _narrow(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.dim is None else t.narrow(self.dim, self.start, self.stop - self.start)
+    @property
+    def name(self) -> str:
+        return self.tensor.name
 
     def view(self) -> torch.Tensor:
         """The model's [out, in] view of the matrix (writing it writes the model)."""
-        return self.layout.matrix(self._narrow(self.param.data))
+        return self.layout.matrix(self.tensor.narrow(self.param.data))
 
     def grad(self) -> torch.Tensor:
-        return self.layout.matrix(self._narrow(self.param.grad))
+        return self.layout.matrix(self.tensor.narrow(self.param.grad))
 
     @property
-    def key(self) -> tuple[str, int | None, int | None, int | None]:
-        return (self.name, self.dim, self.start, self.stop)
+    def key(self) -> Key:
+        return self.tensor.key
 
 
 def _check_rank(matrices: list[tuple], rank: int) -> None:
@@ -206,10 +206,10 @@ class AdapterParams(TrainHooks):
     """The leaves of a low-rank run: factors A, B per matrix, plus `SliceParams` (shadows / masters)
     for what trains in full; pass `.leaves` to `train` and this object as a hook (module docstring).
 
-    matrices: (name, param, dim, start, stop, layout) of every matrix trained low-rank; slices and
+    matrices: (trained tensor, its parameter, layout) of every matrix trained low-rank; slices and
     whole: the rest of the scope, trained in full. The A factors are drawn from `seed`."""
 
-    def __init__(self, matrices: list[tuple[str, nn.Parameter, int | None, int | None, int | None, MatrixLayout]],
+    def __init__(self, matrices: list[tuple[TrainedTensor, nn.Parameter, MatrixLayout]],
                  slices: list[ExpertSlice], whole: list[tuple[str, nn.Parameter]], *, rank: int, seed: int) -> None:
         self.rank = rank
         self.values = SliceParams(slices, whole)
@@ -217,13 +217,13 @@ class AdapterParams(TrainHooks):
         gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + 7) % 2**63)
         _check_rank(matrices, rank)
         self.items: list[LowRankItem] = []
-        for name, param, dim, start, stop, layout in matrices:
+        for tensor, param, layout in matrices:
             if id(param) in full_params:
-                raise ValueError(f"{name} holds both a low-rank matrix and a fully trained part")
-            view = layout.matrix(param.data if dim is None else param.data.narrow(dim, start, stop - start))
+                raise ValueError(f"{tensor.name} holds both a low-rank matrix and a fully trained part")
+            view = layout.matrix(tensor.narrow(param.data))
             out_f, in_f = view.shape
             a = torch.randn(rank, in_f, generator=gen, dtype=torch.float32) / rank ** 0.5
-            self.items.append(LowRankItem(name, param, dim, start, stop, layout, view.detach().clone(),
+            self.items.append(LowRankItem(tensor, param, layout, view.detach().clone(),
                                           nn.Parameter(a.to(param.device)),
                                           nn.Parameter(torch.zeros(out_f, rank, device=param.device))))
         self._by_key = {it.key: it for it in self.items}
@@ -241,14 +241,14 @@ class AdapterParams(TrainHooks):
         def hook(param: torch.Tensor) -> None:
             for it in group:
                 g = it.grad().float()
-                SliceParams._accumulate(it.a, it.b.detach().T @ g)
-                SliceParams._accumulate(it.b, g @ it.a.detach().T)
+                accumulate_grad(it.a, it.b.detach().T @ g)
+                accumulate_grad(it.b, g @ it.a.detach().T)
             param.grad = None
         return hook
 
-    def find(self, name: str, dim: int | None = None, start: int | None = None,
-             stop: int | None = None) -> LowRankItem | None:
-        return self._by_key.get((name, dim, start, stop))
+    def find(self, tensor: TrainedTensor) -> LowRankItem | None:
+        """The low-rank item of `tensor`, None when it trains in full (or not at all)."""
+        return self._by_key.get(tensor.key)
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -277,7 +277,7 @@ class AdapterParams(TrainHooks):
     def after_resume(self, step: int) -> None:
         self.write_back()
 
-    def factors(self) -> dict[tuple, dict[str, torch.Tensor | MatrixLayout]]:
+    def factors(self) -> dict[Key, dict[str, torch.Tensor | MatrixLayout]]:
         """{entry key: {"a", "b" (CPU fp32 copies), "layout"}}."""
         return {it.key: {"a": it.a.detach().cpu().clone(), "b": it.b.detach().cpu().clone(), "layout": it.layout}
                 for it in self.items}

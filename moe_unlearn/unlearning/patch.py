@@ -25,10 +25,8 @@ patch made on a PEFT- or DDP-wrapped model applies to the stock model and the ot
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,64 +34,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moe_unlearn.arch.wrappers import canonical_parameters, unwrap_model
+from moe_unlearn.arch.wrappers import canonical_parameters
 from moe_unlearn.atomic import atomic_dir
 from moe_unlearn.errors import BadInputError, PatchError, TrainingDiverged
+from moe_unlearn.identity import config_hash, model_identity, tensor_hash
 from moe_unlearn.unlearning.adapters import MatrixLayout, lowrank_revert, lowrank_value, revert_fixes
+from moe_unlearn.unlearning.tensor import TrainedTensor
 
 FORMAT = "moe-unlearn-patch"
 VERSION = 1
 TENSORS_FILE = "patch.safetensors"
 META_FILE = "patch.json"
-# config keys that do not change what the weights mean
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "name_or_path", "_name_or_path", "torch_dtype", "dtype",
-                         "output_router_logits", "use_cache", "architectures", "output_hidden_states",
-                         "output_attentions", "return_dict"}
-
-
-@dataclass(frozen=True)
-class PatchEntry:
-    """A whole parameter (dim None) or the slice param.narrow(dim, start, stop - start)."""
-
-    name: str
-    dim: int | None = None
-    start: int | None = None
-    stop: int | None = None
-
-    def view(self, params: dict[str, nn.Parameter]) -> torch.Tensor:
-        p = params.get(self.name)
-        if p is None:
-            raise PatchError(f"the model has no parameter {self.name!r}; this patch is for another model")
-        if self.dim is None:
-            return p.data
-        if self.dim >= p.dim() or self.stop > p.shape[self.dim]:
-            raise PatchError(f"slice {self.name}[dim {self.dim}, {self.start}:{self.stop}] does not fit the "
-                             f"model's tensor of shape {tuple(p.shape)}; this patch is for another model")
-        return p.data.narrow(self.dim, self.start, self.stop - self.start)
-
-
-def tensor_hash(t: torch.Tensor) -> str:
-    """sha256 of the raw bytes (dtype and shape included), for bit-exact identity checks."""
-    t = t.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def config_hash(model: nn.Module) -> str:
-    """Hash of the model config without keys that do not change what the weights mean."""
-    cfg = getattr(unwrap_model(model), "config", None)
-    d = cfg.to_dict() if cfg is not None else {}
-    d = {k: v for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def model_identity(model: nn.Module) -> dict[str, str]:
-    model = unwrap_model(model)
-    cfg = getattr(model, "config", None)
-    return {"name_or_path": str(getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", "")),
-            "model_type": str(getattr(cfg, "model_type", type(model).__name__)),
-            "config_hash": config_hash(model)}
+PatchEntry = TrainedTensor  # an entry of a patch: the trained tensor it changed
 
 
 def snapshot(model: nn.Module, entries: list[PatchEntry]) -> list[torch.Tensor]:

@@ -24,7 +24,6 @@ class PrefixCache:
         self._store: dict[Hashable, torch.Tensor] = {}
         self.bytes = 0
         self.hits = 0
-        self.misses = 0
 
     def get(self, key: Hashable, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """[B, S, H] hidden states entering layer `start` for the batch named `key`."""
@@ -32,7 +31,6 @@ class PrefixCache:
         if hit is not None:
             self.hits += 1
             return hit
-        self.misses += 1
         hidden = self.stack.hidden_entering(self.start, input_ids, attention_mask)
         size = hidden.numel() * hidden.element_size()
         if self.enabled and self.bytes + size <= self.max_bytes:

@@ -33,10 +33,16 @@ from torch import nn
 
 from moe_unlearn.arch import MoELayer, RoutingCapture
 from moe_unlearn.errors import BadInputError
+from moe_unlearn.registry import Choice, registry_of
 from moe_unlearn.training import TrainHooks
+from moe_unlearn.unlearning.tensor import TrainedTensor
 
-ROUTER_PROJECTIONS = (None, "grip")
-EXPERT_PROJECTIONS = (None, "retain_null")
+ROUTER_PROJECTIONS = registry_of("router_projection", Choice(
+    "grip", "the trained routers' change projected off the span of their retain inputs", needs_retain=True),
+    plural="router projections")
+EXPERT_PROJECTIONS = registry_of("expert_projection", Choice(
+    "retain_null", "the trained experts' change projected off the span of the retain tokens routed to them",
+    needs_retain=True, needs_targets=True), plural="expert projections")
 
 
 @dataclass
@@ -114,7 +120,7 @@ class Projector(TrainHooks):
         lowrank = getattr(self.slices, "find", None)  # low-rank adapters: project the factor A instead
         for (_, params, sub), origs in zip(self.routers, self._router_orig, strict=True):
             for (name, p), orig in zip(params, origs, strict=True):
-                item = lowrank(name) if lowrank else None
+                item = lowrank(TrainedTensor(name)) if lowrank else None
                 if item is not None:
                     self.slices.project_input(item, sub.basis)
                 elif p.dim() == 2:
@@ -124,7 +130,7 @@ class Projector(TrainHooks):
         for (layer, e, sub_x, sub_a), origs in zip(self.experts, self._expert_orig, strict=True):
             skip: set[str] = set()
             for sl in layer.expert_slices(e) if lowrank else []:
-                item = lowrank(sl.name, sl.dim, sl.start, sl.stop)
+                item = lowrank(TrainedTensor.of_slice(sl))
                 if item is not None:
                     self.slices.project_input(item, (sub_a if sl.role == "down" else sub_x).basis)
                     skip |= {"gate", "up"} if sl.role == "gate_up" else {sl.role}
@@ -189,7 +195,7 @@ def input_grams(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, rou
                     xe = x[(topk == e).any(-1).to(x.device)]
                     grams.add(f"x/{idx}/{e}", xe)
                     w = lay.get_expert(e)
-                    a = lay._activation(nn.functional.linear(xe, w["gate"].float(), _f(w.get("gate_bias"))),
+                    a = lay.activation(nn.functional.linear(xe, w["gate"].float(), _f(w.get("gate_bias"))),
                                         nn.functional.linear(xe, w["up"].float(), _f(w.get("up_bias"))))
                     grams.add(f"a/{idx}/{e}", a)
     return grams

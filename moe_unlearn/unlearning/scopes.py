@@ -11,6 +11,7 @@ the shadows (and masters of trained whole tensors) are fp32, so small updates ar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,9 +21,10 @@ from moe_unlearn.arch.base import ExpertSlice, MoELayer
 from moe_unlearn.arch.target import ExpertTarget
 from moe_unlearn.arch.wrappers import canonical_parameters
 from moe_unlearn.errors import BadInputError
+from moe_unlearn.registry import Registry
 from moe_unlearn.training import TrainHooks
 
-SCOPES = ("full", "experts", "routers", "uoe", "topm")
+
 @dataclass
 class ScopePlan:
     """The outcome of resolving a scope on a model.
@@ -38,13 +40,28 @@ class ScopePlan:
     router_layers: list[int] = field(default_factory=list)
     targets: list[ExpertTarget] = field(default_factory=list)
 
-    def trained_layers(self, layer_of_param: dict[str, int | None]) -> set[int | None]:
-        """Decoder-layer indices holding trained weights (None = outside the decoder layers)."""
-        names = [n for n, _ in self.whole] + [s.name for s in self.slices]
-        return {layer_of_param.get(n) for n in names}
-
     def num_trainable(self) -> int:
         return sum(p.numel() for _, p in self.whole) + sum(s.numel for s in self.slices)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """A registered scope: how it resolves into trained tensors and what it allows.
+
+    reads_targets: it trains given (or attributed) experts, reads `target` and anchors their routers.
+    max_targets: how many targets it takes (None: any number). picks_several: it chooses its
+    targets by top_m / coverage from an attribution. adapters: an adapter can hold its expert
+    matrices. split_experts: under an adapter, its fused expert tensors train as per-expert slices.
+    """
+
+    name: str
+    resolve: Callable[[ScopePlan, nn.Module, list[MoELayer], list[ExpertTarget], bool], None]
+    reads_targets: bool = False
+    max_targets: int | None = None
+    picks_several: bool = False
+    adapters: bool = False
+    split_experts: bool = False
+    help: str = ""
 
 
 def _layer_map(layers: list[MoELayer]) -> dict[int, MoELayer]:
@@ -62,49 +79,74 @@ def _check_target(t: ExpertTarget, by_idx: dict[int, MoELayer], allow_shared: bo
             raise BadInputError(f"target {t} is a shared expert (used by every token); unlearning it hurts "
                                 "utility. Pass allow_shared=True (CLI: --allow-shared) if you mean it")
     else:
-        layer._check_expert(int(t.expert))
+        layer.check_expert(int(t.expert))
     return layer
+
+
+def _full(plan: ScopePlan, model: nn.Module, layers: list[MoELayer], targets: list[ExpertTarget],
+          allow_shared: bool) -> None:
+    plan.whole = list(canonical_parameters(model).items())  # base weights only (no PEFT adapters)
+    plan.router_layers = sorted(_layer_map(layers))
+
+
+def _experts(plan: ScopePlan, model: nn.Module, layers: list[MoELayer], targets: list[ExpertTarget],
+             allow_shared: bool) -> None:
+    for layer in layers:
+        plan.whole += [(layer.param_name(p), p) for p in layer.experts.parameters()]
+
+
+def _routers(plan: ScopePlan, model: nn.Module, layers: list[MoELayer], targets: list[ExpertTarget],
+             allow_shared: bool) -> None:
+    for layer in layers:
+        plan.whole += layer.router_parameters()
+    plan.router_layers = sorted(_layer_map(layers))
+
+
+def _targeted(plan: ScopePlan, model: nn.Module, layers: list[MoELayer], targets: list[ExpertTarget],
+              allow_shared: bool) -> None:
+    """The target experts' slices (or a shared expert's modules) and their layers' routers."""
+    by_idx = _layer_map(layers)
+    seen_routers: set[int] = set()
+    for t in targets:
+        layer = _check_target(t, by_idx, allow_shared)
+        if t.shared:
+            mods = [layer.shared_experts] + ([layer.shared_expert_gate] if layer.shared_expert_gate else [])
+            for mod in mods:
+                plan.whole += [(layer.param_name(p), p) for p in mod.parameters()]
+        else:
+            plan.slices += layer.expert_slices(int(t.expert))
+        if t.layer not in seen_routers:
+            seen_routers.add(t.layer)
+            plan.whole += layer.router_parameters()
+    plan.router_layers = sorted(seen_routers)
+    plan.targets = list(targets)
+
+
+SCOPES: Registry[Scope] = Registry("scope")
+SCOPES.register("full", Scope("full", _full, help="every base weight"))
+SCOPES.register("experts", Scope("experts", _experts, adapters=True, split_experts=True,
+                                 help="every expert of every MoE layer"))
+SCOPES.register("routers", Scope("routers", _routers, help="every router"))
+SCOPES.register("uoe", Scope("uoe", _targeted, reads_targets=True, max_targets=1, adapters=True,
+                             help="one target expert and its router (UOE)"))
+SCOPES.register("topm", Scope("topm", _targeted, reads_targets=True, picks_several=True, adapters=True,
+                              help="several target experts and their routers"))
 
 
 def resolve_scope(model: nn.Module, layers: list[MoELayer], scope: str, targets: list[ExpertTarget], *,
                   allow_shared: bool = False) -> ScopePlan:
     """Which weights train for `scope`; `targets` are needed (and checked) for uoe / topm."""
-    if scope not in SCOPES:
-        raise BadInputError(f"unknown scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
+    entry = SCOPES.lookup(scope)
     plan = ScopePlan(scope)
-    by_idx = _layer_map(layers)
-    if scope == "full":
-        plan.whole = list(canonical_parameters(model).items())  # base weights only (no PEFT adapters)
-        plan.router_layers = sorted(by_idx)
-    elif scope == "experts":
-        for layer in layers:
-            plan.whole += [(layer.param_name(p), p) for p in layer.experts.parameters()]
-    elif scope == "routers":
-        for layer in layers:
-            plan.whole += layer.router_parameters()
-        plan.router_layers = sorted(by_idx)
-    else:
+    if entry.reads_targets:
         if not targets:
             raise BadInputError(f"scope {scope!r} needs a target expert (LAYER:EXPERT) or an attribution")
-        if scope == "uoe" and len(targets) != 1:
-            raise BadInputError(f"scope 'uoe' trains exactly one expert, got {len(targets)} targets; "
+        if entry.max_targets is not None and len(targets) > entry.max_targets:
+            raise BadInputError(f"scope {scope!r} trains exactly one expert, got {len(targets)} targets; "
                                 "use scope 'topm' for several")
         if len(set(targets)) != len(targets):
             raise BadInputError(f"duplicate targets in {[str(t) for t in targets]}")
-        seen_routers: set[int] = set()
-        for t in targets:
-            layer = _check_target(t, by_idx, allow_shared)
-            if t.shared:
-                mods = [layer.shared_experts] + ([layer.shared_expert_gate] if layer.shared_expert_gate else [])
-                for mod in mods:
-                    plan.whole += [(layer.param_name(p), p) for p in mod.parameters()]
-            else:
-                plan.slices += layer.expert_slices(int(t.expert))
-            if t.layer not in seen_routers:
-                seen_routers.add(t.layer)
-                plan.whole += layer.router_parameters()
-        plan.router_layers = sorted(seen_routers)
-        plan.targets = list(targets)
+    entry.resolve(plan, model, layers, targets, allow_shared)
     return plan
 
 
@@ -117,6 +159,14 @@ def master_dtype(dtype: torch.dtype) -> torch.dtype:
     A bf16 weight near 0.02 moves only in steps of about 1e-4 (8 mantissa bits), so an update
     of lr 1e-5 rounds back to the same value every step; an fp32 master accumulates it."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def accumulate_grad(leaf: torch.Tensor, g: torch.Tensor) -> None:
+    """Add `g` to `leaf.grad` in the leaf's dtype (micro-batches accumulate; the first one sets it)."""
+    if leaf.grad is None:
+        leaf.grad = g.detach().to(leaf.dtype, copy=True)
+    else:
+        leaf.grad.add_(g.to(leaf.dtype))
 
 
 class SliceParams(TrainHooks):
@@ -155,24 +205,17 @@ class SliceParams(TrainHooks):
                 in_place.append(p)
         self.leaves: list[nn.Parameter] = in_place + [m for _, m in self.masters] + self.shadows
 
-    @staticmethod
-    def _accumulate(leaf: torch.Tensor, g: torch.Tensor) -> None:
-        if leaf.grad is None:
-            leaf.grad = g.detach().to(leaf.dtype, copy=True)
-        else:
-            leaf.grad.add_(g.to(leaf.dtype))
-
     def _slice_hook(self, idxs: list[int]):
         def hook(param: torch.Tensor) -> None:
             for i in idxs:
                 s = self.slices[i]
-                self._accumulate(self.shadows[i], param.grad.narrow(s.dim, s.start, s.stop - s.start))
+                accumulate_grad(self.shadows[i], param.grad.narrow(s.dim, s.start, s.stop - s.start))
             param.grad = None  # the fused gradient is not kept: memory of one expert, not E
         return hook
 
     def _master_hook(self, master: nn.Parameter):
         def hook(param: torch.Tensor) -> None:
-            self._accumulate(master, param.grad)
+            accumulate_grad(master, param.grad)
             param.grad = None
         return hook
 

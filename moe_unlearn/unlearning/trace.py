@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from moe_unlearn.arch import MoELayer, RoutingCapture
+from moe_unlearn.registry import Choice, registry_of
 
-RETAIN_WEIGHTINGS = (None, "trace")
+RETAIN_WEIGHTINGS = registry_of("retain_weighting", Choice(
+    "trace", "retain tokens weighted by how forget-critical their experts are", needs_retain=True))
 CRITICAL_RATIO = 2.0
 
 

@@ -1,0 +1,108 @@
+"""Stage 7, step loss: the loss of one training item.
+
+The objective on one forget batch (and its paired retain batch), plus the router anchor on the
+target layers and the KL of the retain routing at the trained routers, where they are on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_unlearn.arch import RoutingCapture
+from moe_unlearn.unlearning.anchor import anchor_target, retain_routing_kl, router_anchor_loss
+from moe_unlearn.unlearning.batches import Batches, to_device
+from moe_unlearn.unlearning.config import UnlearnConfig
+from moe_unlearn.unlearning.objectives import Objective, ObjectiveInputs
+from moe_unlearn.unlearning.plan import Plan
+from moe_unlearn.unlearning.references import References, retain_reference_kind
+from moe_unlearn.unlearning.runner import Runner, align_forget, align_retain, original_weights
+
+LossFn = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    """loss_fn(item) for the training loop (item: {"k": forget batch, "rk": retain batch or None})."""
+
+    cfg: UnlearnConfig
+    objective: Objective
+    hp: dict[str, Any]
+    model: nn.Module
+    plan: Plan
+    batches: Batches
+    ref: References
+    runner: Runner
+    device: torch.device
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, torch.Tensor]:
+        k, rk = item["k"], item["rk"]
+        fb = to_device(self.batches.forget[k], self.device)
+        inp = ObjectiveInputs(forget_labels=fb["labels"], forget_mask=fb["attention_mask"],
+                              forget_ref_logp=self.ref.forget_logp.get(k), steering=self.ref.steering)
+        if self.objective.forget_reference == "logits":  # the teacher's logits on this forget batch (EUL)
+            with torch.no_grad(), original_weights(self.model, self.plan.tensors, self.ref.originals):
+                inp.forget_ref_logits = self.runner(("f", k), fb)[0]
+        rb = self._retain_inputs(inp, rk)
+        terms: dict[str, torch.Tensor] = {}
+        extra = []
+        with RoutingCapture(self.model, self.plan.capture_layers, detach=False) as cap:
+            inp.forget_logits, inp.forget_hidden = self.runner(("f", k), fb)
+            align_forget(inp)
+            if self.plan.anchor_layers:
+                anchor = self._anchor(cap, fb)
+                terms["anchor"] = anchor.detach()
+                extra.append(self.cfg.anchor_weight * anchor)
+            if rb is not None:
+                cap.clear()
+                inp.retain_logits, inp.retain_hidden = self.runner(("r", rk), rb)
+                inp.retain_labels, inp.retain_mask = rb["labels"], rb["attention_mask"]
+                inp.retain_ref_hidden = self.ref.retain_hidden.get(rk)
+                align_retain(inp)
+                if self.plan.rr_layers:
+                    rr = self._retain_routing(cap, rb, rk)
+                    terms["retain_routing"] = rr.detach()
+                    extra.append(self.cfg.retain_routing_weight * rr)
+        out = dict(self.objective.loss(inp, self.hp))
+        out["loss"] = out["loss"] + sum(e.to(out["loss"].device) for e in extra) if extra else out["loss"]
+        out.update(terms)
+        return out
+
+    def _retain_inputs(self, inp: ObjectiveInputs, rk: int | None) -> dict[str, torch.Tensor] | None:
+        """The paired retain batch on the device (None when the step runs no retain pass), and its references."""
+        if self.batches.retain is None or not (self.objective.uses_retain(self.hp) or self.plan.rr_layers):
+            return None
+        rb = to_device(self.batches.retain[rk], self.device)
+        if self.ref.trace_weights is not None:
+            inp.retain_weight = self.ref.trace_weights[rk].to(self.device)
+        if retain_reference_kind(self.objective, self.hp, self.batches) == "logits":
+            with torch.no_grad(), original_weights(self.model, self.plan.tensors, self.ref.originals):
+                inp.retain_ref_logits = self.runner(("r", rk), rb)[0]
+        return rb
+
+    def _routed(self, cap: RoutingCapture, layer_idx: int) -> torch.Tensor:
+        return self.plan.by_idx[layer_idx].scores_from_logits(cap.records[-1].layers[layer_idx].logits)
+
+    def _anchor(self, cap: RoutingCapture, fb: dict[str, torch.Tensor]) -> torch.Tensor:
+        """SEUF's router anchor, averaged over the target layers (each router on its own device)."""
+        fmask = fb["attention_mask"].reshape(-1).bool()
+        by_idx = self.plan.by_idx
+        vals = []
+        for i, exps in self.plan.anchor_layers.items():
+            scores = self._routed(cap, i)
+            vals.append(router_anchor_loss(scores, fmask.to(scores.device), anchor_target(
+                by_idx[i].num_experts, exps, device=scores.device)).to(self.device))
+        return torch.stack(vals).mean()
+
+    def _retain_routing(self, cap: RoutingCapture, rb: dict[str, torch.Tensor], rk: int) -> torch.Tensor:
+        """KL(original || current) of the routing on retain tokens, averaged over the watched layers."""
+        rmask = rb["attention_mask"].reshape(-1).bool()
+        return torch.stack([retain_routing_kl(self.ref.retain_scores[rk][i], cur, rmask.to(cur.device)).to(self.device)
+                            for i in self.plan.rr_layers for cur in (self._routed(cap, i),)]).mean()
+
+
+__all__ = ["LossFn", "StepLoss"]
