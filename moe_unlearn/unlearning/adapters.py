@@ -192,10 +192,10 @@ def _check_rank(matrices: list[tuple], rank: int) -> None:
     from moe_unlearn.validate import check_allocation
 
     nbytes = 0
-    for name, param, dim, start, stop, layout in matrices:
-        out_f, in_f = layout.matrix(param.data if dim is None else param.data.narrow(dim, start, stop - start)).shape
+    for tensor, param, layout in matrices:
+        out_f, in_f = layout.matrix(tensor.narrow(param.data)).shape
         if rank > min(out_f, in_f):
-            raise BadInputError(f"adapter_rank {rank} exceeds the smaller side of {name} ({out_f} x {in_f}); a rank "
+            raise BadInputError(f"adapter_rank {rank} exceeds the smaller side of {tensor.name} ({out_f} x {in_f}); a rank "
                                 f"above {min(out_f, in_f)} adds nothing, train the slice in full (adapter=None) instead")
         nbytes += 4 * rank * (in_f + out_f) * 4  # factors, their gradients and two Adam moments, fp32
     if matrices:
