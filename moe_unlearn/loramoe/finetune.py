@@ -10,7 +10,7 @@ Records: {"text": ...} (loss on every token) or {"prompt": ..., "response": ...}
 response only), each with an optional "type" (the sample type of the balancing constraint).
 The output folder holds `adapter/` (or `model/` for "full"), `finetune_config.json`,
 `history.json`, `routing_mass.json` + `routing_*.png` (methods with a router) and
-`checkpoints/` (resume source). Final files are staged and moved in one by one, each atomic.
+`checkpoints/` (resume source). Final files are staged and moved in all or nothing (atomic.staged_files).
 """
 
 from __future__ import annotations
