@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="moe-unlearn", description="Unlearning for Mixture-of-Experts LLMs")
     parser.add_argument("--version", action="version", version=f"moe-unlearn {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what is loaded and each run's summary to stderr (-vv: every training step)")
+    parser.add_argument("-q", "--quiet", dest="log_quiet", action="store_true", help="log errors only")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS.values():
         mod = importlib.import_module(module)
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)  # inside: a Ctrl-C while the heavy imports run is an interrupt too
+        from moe_unlearn.log import setup_cli_logging
+
+        setup_cli_logging(args.verbose, args.log_quiet)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         where = f"moe-unlearn {args.command}" if args is not None else "moe-unlearn"
