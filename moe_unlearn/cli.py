@@ -51,6 +51,10 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _prog(args: argparse.Namespace | None) -> str:
+    return f"moe-unlearn {args.command}" if args is not None else "moe-unlearn"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Exit codes: 0 done, 2 a bad input or a refused write (one line on stderr, no
     traceback, nothing written), 130 interrupted (Ctrl-C: outputs are atomic, so nothing half-written stays),
@@ -63,20 +67,19 @@ def main(argv: list[str] | None = None) -> int:
         setup_cli_logging(args.verbose, args.log_quiet)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        where = f"moe-unlearn {args.command}" if args is not None else "moe-unlearn"
-        print(f"{where}: interrupted; no half-written output was left", file=sys.stderr)
+        print(f"{_prog(args)}: interrupted; no half-written output was left", file=sys.stderr)
         return 130
     except BrokenPipeError:
         _quiet_stdout()
         return 141
     except MoEUnlearnError as exc:
-        print(f"moe-unlearn {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the file system said no (disk full mid-save, permissions): outputs are atomic
         from moe_unlearn.atomic import is_out_of_space
 
         hint = "free some space or choose another --out" if is_out_of_space(exc) else "check the path"
-        print(f"moe-unlearn {args.command}: error: cannot read or write {exc.filename or 'a file'}: "
+        print(f"{_prog(args)}: error: cannot read or write {exc.filename or 'a file'}: "
               f"{exc.strerror or exc}; nothing was written; {hint}", file=sys.stderr)
         return 2
 
