@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{b.meta['config']['name']}: {b.path} built={b.built} EM {b.meta['exact_match']} "
                   f"({time.time() - t:.0f} s)", flush=True)
         if not args.no_locate:
-            from moe_unlearn.locate import locate_bench
+            from moe_unlearn.bench_model.storage import locate_bench
 
             locate_bench(name, cache_root=args.cache, out_dir=args.out, progress=False)
             print(f"storage map of {name} written", flush=True)

@@ -22,8 +22,8 @@ The premise check (UOE assumes the forget knowledge sits in the target expert): 
   its layer (any layer of S), from the per-token top-K kept for the forget data.
 `Attribution.premise(targets)` returns both and warns (PremiseWarning) below coverage 0.5 or
 selectivity 2. Routing is not storage: given the model and forget / utility data,
-`premise(..., model=, tokenizer=, forget=, utility=)` also zero-ablates the targets
-(`moe_unlearn.locate.knowledge_check`) and its verdict then follows the knowledge; `select_targets(attribution, coverage=0.8)` adds experts until a coverage is met.
+`moe_unlearn.locate.knowledge_premise` also zero-ablates the targets and passes the result as
+`premise(..., knowledge=)`; the verdict then follows the knowledge; `select_targets(attribution, coverage=0.8)` adds experts until a coverage is met.
 Shared experts (always-on MLPs beside the routed ones) are not scored: every token goes
 through them, so their affinity would be 1.0 and they would always win; they are listed
 per layer in `Attribution.shared_layers` and only enter `top()` with include_shared=True.
@@ -229,28 +229,18 @@ class Attribution:
             covered |= hit
         return (float(covered.double().mean()) if covered.numel() else 0.0), per_layer
 
-    def premise(self, targets: Sequence[Any] | None = None, *, warn: bool = True, model: nn.Module | None = None,
-                tokenizer: Any = None, forget: Any = None, utility: Any = None, sample: int = 64) -> Premise:
+    def premise(self, targets: Sequence[Any] | None = None, *, warn: bool = True, knowledge: Any = None) -> Premise:
         """Coverage and selectivity of `targets` (default: the SEUF target); warns (PremiseWarning)
         when coverage < 0.5 or any target's selectivity < 2, saying what to do instead.
 
-        With model, tokenizer, forget and utility (QA records or texts) it also measures knowledge:
-        forget / utility exact match (NLL for texts) with the targets zeroed, on up to `sample` items
-        each; the verdict then follows the knowledge, and the warning says when the targets do not
-        hold the forget knowledge (whatever the routing says)."""
+        knowledge: a measured `moe_unlearn.locate.KnowledgeCheck` of the same targets (forget / utility
+        with them zeroed; `moe_unlearn.locate.knowledge_premise` measures it and calls this): the verdict
+        then follows the knowledge, and the warning says when the targets do not hold the forget
+        knowledge (whatever the routing says)."""
         pairs = [self._pair(t) for t in targets] if targets is not None else [self.target()]
         cov, per_layer = self._coverage(pairs)
         sel = self.selectivity
         sel_list = None if sel is None else [float(sel[self._row(lay), e]) for lay, e in pairs]
-        knowledge = None
-        if model is not None and forget is not None and utility is not None and not any(
-                isinstance(d, TokenizedBatches) for d in (forget, utility)):
-            from moe_unlearn.locate import knowledge_check
-
-            try:
-                knowledge = knowledge_check(model, tokenizer, forget, utility, pairs, sample=sample)
-            except DataError:  # records the evaluation cannot read (custom fields): the routing verdict only
-                knowledge = None
         result = Premise(targets=pairs, coverage=cov, selectivity=sel_list, per_layer_coverage=per_layer,
                          knowledge=knowledge)
         if warn and knowledge is not None and not knowledge.holds:

@@ -103,7 +103,7 @@ def _span(layers: Sequence[int]) -> str:
 
 # -- the model's parts -------------------------------------------------------------------------
 
-class _Parts:
+class ModelParts:
     """Where the ablatable modules of a model are: embeddings, attention per decoder layer, MoE blocks."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -187,7 +187,7 @@ def _replace_first(out: Any, new: torch.Tensor) -> Any:
 class _Ablation:
     """Forward hooks that zero or mean-replace one component's output (reinit changes weights)."""
 
-    def __init__(self, parts: _Parts, comp: Component, method: str, means: dict[str, torch.Tensor] | None) -> None:
+    def __init__(self, parts: ModelParts, comp: Component, method: str, means: dict[str, torch.Tensor] | None) -> None:
         self.parts, self.comp, self.method, self.means = parts, comp, method, means or {}
 
     def _repl(self, key: str, like: torch.Tensor) -> torch.Tensor:
@@ -242,7 +242,7 @@ class _Ablation:
         return hook
 
 
-def _component_params(parts: _Parts, comp: Component) -> list[tuple[str, nn.Parameter]]:
+def _component_params(parts: ModelParts, comp: Component) -> list[tuple[str, nn.Parameter]]:
     if comp.kind == "embeddings":
         return list(parts.embeddings.named_parameters())
     if comp.kind == "attention":
@@ -255,7 +255,7 @@ def _component_params(parts: _Parts, comp: Component) -> list[tuple[str, nn.Para
 
 
 @contextlib.contextmanager
-def _reinit(parts: _Parts, comp: Component) -> Iterator[None]:
+def _reinit(parts: ModelParts, comp: Component) -> Iterator[None]:
     """Re-draw the component's weights (seeded), restore them on exit."""
     gen = torch.Generator().manual_seed(1234)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -293,7 +293,7 @@ class _Encoded:
     is_qa: list[bool]
 
 
-def _encode(tokenizer: Any, items: Sequence[Any], max_length: int) -> _Encoded:
+def encode_sample(tokenizer: Any, items: Sequence[Any], max_length: int) -> _Encoded:
     from moe_unlearn.eval.scoring import PromptFormat, encode_items
 
     enc = encode_items(tokenizer, items, PromptFormat(max_length=max_length))
@@ -305,7 +305,7 @@ def _batches(n: int, size: int) -> list[range]:
 
 
 @torch.no_grad()
-def _forward_all(model: nn.Module, enc: _Encoded, batch_size: int, pad: int, on_batch=None) -> dict[str, float | None]:
+def score_sample(model: nn.Module, enc: _Encoded, batch_size: int, pad: int, on_batch=None) -> dict[str, float | None]:
     """EM (QA items) and mean answer / text NLL of every item; on_batch(mask) is called before each forward."""
     from moe_unlearn.eval.scoring import model_device, right_pad
 
@@ -327,7 +327,7 @@ def _forward_all(model: nn.Module, enc: _Encoded, batch_size: int, pad: int, on_
 
 
 @torch.no_grad()
-def _means(parts: _Parts, model: nn.Module, enc: _Encoded, batch_size: int, pad: int,
+def _means(parts: ModelParts, model: nn.Module, enc: _Encoded, batch_size: int, pad: int,
            experts: dict[int, set[int]]) -> dict[str, torch.Tensor]:
     """Mean output of every component over the real tokens of `enc`, position 0 left out."""
     sums: dict[str, torch.Tensor] = {}
@@ -363,7 +363,7 @@ def _means(parts: _Parts, model: nn.Module, enc: _Encoded, batch_size: int, pad:
     for i in parts.moe:
         handles.append(parts.moe[i].block.register_forward_hook(block_hook(i), with_kwargs=True))
     try:
-        _forward_all(model, enc, batch_size, pad, on_batch)
+        score_sample(model, enc, batch_size, pad, on_batch)
     finally:
         for h in handles:
             h.remove()
@@ -500,14 +500,14 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 # -- API ---------------------------------------------------------------------------------------
 
-def _sample(items: list, n: int, seed: int) -> list:
+def draw_sample(items: list, n: int, seed: int) -> list:
     if len(items) <= n:
         return list(items)
     idx = sorted(random.Random(seed).sample(range(len(items)), n))
     return [items[i] for i in idx]
 
 
-def _items(data: Any, name: str) -> list:
+def read_items(data: Any, name: str) -> list:
     from moe_unlearn.eval.items import as_items
 
     return as_items(data, name)
@@ -529,11 +529,11 @@ def storage_map(model: nn.Module, tokenizer: Any, forget: Any, utility: Any, *, 
 
     config = config or LocateConfig()
     config.validate()
-    parts = _Parts(model)
-    f_items = _sample(_items(forget, "forget"), config.sample, config.seed)
-    u_items = _sample(_items(utility, "utility"), config.sample, config.seed + 1)
-    r_items = _sample(_items(retain, "retain"), config.sample, config.seed + 2) if retain is not None else u_items
-    enc = {k: _encode(tokenizer, v, config.max_length) for k, v in
+    parts = ModelParts(model)
+    f_items = draw_sample(read_items(forget, "forget"), config.sample, config.seed)
+    u_items = draw_sample(read_items(utility, "utility"), config.sample, config.seed + 1)
+    r_items = draw_sample(read_items(retain, "retain"), config.sample, config.seed + 2) if retain is not None else u_items
+    enc = {k: encode_sample(tokenizer, v, config.max_length) for k, v in
            (("forget", f_items), ("utility", u_items), ("retain", r_items))}
     if not (any(enc["forget"].is_qa) and any(enc["utility"].is_qa)):  # EM needs QA on both sides: else NLL
         for k in ("forget", "utility"):
@@ -542,9 +542,9 @@ def storage_map(model: nn.Module, tokenizer: Any, forget: Any, utility: Any, *, 
         if attribution is None:
             from moe_unlearn.attribution import attribute_experts
 
-            attribution = attribute_experts(model, [_text_of(i) for i in f_items], tokenizer=tokenizer,
+            attribution = attribute_experts(model, [item_text(i) for i in f_items], tokenizer=tokenizer,
                                             batch_size=config.batch_size, progress=False,
-                                            retain=[_text_of(i) for i in r_items])
+                                            retain=[item_text(i) for i in r_items])
         components = parts.components(config, attribution)
     bad = [c.name for c in components for i in c.layers if (c.kind == "attention" and i not in parts.attention)
            or (c.kind in ("shared", "routed", "experts") and i not in parts.moe)]
@@ -560,12 +560,12 @@ def storage_map(model: nn.Module, tokenizer: Any, forget: Any, utility: Any, *, 
                 needed.setdefault(lay, set()).add(int(e))
         means = _means(parts, model, enc["retain"], config.batch_size, pad, needed) if "mean" in config.methods \
             else None
-        base = {s: _forward_all(model, enc[s], config.batch_size, pad) for s in ("forget", "utility")}
+        base = {s: score_sample(model, enc[s], config.batch_size, pad) for s in ("forget", "utility")}
         rows = []
         jobs = [(c, m) for c in components for m in config.methods]
         for comp, method in tqdm(jobs, desc="storage map", disable=not progress):
             with _Ablation(parts, comp, method, means).active():
-                res = {s: _forward_all(model, enc[s], config.batch_size, pad) for s in ("forget", "utility")}
+                res = {s: score_sample(model, enc[s], config.batch_size, pad) for s in ("forget", "utility")}
             rows.append({"component": comp.name, "group": comp.group, "kind": comp.kind, "layers": list(comp.layers),
                          "experts": [list(p) for p in comp.experts], "method": method, **res,
                          "selectivity": _selectivity(_drop(base["forget"], res["forget"]),
@@ -577,7 +577,7 @@ def storage_map(model: nn.Module, tokenizer: Any, forget: Any, utility: Any, *, 
     return StorageMap(baseline=base, rows=rows, config=asdict(config), meta=meta)
 
 
-def _text_of(item: Any) -> str:
+def item_text(item: Any) -> str:
     if item.is_qa:
         return f"Question: {item.question}\nAnswer: {item.answer}"
     return item.text
@@ -629,66 +629,14 @@ def knowledge_check(model: nn.Module, tokenizer: Any, forget: Any, utility: Any,
                           selectivity=r["selectivity"])
 
 
-REFERENCE_TOLERANCE = 0.03  # the implanted control: ablating its expert gives the reference within this EM
+def knowledge_premise(attribution: Any, targets: Sequence[Any] | None, model: nn.Module, tokenizer: Any, forget: Any,
+                      utility: Any, *, warn: bool = True, sample: int = 64) -> Any:
+    """`attribution.premise(targets)` with the knowledge measured (`knowledge_check`): its verdict then
+    follows the knowledge, and it warns (PremiseWarning) when the targets do not hold the forget knowledge."""
+    pairs = [tuple(t) for t in targets] if targets is not None else [attribution.target()]
+    kc = knowledge_check(model, tokenizer, forget, utility, pairs, sample=sample)
+    return attribution.premise(pairs, warn=warn, knowledge=kc)
 
 
-def locate_bench(name: str, *, cache_root: str | os.PathLike | None = None, out_dir: str | os.PathLike = "benchmarks/results",
-                 quick: bool = False, config: LocateConfig | None = None, progress: bool = True,
-                 realization: int = 0) -> StorageMap:
-    """The storage map of a built-in bench model (forget / utility QA, retain_train for the means),
-    written as <out_dir>/storage_<name>.{json,md,png}. Where the retrained reference is at hand
-    (cache or shipped) its forget / utility EM on the same items is recorded; for the implanted
-    control the implant expert gets its own row and `meta["implant_check"]` says whether zeroing it
-    gives the reference within REFERENCE_TOLERANCE."""
-    from moe_unlearn.bench_model import bench_config, load_or_build, qa_records
-    from moe_unlearn.bench_model.build import _is_complete, cache_path, shipped_path
-    from moe_unlearn.eval.scoring import pad_token_id
-
-    cfg = bench_config(name, quick=quick, realization=realization)
-    bench = load_or_build(cfg, cache_root=cache_root, progress=progress)
-    f = bench.facts
-    retain = qa_records(f.retain_train) + [{"text": t} for x in f.retain_train for t in (x.text, *x.paraphrases)]
-    config = config or LocateConfig()
-    components = None
-    if cfg.implanted:
-        from moe_unlearn.attribution import attribute_experts
-
-        parts = _Parts(bench.model)
-        texts = [_text_of(i) for i in _items(qa_records(f.forget), "forget")]
-        att = attribute_experts(bench.model, texts, tokenizer=bench.tokenizer, progress=False,
-                                retain=[_text_of(i) for i in _items(retain, "retain")])
-        pair = (cfg.implant_layer, cfg.implant_expert)
-        components = [*parts.components(config, att),
-                      Component(f"implant {pair[0]}/{pair[1]}", "experts", "implant", (pair[0],), (pair,))]
-    smap = storage_map(bench.model, bench.tokenizer, qa_records(f.forget), qa_records(f.utility), retain=retain,
-                       config=config, components=components, progress=progress)
-    from moe_unlearn.frontier import device_name
-
-    smap.meta.update({"model": name, "quick": quick, "realization": realization, "digest": bench.meta.get("digest"),
-                      "weights_sha256": bench.meta.get("weights_sha256"), "device": device_name(),
-                      "threads": torch.get_num_threads(), "exact_match": bench.meta.get("exact_match")})
-    ref_cfg = cfg.retrained()
-    if _is_complete(cache_path(ref_cfg, cache_root)) or shipped_path(ref_cfg) is not None:
-        ref = load_or_build(ref_cfg, cache_root=cache_root, progress=progress)
-        c = smap.config
-        enc = {s: _encode(bench.tokenizer, _sample(_items(qa_records(getattr(f, s)), s), c["sample"], c["seed"] + k),
-                          c["max_length"]) for k, s in ((0, "forget"), (1, "utility"))}
-        ref.model.eval()
-        smap.meta["reference"] = {"name": ref_cfg.name, "weights_sha256": ref.meta.get("weights_sha256"),
-                                  **{s: _forward_all(ref.model, enc[s], c["batch_size"], pad_token_id(ref.tokenizer))
-                                     for s in ("forget", "utility")}}
-        if cfg.implanted:
-            rows = {m: smap.row(f"implant {cfg.implant_layer}/{cfg.implant_expert}", m) for m in c["methods"]}
-            check = {}
-            for m, r in rows.items():
-                gaps = {s: abs(r[s]["em"] - smap.meta["reference"][s]["em"]) for s in ("forget", "utility")}
-                check[m] = {**{f"{s}_gap": round(v, 4) for s, v in gaps.items()},
-                            "passes": all(v <= REFERENCE_TOLERANCE + 1e-9 for v in gaps.values())}
-            smap.meta["implant_check"] = {"tolerance": REFERENCE_TOLERANCE, **check}
-    stem = f"storage_{name}" + (f"_r{realization}" if realization else "") + ("_quick" if quick else "")
-    smap.write(out_dir, stem, title=f"Storage map of the {name} bench model")
-    return smap
-
-
-__all__ = ["METHODS", "REFERENCE_TOLERANCE", "Component", "KnowledgeCheck", "LocateConfig", "StorageMap", "knowledge_check", "locate_bench",
-           "middle_layers", "storage_map"]
+__all__ = ["METHODS", "Component", "KnowledgeCheck", "LocateConfig", "StorageMap", "knowledge_check",
+           "knowledge_premise", "middle_layers", "storage_map"]

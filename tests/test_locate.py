@@ -21,7 +21,14 @@ from transformers import PreTrainedTokenizerFast
 
 from moe_unlearn.arch import find_moe_layers
 from moe_unlearn.errors import BadInputError
-from moe_unlearn.locate import Component, LocateConfig, knowledge_check, middle_layers, storage_map
+from moe_unlearn.locate import (
+    Component,
+    LocateConfig,
+    knowledge_check,
+    knowledge_premise,
+    middle_layers,
+    storage_map,
+)
 from moe_unlearn.testing import tiny_model
 
 E_KEY, E_NULL = 1, 4
@@ -119,11 +126,11 @@ def test_premise_verdict_uses_knowledge(planted):
         warnings.simplefilter("ignore")
         routing_only = att.premise([(lay, E_NULL)], warn=False)
     assert routing_only.knowledge is None
-    p_null = att.premise([(lay, E_NULL)], warn=False, model=model, tokenizer=tok, forget=forget, utility=utility)
+    p_null = knowledge_premise(att, [(lay, E_NULL)], model, tok, forget, utility, warn=False)
     assert p_null.knowledge is not None and not p_null.knowledge.holds and not p_null.holds
     with pytest.warns(PremiseWarning, match="do not hold the forget knowledge"):
-        att.premise([(lay, E_NULL)], model=model, tokenizer=tok, forget=forget, utility=utility)
-    p_key = att.premise([(lay, E_KEY)], warn=False, model=model, tokenizer=tok, forget=forget, utility=utility)
+        knowledge_premise(att, [(lay, E_NULL)], model, tok, forget, utility)
+    p_key = knowledge_premise(att, [(lay, E_KEY)], model, tok, forget, utility, warn=False)
     assert p_key.knowledge.holds and p_key.holds  # knowledge decides, whatever the routing numbers say
     d = p_key.to_dict()
     assert d["knowledge"]["holds"] is True and "coverage" in d
@@ -192,7 +199,7 @@ def test_cli(planted, tmp_path, capsys):
 def test_locate_bench_writes_the_storage_map_of_a_bench_model(bench_cache, tmp_path):
     import json
 
-    from moe_unlearn.locate import locate_bench
+    from moe_unlearn.bench_model.storage import locate_bench
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the quick model is below the EM target on purpose
@@ -204,25 +211,8 @@ def test_locate_bench_writes_the_storage_map_of_a_bench_model(bench_cache, tmp_p
     assert (tmp_path / "storage_natural_quick.png").is_file() and (tmp_path / "storage_natural_quick.md").is_file()
 
 
-def test_unlearn_warns_when_the_targets_do_not_hold_the_knowledge(planted):
-    import copy
-
-    from moe_unlearn.attribution import PremiseWarning, attribute_experts
-    from moe_unlearn.unlearning import unlearn
-
-    model, tok, lay, forget, utility = planted
-    work = copy.deepcopy(model)
-    att = attribute_experts(work, [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in forget],
-                            tokenizer=tok, progress=False)
-    att.affinity[att.layers.index(lay), E_NULL] = 10.0  # make the knowledge-free expert the SEUF target
-    assert att.target() == (lay, E_NULL)
-    with pytest.warns(PremiseWarning, match="do not hold the forget knowledge"):
-        unlearn(work, forget, utility, tokenizer=tok, method="ga", scope="uoe", target=att, steps=1,
-                batch_size=4, progress=False)
-
-
 def test_locate_bench_checks_the_implant_against_the_reference(tmp_path):
-    from moe_unlearn.locate import REFERENCE_TOLERANCE, locate_bench
+    from moe_unlearn.bench_model.storage import REFERENCE_TOLERANCE, locate_bench
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its own cache: the shared one holds only the quick natural model

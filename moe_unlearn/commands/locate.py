@@ -41,7 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from moe_unlearn.atomic import check_out_dir
-    from moe_unlearn.locate import LocateConfig, locate_bench, storage_map
+    from moe_unlearn.bench_model.storage import locate_bench
+    from moe_unlearn.locate import LocateConfig, storage_map
 
     try:
         middle = None if args.middle is None else tuple(int(x) for x in args.middle.split(",") if x.strip())

@@ -35,22 +35,18 @@ def choose_targets(cfg: UnlearnConfig, model: nn.Module, forget: Any, retain: An
                                 "now) or an Attribution, not explicit experts")
         return [ExpertTarget(lay, e) for lay, e in select_targets(target, coverage=cfg.coverage)]
     if isinstance(target, Attribution):
-        # with retain data the premise check also measures whether the targets hold the forget knowledge
-        knowledge = dict(model=model, tokenizer=tokenizer, forget=forget, utility=retain) if retain is not None else {}
-        return _from_attribution(target, model, m=scope.max_targets or cfg.top_m, layer=cfg.topm_layer,
-                                 knowledge=knowledge)
+        return _from_attribution(target, model, m=scope.max_targets or cfg.top_m, layer=cfg.topm_layer)
     return [ExpertTarget.coerce(t) for t in target_list(target)]
 
 
-def _from_attribution(attr: Any, model: nn.Module, *, m: int, layer: int | None,
-                      knowledge: dict[str, Any] | None = None) -> list[ExpertTarget]:
+def _from_attribution(attr: Any, model: nn.Module, *, m: int, layer: int | None) -> list[ExpertTarget]:
     attr.check_model(model)  # an attribution of another model names the wrong experts
     entries = attr.ranking(layer=layer)[:m] if layer is not None else attr.top(m)
     if len(entries) < m:
         raise BadInputError(f"top_m={m} but the attribution has only {len(entries)} candidate experts"
                             f"{'' if layer is None else f' in layer {layer}'}; lower top_m")
     if attr.token_topk is not None or (len(entries) == 1 and attr.retain_frequency is not None):
-        attr.premise([(e.layer, e.expert) for e in entries], **(knowledge or {}))  # PremiseWarning when it fails
+        attr.premise([(e.layer, e.expert) for e in entries])  # PremiseWarning when UOE's premise fails
     return [ExpertTarget(e.layer, e.expert) for e in entries]
 
 
