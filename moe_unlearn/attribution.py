@@ -21,7 +21,9 @@ The premise check (UOE assumes the forget knowledge sits in the target expert): 
 - coverage(S) = share of forget tokens whose top-K contains an expert of the target set S at
   its layer (any layer of S), from the per-token top-K kept for the forget data.
 `Attribution.premise(targets)` returns both and warns (PremiseWarning) below coverage 0.5 or
-selectivity 2; `select_targets(attribution, coverage=0.8)` adds experts until a coverage is met.
+selectivity 2. Routing is not storage: given the model and forget / utility data,
+`moe_unlearn.locate.knowledge_premise` also zero-ablates the targets and passes the result as
+`premise(..., knowledge=)`; the verdict then follows the knowledge; `select_targets(attribution, coverage=0.8)` adds experts until a coverage is met.
 Shared experts (always-on MLPs beside the routed ones) are not scored: every token goes
 through them, so their affinity would be 1.0 and they would always win; they are listed
 per layer in `Attribution.shared_layers` and only enter `top()` with include_shared=True.
@@ -76,16 +78,24 @@ class Premise:
     coverage: float
     selectivity: list[float] | None
     per_layer_coverage: dict[int, float]
+    knowledge: Any = None  # moe_unlearn.locate.KnowledgeCheck: forget / utility with the targets zeroed
+
+    @property
+    def routing_holds(self) -> bool:
+        sel_ok = self.selectivity is None or min(self.selectivity) >= PREMISE_MIN_SELECTIVITY
+        return self.coverage >= PREMISE_MIN_COVERAGE and sel_ok
 
     @property
     def holds(self) -> bool:
-        sel_ok = self.selectivity is None or min(self.selectivity) >= PREMISE_MIN_SELECTIVITY
-        return self.coverage >= PREMISE_MIN_COVERAGE and sel_ok
+        """The knowledge verdict where it was measured, else the routing one."""
+        return self.knowledge.holds if self.knowledge is not None else self.routing_holds
 
     def to_dict(self) -> dict[str, Any]:
         return {"targets": [list(t) for t in self.targets], "coverage": self.coverage,
                 "selectivity": self.selectivity,
-                "per_layer_coverage": {str(k): v for k, v in self.per_layer_coverage.items()}, "holds": self.holds}
+                "per_layer_coverage": {str(k): v for k, v in self.per_layer_coverage.items()},
+                "routing_holds": self.routing_holds,
+                "knowledge": None if self.knowledge is None else self.knowledge.to_dict(), "holds": self.holds}
 
 
 @dataclass(frozen=True)
@@ -219,15 +229,29 @@ class Attribution:
             covered |= hit
         return (float(covered.double().mean()) if covered.numel() else 0.0), per_layer
 
-    def premise(self, targets: Sequence[Any] | None = None, *, warn: bool = True) -> Premise:
+    def premise(self, targets: Sequence[Any] | None = None, *, warn: bool = True, knowledge: Any = None) -> Premise:
         """Coverage and selectivity of `targets` (default: the SEUF target); warns (PremiseWarning)
-        when coverage < 0.5 or any target's selectivity < 2, saying what to do instead."""
+        when coverage < 0.5 or any target's selectivity < 2, saying what to do instead.
+
+        knowledge: a measured `moe_unlearn.locate.KnowledgeCheck` of the same targets (forget / utility
+        with them zeroed; `moe_unlearn.locate.knowledge_premise` measures it and calls this): the verdict
+        then follows the knowledge, and the warning says when the targets do not hold the forget
+        knowledge (whatever the routing says)."""
         pairs = [self._pair(t) for t in targets] if targets is not None else [self.target()]
         cov, per_layer = self._coverage(pairs)
         sel = self.selectivity
         sel_list = None if sel is None else [float(sel[self._row(lay), e]) for lay, e in pairs]
-        result = Premise(targets=pairs, coverage=cov, selectivity=sel_list, per_layer_coverage=per_layer)
-        if warn and not result.holds:
+        result = Premise(targets=pairs, coverage=cov, selectivity=sel_list, per_layer_coverage=per_layer,
+                         knowledge=knowledge)
+        if warn and knowledge is not None and not knowledge.holds:
+            unit = "EM" if knowledge.metric == "em" else "NLL"
+            warnings.warn(
+                f"targets {pairs} do not hold the forget knowledge: zeroing them moves forget {unit} "
+                f"{knowledge.forget_before:.3f} -> {knowledge.forget_after:.3f} and utility {unit} "
+                f"{knowledge.utility_before:.3f} -> {knowledge.utility_after:.3f} (routing: coverage {cov:.2f}). "
+                "Unlearning them alone can hide the facts (routing away) rather than erase them; see "
+                "`moe-unlearn locate` for where the knowledge is.", PremiseWarning, stacklevel=2)
+        elif warn and knowledge is None and not result.holds:
             sel_txt = "unknown (no retain data given)" if sel_list is None else ", ".join(f"{v:.2f}" for v in sel_list)
             cov_ok = cov >= PREMISE_MIN_COVERAGE
             sel_ok = sel_list is not None and all(v >= PREMISE_MIN_SELECTIVITY for v in sel_list)

@@ -14,6 +14,7 @@ from moe_unlearn.errors import MoEUnlearnError
 COMMANDS: dict[str, str] = {
     "inspect": "moe_unlearn.commands.inspect",
     "attribute": "moe_unlearn.commands.attribute",
+    "locate": "moe_unlearn.commands.locate",
     "unlearn": "moe_unlearn.commands.unlearn",
     "evaluate": "moe_unlearn.commands.evaluate",
     "evaluate-sequential": "moe_unlearn.commands.evaluate_sequential",

@@ -127,6 +127,7 @@ class FrontierConfig:
     # largest step count and only for the variants in relearn_variants, all when empty)
     probes: tuple[str, ...] = ()
     relearn_variants: tuple[str, ...] = ()
+    realization: int = 0  # which build of the bench recipe (moe_unlearn.bench_model.realize)
 
     def grid(self, variant: str) -> tuple[float, ...]:
         return tuple(self.lrs.get(variant, default_lrs(variant)))
@@ -155,6 +156,8 @@ class FrontierConfig:
             raise BadInputError(f"steps must be positive integers, got {list(self.steps)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise BadInputError(f"give at least one seed, each once; got {list(self.seeds)}")
+        if not isinstance(self.realization, int) or self.realization < 0:
+            raise BadInputError(f"realization must be an integer >= 0, got {self.realization!r}")
         bad = [p for p in self.probes if p not in PROBES]
         if bad:
             raise BadInputError(f"unknown probe(s) {bad}; known: {', '.join(PROBES)}")
@@ -256,7 +259,8 @@ class _RelearnProbe:
 
         from moe_unlearn.bench_model import bench_config, load_or_build
 
-        ref = load_or_build(bench_config(config.model, quick=config.quick, retrained=True), cache_root=cache_dir,
+        ref = load_or_build(bench_config(config.model, quick=config.quick, retrained=True,
+                                         realization=config.realization), cache_root=cache_dir,
                             progress=progress)
         orig, refc = self.curve(model), self.curve(ref.model)
         level = 0.5 * orig["em"][0]
@@ -303,8 +307,8 @@ class FrontierResult:
     summary: str
 
 
-def results_path(out_dir: str | Path, model: str, quick: bool = False) -> Path:
-    return Path(out_dir) / f"frontier_{model}{'_quick' if quick else ''}.json"
+def results_path(out_dir: str | Path, model: str, quick: bool = False, realization: int = 0) -> Path:
+    return Path(out_dir) / f"frontier_{model}{f'_r{realization}' if realization else ''}{'_quick' if quick else ''}.json"
 
 
 def protocol(config: FrontierConfig) -> dict[str, Any]:
@@ -401,7 +405,7 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
     """Run every missing (method, variant, lr, seed) trajectory into `out_dir`'s results file, holding its
     lock (`results_lock`) throughout, so a second run on the same file is refused instead of racing it."""
     config.validate()
-    with results_lock(results_path(out_dir, config.model, config.quick)):
+    with results_lock(results_path(out_dir, config.model, config.quick, config.realization)):
         return _run_frontier(config, out_dir, cache_dir=cache_dir, progress=progress, log=log)
 
 
@@ -415,9 +419,10 @@ def _run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resu
     from moe_unlearn.unlearning import unlearn
 
     config.validate()
-    path = results_path(out_dir, config.model, config.quick)
+    path = results_path(out_dir, config.model, config.quick, config.realization)
     data = _load_existing(path, config)
-    bench = load_or_build(bench_config(config.model, quick=config.quick), cache_root=cache_dir, progress=progress)
+    bench = load_or_build(bench_config(config.model, quick=config.quick, realization=config.realization),
+                          cache_root=cache_dir, progress=progress)
     model, tok, facts = bench.model, bench.tokenizer, bench.facts
     forget, retain = unlearning_records(facts.forget), unlearning_records(facts.retain_train)
     t0 = time.perf_counter()
@@ -427,10 +432,17 @@ def _run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resu
                              progress=False)
     target = attr.target()
     cover = select_targets(attr, coverage=COVERAGE, warn=False)
+    recorded = (data or {}).get("bench_model", {}).get("path_name")
+    if recorded is not None and recorded != bench.path.name:  # runs on other weights must not mix with these
+        raise DataError(f"{path} holds runs on bench model {recorded}, not {bench.path.name} (another recipe or "
+                        "build); move it away or choose another --out")
     if data is None:
         original = evaluator()
         data = {"model": config.model, "quick": config.quick, "device": device_name(),
+                "realization": config.realization,
                 "bench_model": {"path_name": bench.path.name, "config": bench.meta["config"],
+                                "weights_sha256": bench.meta.get("weights_sha256"),
+                                "matches_shipped": bench.meta.get("matches_shipped"),
                                 "num_parameters": bench.meta["num_parameters"],
                                 "exact_match": bench.meta["exact_match"]},
                 "guess_level": original["holdout_em"], "original": original,
@@ -558,6 +570,92 @@ def matched(data: dict[str, Any], margin: float = MATCH_MARGIN) -> dict[tuple[st
     return best
 
 
+def interpolated(data: dict[str, Any], margin: float = MATCH_MARGIN) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Per (method, variant, steps): utility EM read off the variant's frontier at one forget level,
+    forget EM = guess level + margin.
+
+    The frontier is the piecewise-linear curve through the learning-rate points (median forget EM,
+    median utility EM) in increasing learning rate. At the first segment whose two ends lie on
+    either side of the level (or a point exactly on it), utility is interpolated linearly in forget
+    EM: u = u_a + (f_a - level) / (f_a - f_b) * (u_b - u_a). Every variant is so read at the same
+    forget EM, instead of at whichever grid point happens to sit below the level (which favours a
+    variant that lands just under it). Outcomes ("status"): "interpolated"; "never reached" (every
+    point forgets less than the level: no utility is given); "always below" (every point forgets
+    more: the utility of the point nearest the level, from below, is given and flagged)."""
+    level = data["guess_level"] + margin
+    out: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for key, points in curves(data).items():
+        pts = sorted(points, key=lambda p: p["lr"])
+        res: dict[str, Any] = {"level": level}
+        for a, b in zip(pts, pts[1:], strict=False):
+            fa, fb = a["forget_em"], b["forget_em"]
+            if (fa - level) * (fb - level) <= 0 and fa != fb:
+                t = (fa - level) / (fa - fb)
+                res.update(status="interpolated", utility_em=a["utility_em"] + t * (b["utility_em"] - a["utility_em"]),
+                           neighbor_em=a["neighbor_em"] + t * (b["neighbor_em"] - a["neighbor_em"]),
+                           between=[a["lr"], b["lr"]])
+                break
+        else:
+            on = [p for p in pts if abs(p["forget_em"] - level) <= 1e-12]
+            if on:
+                res.update(status="interpolated", utility_em=on[0]["utility_em"], neighbor_em=on[0]["neighbor_em"],
+                           between=[on[0]["lr"], on[0]["lr"]])
+            elif all(p["forget_em"] > level for p in pts):
+                res.update(status="never reached", min_forget_em=min(p["forget_em"] for p in pts))
+            else:
+                near = max(pts, key=lambda p: p["forget_em"])
+                res.update(status="always below", utility_em=near["utility_em"], neighbor_em=near["neighbor_em"],
+                           forget_em=near["forget_em"], between=[near["lr"], near["lr"]])
+        out[key] = res
+    return out
+
+
+def realization_summary(results: Sequence[dict[str, Any]], margin: float = MATCH_MARGIN) -> dict[str, Any]:
+    """Matched-forgetting utility (`interpolated`) across frontier results of several realizations of a
+    bench recipe (each read at its own guess level + margin): per (method, variant, steps) the value of
+    each realization, their median and [min, max], and how many realizations never reached the level;
+    and per (method, steps) the per-realization gap of each variant to "full" with its median."""
+    if not results:
+        raise BadInputError("give at least one frontier result")
+    per: dict[tuple[str, str, int], list[float | None]] = {}
+    names = []
+    for i, data in enumerate(results):
+        names.append(f"{data.get('model')}#r{data.get('realization', i)}")
+        for key, r in interpolated(data, margin).items():
+            per.setdefault(key, [None] * len(results))[i] = r.get("utility_em") if r["status"] != "never reached" \
+                else None
+    rows = []
+    for (m, v, n), vals in sorted(per.items()):
+        got = [x for x in vals if x is not None]
+        gaps = None
+        full = per.get((m, "full", n))
+        if full is not None and v != "full":
+            gaps = [None if a is None or b is None else a - b for a, b in zip(vals, full, strict=True)]
+        g = [x for x in (gaps or []) if x is not None]
+        rows.append({"method": m, "variant": v, "steps": n, "per_realization": vals,
+                     "median": _median(got) if got else None, "range": [min(got), max(got)] if got else None,
+                     "not_reached": len(vals) - len(got), "gap_to_full": gaps,
+                     "gap_median": _median(g) if g else None, "gap_range": [min(g), max(g)] if g else None})
+    return {"realizations": names, "margin": margin, "rows": rows}
+
+
+def summarize_realizations(results: Sequence[dict[str, Any]], margin: float = MATCH_MARGIN) -> str:
+    """The markdown of `realization_summary`."""
+    s = realization_summary(results, margin)
+    lines = [f"# Matched forgetting over {len(s['realizations'])} realizations", "",
+             f"Realizations: {', '.join(s['realizations'])}. Utility EM interpolated along each variant's frontier at "
+             f"forget EM = guess level + {margin} (each realization at its own guess level); median and [min, max] "
+             "over realizations; gap = variant minus full, per realization.", "",
+             "| method | variant | steps | utility EM median [range] | gap to full median [range] | not reached |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in s["rows"]:
+        u = "-" if r["median"] is None else f"{r['median']:.3f} [{r['range'][0]:.3f}, {r['range'][1]:.3f}]"
+        g = "-" if r["gap_median"] is None else \
+            f"{r['gap_median']:+.3f} [{r['gap_range'][0]:+.3f}, {r['gap_range'][1]:+.3f}]"
+        lines.append(f"| {r['method']} | {r['variant']} | {r['steps']} | {u} | {g} | {r['not_reached']} |")
+    return "\n".join(lines) + "\n"
+
+
 def summarize(data: dict[str, Any]) -> str:
     """The markdown summary: matched-forgetting utility per method and variant, per step count."""
     level = data["guess_level"]
@@ -598,6 +696,19 @@ def summarize(data: dict[str, Any]) -> str:
             lines.append(f"| {m} | {v} | {p['lr']:g} | {p['forget_em']:.3f} | {p['utility_em']:.3f} [{lo:.3f}, "
                          f"{hi:.3f}] | {p['neighbor_em']:.3f} | {p['overlap_retain']:.3f} | {p['seeds']} |")
         lines.append("")
+    interp = interpolated(data)
+    lines += [f"## Matched forgetting by interpolation (forget EM = {level + MATCH_MARGIN:.3f})", "",
+              "Utility EM interpolated linearly in forget EM between the two learning rates whose median forget EM "
+              "brackets the level (first crossing in increasing lr); `never reached` = no learning rate forgets that "
+              "much; `always below` = every learning rate forgets more (the nearest point's utility, flagged).", "",
+              "| method | variant | steps | utility EM | neighbor EM | between lrs | status |",
+              "|---|---|---:|---:|---:|---|---|"]
+    for (m, v, n), r in sorted(interp.items()):
+        u = "-" if "utility_em" not in r else f"{r['utility_em']:.3f}"
+        nb = "-" if "neighbor_em" not in r else f"{r['neighbor_em']:.3f}"
+        lrs = "-" if "between" not in r else f"{r['between'][0]:g}-{r['between'][1]:g}"
+        lines.append(f"| {m} | {v} | {n} | {u} | {nb} | {lrs} | {r['status']} |")
+    lines.append("")
     return "\n".join(lines)
 
 
