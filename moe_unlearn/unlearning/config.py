@@ -107,6 +107,12 @@ def _scopes():
     return SCOPES
 
 
+def _routings():
+    from moe_unlearn.unlearning.routing import ROUTINGS
+
+    return ROUTINGS
+
+
 def _adapters():
     from moe_unlearn.unlearning.adapters import ADAPTERS
 
@@ -163,6 +169,9 @@ class UnlearnConfig:
     topm_layer: int | None = option(None, kind="int", optional=True, low=0,
                                     help="take the topm experts from this layer only")
     allow_shared: bool = option(False, kind="bool", help="allow a shared expert as target")
+    routing: str = option("learned", kind="str", choices=_routings, **_ID,
+                          help="learned (default): the scope's routers train; frozen: no router trains (no anchor); "
+                               "forced: frozen, and the original top-K and gates are forced at every MoE layer")
     # optimisation (moe_unlearn.training)
     steps: int | None = option(20, kind="int", optional=True, low=1, record=True,
                                help="optimizer steps (default 20)")

@@ -19,6 +19,7 @@ The run's knobs are one `UnlearnConfig` (moe_unlearn.unlearning.config); keyword
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ from moe_unlearn.arch.wrappers import is_peft_layer, unwrap_model
 from moe_unlearn.distributed import check_not_sharded
 from moe_unlearn.distributed import world as dist_world
 from moe_unlearn.errors import BadInputError
+from moe_unlearn.eval.replay import ForcedRouting
 from moe_unlearn.loading import input_device
 from moe_unlearn.training import TrainHooks
 from moe_unlearn.unlearning.batches import Batches, make_batches
@@ -56,11 +58,14 @@ def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any
     method: a name in `methods.METHODS`: the objectives (ga, graddiff, npo, simnpo, rmu, eul),
       whose hyperparameters method_kwargs override (e.g. {"beta": 0.1, "retain_loss": "kl"}), and
       "ablate" (uoe/topm), which trains nothing: the targets' down projections are zeroed, as a patch.
-    scope: full | experts | routers | uoe | topm. target (uoe/topm): "L:E", (L, E), a list of
+    scope: full | all_but_routers | experts | routers | uoe | topm. target (uoe/topm): "L:E", (L, E), a list of
       those, "L:shared" (needs allow_shared=True), or an `Attribution`; None = attribute the
       forget set now. topm takes the top `top_m` experts (of `topm_layer` if given), or with
       `coverage` the experts that together cover that share of the forget tokens.
-    anchor_weight: SEUF router anchor on the target layers (uoe / topm; 0 turns it off).
+    routing: "learned" (default: the scope's routers train), "frozen" (no router trains, no anchor) or
+      "forced" (frozen, and each batch's original top-K and gates are forced at every MoE layer);
+      composes with every method, scope (but routers), target and coverage.
+    anchor_weight: SEUF router anchor on the target layers (uoe / topm, learned routing; 0 turns it off).
     retain_routing_weight: KL(original || current) routing on retain tokens at every trained router.
     prefix_cache: with all trained weights in layers >= l, run only layers >= l each step and
       cache the states entering l (bounded by prefix_cache_mb; beyond it they are recomputed).
@@ -108,9 +113,11 @@ def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any
         runner = Runner(model, start=plan.start, cache_bytes=int(cfg.prefix_cache_mb * 2**20),
                         cache=cfg.prefix_cache, hidden_layer=plan.hidden_layer,
                         need_logits=method.objective.needs_logits)
-        loss_fn = StepLoss(cfg, method.objective, hp, model, plan, batches, ref, runner, world.device)
-        outcome = fit(cfg, hp, model, plan, batches, ref, loss_fn, world, callbacks=callbacks,
-                      was_training=was_training, prefix_cache_start=runner.start)
+        forced = ForcedRouting(plan.layers) if ref.forced_routing is not None else None
+        loss_fn = StepLoss(cfg, method.objective, hp, model, plan, batches, ref, runner, world.device, forced)
+        with forced if forced is not None else contextlib.nullcontext():  # hooks live through backward too
+            outcome = fit(cfg, hp, model, plan, batches, ref, loss_fn, world, callbacks=callbacks,
+                          was_training=was_training, prefix_cache_start=runner.start)
     return write_outputs(cfg, method, hp, model, plan, ref, outcome, forget=forget, retain=retain, rank=rank, t0=t0)
 
 

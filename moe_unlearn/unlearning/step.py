@@ -1,7 +1,8 @@
 """Stage 7, step loss: the loss of one training item.
 
 The objective on one forget batch (and its paired retain batch), plus the router anchor on the
-target layers and the KL of the retain routing at the trained routers, where they are on.
+target layers and the KL of the retain routing at the trained routers, where they are on. With
+routing="forced" every pass runs with its batch's original top-K and gates forced.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from moe_unlearn.arch import RoutingCapture
+from moe_unlearn.eval.replay import ForcedRouting
 from moe_unlearn.unlearning.anchor import anchor_target, retain_routing_kl, router_anchor_loss
 from moe_unlearn.unlearning.batches import Batches, to_device
 from moe_unlearn.unlearning.config import UnlearnConfig
@@ -38,12 +40,18 @@ class StepLoss:
     ref: References
     runner: Runner
     device: torch.device
+    forced: ForcedRouting | None = None  # routing="forced": set to each batch's original routing before its pass
+
+    def _force(self, key: tuple[str, int]) -> None:
+        if self.forced is not None:
+            self.forced.use(self.ref.forced_routing[key])
 
     def __call__(self, item: dict[str, Any]) -> dict[str, torch.Tensor]:
         k, rk = item["k"], item["rk"]
         fb = to_device(self.batches.forget[k], self.device)
         inp = ObjectiveInputs(forget_labels=fb["labels"], forget_mask=fb["attention_mask"],
                               forget_ref_logp=self.ref.forget_logp.get(k), steering=self.ref.steering)
+        self._force(("f", k))  # (a forced pass of the original weights is the original pass, bit for bit)
         if self.objective.forget_reference == "logits":  # the teacher's logits on this forget batch (EUL)
             with torch.no_grad(), original_weights(self.model, self.plan.tensors, self.ref.originals):
                 inp.forget_ref_logits = self.runner(("f", k), fb)[0]
@@ -51,6 +59,7 @@ class StepLoss:
         terms: dict[str, torch.Tensor] = {}
         extra = []
         with RoutingCapture(self.model, self.plan.capture_layers, detach=False) as cap:
+            self._force(("f", k))
             inp.forget_logits, inp.forget_hidden = self.runner(("f", k), fb)
             align_forget(inp)
             if self.plan.anchor_layers:
@@ -59,6 +68,7 @@ class StepLoss:
                 extra.append(self.cfg.anchor_weight * anchor)
             if rb is not None:
                 cap.clear()
+                self._force(("r", rk))
                 inp.retain_logits, inp.retain_hidden = self.runner(("r", rk), rb)
                 inp.retain_labels, inp.retain_mask = rb["labels"], rb["attention_mask"]
                 inp.retain_ref_hidden = self.ref.retain_hidden.get(rk)
@@ -77,6 +87,7 @@ class StepLoss:
         if self.batches.retain is None or not (self.objective.uses_retain(self.hp) or self.plan.rr_layers):
             return None
         rb = to_device(self.batches.retain[rk], self.device)
+        self._force(("r", rk))
         if self.ref.trace_weights is not None:
             inp.retain_weight = self.ref.trace_weights[rk].to(self.device)
         if retain_reference_kind(self.objective, self.hp, self.batches) == "logits":
