@@ -127,7 +127,7 @@ def _check_forceable(layer: Any) -> None:
 
     if type(layer).unpack_router_output is not MoELayer.unpack_router_output:
         raise UnsupportedFamily(f"{layer.family} layer {layer.layer_idx}: its router returns logits only and the "
-                                "block routes them itself; its routing cannot be forced")
+                                "block routes them itself; routing replay or forcing cannot replace its decisions")
 
 
 def force_router_output(layer: Any, output: Any, dst: torch.Tensor, forced_idx: torch.Tensor,
