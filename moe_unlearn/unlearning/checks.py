@@ -82,6 +82,12 @@ def check_unlearn_config(cfg: UnlearnConfig, *, has_retain: bool,
                             f"{_target_scopes()} (got {cfg.scope!r})")
     _check_adapter(cfg, method.trains)
     _check_routing(cfg)
+    if cfg.sam_rho:
+        if not method.trains or method.objective.forget_reference == "logits":
+            raise BadInputError(f"sam_rho needs a forget loss of its own; method {cfg.method!r} has none "
+                                "(use ga, graddiff, npo, simnpo or rmu)")
+        if cfg.adapter is not None:
+            raise BadInputError("sam_rho perturbs the trained tensors themselves; it does not combine with an adapter")
     if cfg.coverage is not None and not scope.picks_several:
         several = [n for n, s in SCOPES.items() if s.picks_several]
         raise BadInputError(f"coverage={cfg.coverage} selects several experts: use scope "

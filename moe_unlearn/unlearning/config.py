@@ -197,6 +197,9 @@ class UnlearnConfig:
     retain_routing_weight: float = option(0.0, kind="float", low=0.0, **_ID,
                                           help="KL(original || current) routing on retain tokens at trained "
                                                "routers (0)")
+    sam_rho: float = option(0.0, kind="float", low=0.0, **_ID,
+                            help="sharpness-aware unlearning: take the forget loss at the trained tensors moved by "
+                                 "this radius along its normalised gradient (0 = off; one extra forward/backward)")
     # MoE-aware variants (moe_unlearn.unlearning.projection / trace); all need retain data
     router_projection: str | None = option(None, kind="str", optional=True, choices=_router_projections, **_ID,
                                            help="grip: keep the trained routers' logits on retain inputs fixed "

@@ -2,11 +2,13 @@
 
 The objective on one forget batch (and its paired retain batch), plus the router anchor on the
 target layers and the KL of the retain routing at the trained routers, where they are on. With
-routing="forced" every pass runs with its batch's original top-K and gates forced.
+routing="forced" every pass runs with its batch's original top-K and gates forced; with sam_rho the
+forget part's gradient is taken at the sharpness-aware point (moe_unlearn.unlearning.sam).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,7 @@ from moe_unlearn.unlearning.objectives import Objective, ObjectiveInputs
 from moe_unlearn.unlearning.plan import Plan
 from moe_unlearn.unlearning.references import References, retain_reference_kind
 from moe_unlearn.unlearning.runner import Runner, align_forget, align_retain, original_weights
+from moe_unlearn.unlearning.sam import linear_term, sam_forget_gradient
 
 LossFn = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
 
@@ -77,9 +80,31 @@ class StepLoss:
                     rr = self._retain_routing(cap, rb, rk)
                     terms["retain_routing"] = rr.detach()
                     extra.append(self.cfg.retain_routing_weight * rr)
-        out = dict(self.objective.loss(inp, self.hp))
+        if self.cfg.sam_rho:
+            out = self._sharpness_aware(inp, k, fb)
+        else:
+            out = dict(self.objective.loss(inp, self.hp))
         out["loss"] = out["loss"] + sum(e.to(out["loss"].device) for e in extra) if extra else out["loss"]
         out.update(terms)
+        return out
+
+    def _sharpness_aware(self, inp: ObjectiveInputs, k: int, fb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The objective's terms with the forget part's gradient taken at theta + eps (moe_unlearn.unlearning.sam)."""
+        def forget_only(logits: torch.Tensor | None, hidden: torch.Tensor | None) -> torch.Tensor:
+            return self.objective.loss(dataclasses.replace(inp, forget_logits=logits, forget_hidden=hidden,
+                                                           retain_logits=None, retain_labels=None, retain_mask=None,
+                                                           retain_hidden=None), self.hp)["loss"]
+
+        def again() -> torch.Tensor:
+            self._force(("f", k))
+            return forget_only(*self.runner(("f", k), fb))
+
+        g_sam = sam_forget_gradient(self.model, self.plan.tensors, forget_only(inp.forget_logits, inp.forget_hidden),
+                                    again, self.cfg.sam_rho)
+        detached = dataclasses.replace(inp, forget_logits=_detach(inp.forget_logits),
+                                       forget_hidden=_detach(inp.forget_hidden))
+        out = dict(self.objective.loss(detached, self.hp))  # value L(theta); gradient: the retain part only
+        out["loss"] = out["loss"] + linear_term(self.model, self.plan.tensors, g_sam).to(out["loss"].device)
         return out
 
     def _retain_inputs(self, inp: ObjectiveInputs, rk: int | None) -> dict[str, torch.Tensor] | None:
@@ -114,6 +139,10 @@ class StepLoss:
         rmask = rb["attention_mask"].reshape(-1).bool()
         return torch.stack([retain_routing_kl(self.ref.retain_scores[rk][i], cur, rmask.to(cur.device)).to(self.device)
                             for i in self.plan.rr_layers for cur in (self._routed(cap, i),)]).mean()
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 __all__ = ["LossFn", "StepLoss"]
