@@ -5,7 +5,9 @@ Variants (NPO, --steps steps, batch 16, max length 64, retain = retain_train fac
 - uoe: one attributed expert + its router, SEUF anchor (routing learned), lr 3e-2 (the probes' lr);
 - cov_frozen: the experts that cover --coverage of the forget tokens, routers frozen (no anchor);
 - cov_forced: the same, and the original top-K and gates forced at every MoE layer while training;
-- full: every weight, routing learned.
+- full: every weight, routing learned;
+- cov_frozen_sam: cov_frozen with sharpness-aware forgetting (sam_rho 0.01), for its relearning and its
+  cost (seconds per step beside cov_frozen's).
 Per run: forget EM, forget EM under the original routing (replay, original gates), the erased forget
 level max(forget, replay), utility EM, the unlearning's wall time per step, and the calibrated relearning
 attack (moe_unlearn.eval.relearn.calibrate_relearn: fine-tune every parameter on --relearn-fraction of the
@@ -33,8 +35,10 @@ VARIANTS = {
     "cov_frozen": dict(scope="topm", targets="coverage", routing="frozen"),
     "cov_forced": dict(scope="topm", targets="coverage", routing="forced"),
     "full": dict(scope="full", targets=None, routing="learned"),
+    "cov_frozen_sam": dict(scope="topm", targets="coverage", routing="frozen", sam_rho=0.01),
 }
-DEFAULT_LRS = {"uoe": [3e-2], "cov_frozen": [1e-2, 3e-2], "cov_forced": [1e-2, 3e-2], "full": [3e-4]}
+DEFAULT_LRS = {"uoe": [3e-2], "cov_frozen": [3e-2, 1e-2], "cov_forced": [3e-2, 1e-2], "full": [3e-4],
+               "cov_frozen_sam": [3e-2]}
 
 
 def _round(d: dict) -> dict:
@@ -166,7 +170,7 @@ def main() -> None:
                 t = time.perf_counter()
                 res = unlearn(model, forget, retain, tokenizer=tok, method="npo", scope=v["scope"],
                               target={"seuf": [target], "coverage": cover}.get(v["targets"]),
-                              routing=v["routing"], steps=args.steps, lr=lr, batch_size=16, max_length=64,
+                              routing=v["routing"], sam_rho=v.get("sam_rho", 0.0), steps=args.steps, lr=lr, batch_size=16, max_length=64,
                               seed=seed, progress=False)
                 run = {"variant": vname, "lr": lr, "seed": seed, "targets": res.targets,
                        "trainable_params": res.trainable_params,
