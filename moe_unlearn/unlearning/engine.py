@@ -66,6 +66,8 @@ def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any
       "forced" (frozen, and each batch's original top-K and gates are forced at every MoE layer);
       composes with every method, scope (but routers), target and coverage.
     anchor_weight: SEUF router anchor on the target layers (uoe / topm, learned routing; 0 turns it off).
+    sam_rho: sharpness-aware unlearning (moe_unlearn.unlearning.sam): the forget loss's gradient is taken
+      at the trained tensors moved by sam_rho along its normalised gradient (0 = off).
     retain_routing_weight: KL(original || current) routing on retain tokens at every trained router.
     prefix_cache: with all trained weights in layers >= l, run only layers >= l each step and
       cache the states entering l (bounded by prefix_cache_mb; beyond it they are recomputed).
