@@ -11,8 +11,8 @@ Variants (NPO, --steps steps, batch 16, max length 64, retain = retain_train fac
 Per run: forget EM, forget EM under the original routing (replay, original gates), the erased forget
 level max(forget, replay), utility EM, the unlearning's wall time per step, and the calibrated relearning
 attack (moe_unlearn.eval.relearn.calibrate_relearn: fine-tune every parameter on --relearn-fraction of the
-forget facts at the highest lr of a grid under which the ORIGINAL model's held EM stays >= 0.9 at every
-evaluated step): steps to half the original's held EM, area under the held-EM curve and the highest held
+forget facts at the highest lr of a grid under which the ORIGINAL model's held EM stays >= 0.9 x its EM
+before the attack at every evaluated step): steps to half the original's held EM, area under the held-EM curve and the highest held
 EM, beside the retrained reference's (the floor) and the original's.
 
 Writes benchmarks/results/routing_frozen_<model>.json, rewritten after every run (resumable: runs
@@ -138,8 +138,8 @@ def main() -> None:
                              "coverage": args.coverage, "variants": VARIANTS,
                              "forget_level": "max(forget EM, forget EM under the original routing)",
                              "relearn": "calibrated: every parameter fine-tuned on the relearn-train facts; lr = "
-                                        "the highest of the grid keeping the original's held EM >= 0.9 at every "
-                                        "evaluated step"},
+                                        "the highest of the grid keeping the original's held EM >= 0.9 x its EM "
+                                        "before the attack at every evaluated step"},
                 "original": evaluate_run(model, tok, facts, routing),
                 "relearn": {"calibration": cal.to_dict(), "level": level, "n_train_facts": len(tr_idx),
                             "n_held_facts": len(held_idx), "original": relearn_summary(cal.original_curve, level),

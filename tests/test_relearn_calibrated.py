@@ -64,7 +64,7 @@ def test_calibration_takes_the_highest_lr_that_keeps_the_original(planted):
     assert cal.config.steps == BASE.steps and cal.config.fraction == BASE.fraction  # only the lr changed
     assert list(cal.tried) == [DAMAGING, GENTLE]  # tried from high to low, stopped at the first kept
     assert cal.to_dict()["lr"] == GENTLE
-    with pytest.raises(BadInputError, match="keeps the original's held EM >= 0.9"):
+    with pytest.raises(BadInputError, match="keeps the original's held EM >= 0.9 x"):
         calibrate_relearn(original, TOK, train, held, BASE, lrs=(DAMAGING,))
     with pytest.raises(BadInputError, match="keep must be"):
         calibrate_relearn(original, TOK, train, held, BASE, keep=0.0)

@@ -18,8 +18,9 @@ Calibration (`calibrate_relearn`, `calibrated_relearn_probe`): an attack strong 
 knowledge by itself measures its own damage, not relearning (at lr 1e-3 on every parameter the
 bench models' *original* held EM falls from 1.00 to about 0.55 in 40 steps). The calibrated attack
 keeps every other setting and lowers the learning rate: it tries a grid from high to low and takes
-the highest lr at which the original model's held EM stays >= `keep` (0.9) at every evaluated step
-of the same fine-tuning. The old defaults (`RelearnConfig()`, lr 1e-3) stay what `relearn_probe`
+the highest lr at which the original model's held EM stays >= `keep` (0.9) times its held EM before
+fine-tuning, at every evaluated step of the same fine-tuning (on a model that knows all its held
+facts: >= 0.9). The old defaults (`RelearnConfig()`, lr 1e-3) stay what `relearn_probe`
 runs unless it is given the calibrated config.
 """
 
@@ -227,8 +228,8 @@ class Calibration:
     tried: dict[float, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rule": f"highest lr of the grid at which the original's held EM stays >= {self.keep} at every "
-                        "evaluated step (all parameters, same data and steps)",
+        return {"rule": f"highest lr of the grid at which the original's held EM stays >= {self.keep} x its EM "
+                        "before fine-tuning at every evaluated step (all parameters, same data and steps)",
                 "lr": self.config.lr, "keep": self.keep, "original_min_em_by_lr": {str(k): v for k, v in
                                                                                    self.tried.items()},
                 "config": asdict(self.config), "original_curve": self.original_curve.to_dict()}
@@ -238,7 +239,8 @@ def calibrate_relearn(original: nn.Module, tokenizer: Any, train_data: Any, held
                       base: RelearnConfig | None = None, *, lrs: Sequence[float] = DEFAULT_CALIBRATION_LRS,
                       keep: float = 0.9) -> Calibration:
     """The highest lr of `lrs` (tried from high to low; `base`'s other settings) under which `original`'s
-    held EM stays >= `keep` at every evaluated step; BadInputError when none of them keeps it."""
+    held EM stays >= `keep` x its held EM before fine-tuning at every evaluated step; BadInputError when
+    none of them keeps it. `tried`: {lr: the lowest held EM over that attack}."""
     base = base or RelearnConfig()
     if not 0.0 < keep <= 1.0:
         raise BadInputError(f"relearn calibration keep must be in (0, 1], got {keep}")
@@ -249,10 +251,10 @@ def calibrate_relearn(original: nn.Module, tokenizer: Any, train_data: Any, held
         cfg = RelearnConfig(**{**asdict(base), "lr": lr})
         curve = relearn_curve(original, tokenizer, train_data, held, cfg)
         tried[lr] = min(curve.em)
-        if tried[lr] >= keep - 1e-12:
+        if tried[lr] >= keep * curve.em[0] - 1e-12:
             return Calibration(cfg, keep, curve, tried)
-    raise BadInputError(f"no learning rate of {sorted(tried, reverse=True)} keeps the original's held EM >= {keep} "
-                        f"(lowest held EM per lr: {tried}); try lower learning rates")
+    raise BadInputError(f"no learning rate of {sorted(tried, reverse=True)} keeps the original's held EM >= {keep} x "
+                        f"its EM before fine-tuning (lowest held EM per lr: {tried}); try lower learning rates")
 
 
 def calibrated_relearn_probe(models: Mapping[str, nn.Module], tokenizer: Any, train_data: Any, held: Any,
