@@ -142,7 +142,8 @@ def test_patch_json_records_the_routing(tmp_path):
     assert rec["config"]["routing"] == "forced" and rec["hyperparameters"]["routing"] == "forced"
     assert rec["config"]["scope"] == "all_but_routers"
     router_names = set(_routers(model))
-    assert not router_names & {e["name"] for e in rec.get("entries", []) if isinstance(e, dict)}
+    names = {e["name"] for e in rec["entries"]}
+    assert names and router_names and not router_names & names  # everything but the routers
 
 
 def test_cli_has_the_routing_flag_and_refuses_a_bad_routing_with_exit_2(tmp_path, capsys):
