@@ -7,7 +7,9 @@ Variants (NPO, --steps steps, batch 16, max length 64, retain = retain_train fac
 - cov_forced: the same, and the original top-K and gates forced at every MoE layer while training;
 - full: every weight, routing learned;
 - cov_frozen_sam: cov_frozen with sharpness-aware forgetting (sam_rho 0.01), for its relearning and its
-  cost (seconds per step beside cov_frozen's).
+  cost (seconds per step beside cov_frozen's);
+- cov_frozen_undo: cov_frozen, then the trained experts noised (alpha 0.5) and the unlearned model
+  distilled back into them for 40 steps (UNDO restricted to the trained experts).
 Per run: forget EM, forget EM under the original routing (replay, original gates), the erased forget
 level max(forget, replay), utility EM, the unlearning's wall time per step, and the calibrated relearning
 attack (moe_unlearn.eval.relearn.calibrate_relearn: fine-tune every parameter on --relearn-fraction of the
@@ -36,9 +38,10 @@ VARIANTS = {
     "cov_forced": dict(scope="topm", targets="coverage", routing="forced"),
     "full": dict(scope="full", targets=None, routing="learned"),
     "cov_frozen_sam": dict(scope="topm", targets="coverage", routing="frozen", sam_rho=0.01),
+    "cov_frozen_undo": dict(scope="topm", targets="coverage", routing="frozen", distill_steps=40, distill_noise=0.5),
 }
 DEFAULT_LRS = {"uoe": [3e-2], "cov_frozen": [3e-2, 1e-2], "cov_forced": [3e-2, 1e-2], "full": [3e-4],
-               "cov_frozen_sam": [3e-2]}
+               "cov_frozen_sam": [3e-2], "cov_frozen_undo": [3e-2]}
 
 
 def _round(d: dict) -> dict:
@@ -170,11 +173,13 @@ def main() -> None:
                 t = time.perf_counter()
                 res = unlearn(model, forget, retain, tokenizer=tok, method="npo", scope=v["scope"],
                               target={"seuf": [target], "coverage": cover}.get(v["targets"]),
-                              routing=v["routing"], sam_rho=v.get("sam_rho", 0.0), steps=args.steps, lr=lr, batch_size=16, max_length=64,
+                              routing=v["routing"], sam_rho=v.get("sam_rho", 0.0),
+                              distill_steps=v.get("distill_steps", 0), distill_noise=v.get("distill_noise", 0.5),
+                              steps=args.steps, lr=lr, batch_size=16, max_length=64,
                               seed=seed, progress=False)
                 run = {"variant": vname, "lr": lr, "seed": seed, "targets": res.targets,
                        "trainable_params": res.trainable_params,
-                       "seconds_per_step": round(res.wall_time / args.steps, 4),
+                       "seconds_per_step": round(res.wall_time / (args.steps + v.get("distill_steps", 0)), 4),
                        **evaluate_run(model, tok, facts, routing)}
                 run["relearn"] = relearn_summary(relearn_curve(model, tok, r_train, r_held, cal_cfg), level)
                 run["seconds"] = round(time.perf_counter() - t, 1)

@@ -82,6 +82,9 @@ def check_unlearn_config(cfg: UnlearnConfig, *, has_retain: bool,
                             f"{_target_scopes()} (got {cfg.scope!r})")
     _check_adapter(cfg, method.trains)
     _check_routing(cfg)
+    if cfg.distill_steps and (not method.trains or cfg.adapter is not None):
+        raise BadInputError("distill_steps noises and retrains the trained tensors themselves: it needs a training "
+                            f"method without an adapter (got method {cfg.method!r}, adapter {cfg.adapter!r})")
     if cfg.sam_rho:
         if not method.trains or method.objective.forget_reference == "logits":
             raise BadInputError(f"sam_rho needs a forget loss of its own; method {cfg.method!r} has none "

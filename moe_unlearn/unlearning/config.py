@@ -200,6 +200,11 @@ class UnlearnConfig:
     sam_rho: float = option(0.0, kind="float", low=0.0, **_ID,
                             help="sharpness-aware unlearning: take the forget loss at the trained tensors moved by "
                                  "this radius along its normalised gradient (0 = off; one extra forward/backward)")
+    distill_steps: int = option(0, kind="int", low=0, **_ID,
+                                help="UNDO: after unlearning, noise the trained tensors and distil the unlearned model "
+                                     "into them for this many steps on the forget and retain batches (0 = off)")
+    distill_noise: float = option(0.5, kind="float", low=0.0, high=1.0, low_open=True, **_ID,
+                                  help="UNDO's alpha: theta <- (1 - alpha) theta + alpha * noise (1 = re-initialise; 0.5)")
     # MoE-aware variants (moe_unlearn.unlearning.projection / trace); all need retain data
     router_projection: str | None = option(None, kind="str", optional=True, choices=_router_projections, **_ID,
                                            help="grip: keep the trained routers' logits on retain inputs fixed "

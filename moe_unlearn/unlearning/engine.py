@@ -38,11 +38,13 @@ from moe_unlearn.unlearning.config import UnlearnConfig
 from moe_unlearn.unlearning.fit import World, apply_edit, fit
 from moe_unlearn.unlearning.methods import get_method
 from moe_unlearn.unlearning.outputs import UnlearnResult, check_room, model_dir_of, write_outputs
+from moe_unlearn.unlearning.patch import snapshot
 from moe_unlearn.unlearning.plan import make_plan
 from moe_unlearn.unlearning.references import compute_references
 from moe_unlearn.unlearning.runner import Runner
 from moe_unlearn.unlearning.step import StepLoss
 from moe_unlearn.unlearning.targets import choose_targets
+from moe_unlearn.unlearning.undo import DistillLoss, distill_config, noise_tensors
 
 
 def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any = None,
@@ -66,6 +68,8 @@ def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any
       "forced" (frozen, and each batch's original top-K and gates are forced at every MoE layer);
       composes with every method, scope (but routers), target and coverage.
     anchor_weight: SEUF router anchor on the target layers (uoe / topm, learned routing; 0 turns it off).
+    distill_steps / distill_noise: UNDO (moe_unlearn.unlearning.undo): after unlearning, the trained tensors
+      are noised and the unlearned model is distilled back into them (0 steps = off).
     sam_rho: sharpness-aware unlearning (moe_unlearn.unlearning.sam): the forget loss's gradient is taken
       at the trained tensors moved by sam_rho along its normalised gradient (0 = off).
     retain_routing_weight: KL(original || current) routing on retain tokens at every trained router.
@@ -120,7 +124,25 @@ def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any
         with forced if forced is not None else contextlib.nullcontext():  # hooks live through backward too
             outcome = fit(cfg, hp, model, plan, batches, ref, loss_fn, world, callbacks=callbacks,
                           was_training=was_training, prefix_cache_start=runner.start)
+            if cfg.distill_steps:  # UNDO: noise what was trained, distil the unlearned model back into it
+                outcome.details["undo"] = _undo(cfg, hp, model, plan, batches, ref, runner, world, forced,
+                                                callbacks, was_training)
     return write_outputs(cfg, method, hp, model, plan, ref, outcome, forget=forget, retain=retain, rank=rank, t0=t0)
+
+
+def _undo(cfg: UnlearnConfig, hp: dict[str, Any], model: nn.Module, plan: Any, batches: Batches, ref: Any,
+          runner: Runner, world: World, forced: ForcedRouting | None, callbacks: list[TrainHooks] | None,
+          was_training: bool) -> dict[str, Any]:
+    """The distillation phase (moe_unlearn.unlearning.undo) on the plan's tensors; its summary for the report."""
+    teacher = snapshot(model, list(plan.tensors))  # the unlearned values
+    noise_tensors(model, plan.tensors, cfg.distill_noise, cfg.seed)
+    model.eval()
+    loss = DistillLoss(model, plan, batches, teacher, runner, world.device, forced, ref.forced_routing)
+    out = fit(distill_config(cfg), hp, model, plan, batches, ref, loss, world, callbacks=callbacks,
+              was_training=was_training, prefix_cache_start=runner.start)
+    kl = out.history.terms.get("distill_kl", [])
+    return {"steps": cfg.distill_steps, "noise": cfg.distill_noise, "first_kl": kl[0] if kl else None,
+            "final_kl": kl[-1] if kl else None}
 
 
 __all__ = ["UnlearnResult", "unlearn"]
