@@ -67,6 +67,30 @@ def relearn_summary(curve, level: float) -> dict:
             "max_em": curve.max_em()}
 
 
+def step_times(model, snapshot, forget, retain, tok, cover, steps: int) -> dict:
+    """Seconds per optimizer step of NPO on the coverage set, min over 3 alternating repeats (a shared machine's
+    load only ever adds time), and each option's ratio to frozen routing without extras."""
+    import torch
+
+    from moe_unlearn.unlearning import unlearn
+
+    options = {"learned": dict(routing="learned"), "frozen": dict(routing="frozen"),
+               "forced": dict(routing="forced"), "frozen+sam": dict(routing="frozen", sam_rho=0.01)}
+    best: dict[str, float] = {}
+    for _ in range(3):
+        for name, opt in options.items():
+            res = unlearn(model, forget, retain, tokenizer=tok, method="npo", scope="topm", target=cover, steps=steps,
+                          lr=1e-3, batch_size=16, max_length=64, progress=False, **opt)
+            best[name] = min(best.get(name, float("inf")), res.history.wall_time / steps)
+            with torch.no_grad():
+                model.load_state_dict(snapshot)
+    out = {"steps": steps, "repeats": 3, "seconds_per_step": {k: round(v, 4) for k, v in best.items()},
+           "ratio_to_frozen": {k: round(v / best["frozen"], 3) for k, v in best.items()},
+           "undo": "distillation steps cost one teacher and one student forward per batch (no reference pass); "
+                   "its total is (unlearning steps + distill_steps) steps"}
+    return out
+
+
 def summarize(data: dict) -> dict:
     """Medians over seeds per (variant, lr)."""
     groups: dict[tuple[str, float], list[dict]] = {}
@@ -102,6 +126,9 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true",
                     help="skip the retrained reference's curve for now (a later run without it fills it in)")
     ap.add_argument("--quick", action="store_true", help="the tiny test bench model (a smoke run)")
+    ap.add_argument("--timing", type=int, default=0, metavar="STEPS",
+                    help="only measure seconds per step (min over 3 alternating repeats of STEPS steps) of the coverage "
+                         "set with learned / frozen / forced routing, SAM and UNDO's distillation, into 'step_time'")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -163,6 +190,11 @@ def main() -> None:
         write_json(path, data)
         print(f"reference relearn {ref_curve.em}", flush=True)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if args.timing:
+        data["step_time"] = step_times(model, snapshot, forget, retain, tok, cover, args.timing)
+        write_json(path, data)
+        print(data["step_time"], flush=True)
+        return
     done = {(r["variant"], r["lr"], r["seed"]) for r in data["runs"]}
     for seed in args.seeds:
         for vname in args.variants:
