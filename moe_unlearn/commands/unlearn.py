@@ -35,6 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="method hyperparameter, e.g. --set beta=0.1 --set retain_loss=kl")
     p.add_argument("--no-prefix-cache", action="store_true", default=None, help="run the whole model every step")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--chat-template", dest="template", action="store_const", const="chat", default=None,
+                   help="render QA records with the tokenizer's chat template (same as --template chat)")
     add_config_flags(p)
     add_model_args(p)
     return p
@@ -104,6 +106,8 @@ def build_config(args: argparse.Namespace):
         given["method_kwargs"] = {**cfg.method_kwargs, **_parse_sets(args.set)}
     if args.no_prefix_cache:
         given["prefix_cache"] = False
+    if given.get("template"):
+        given["template"] = given["template"].replace("\\n", "\n")  # a new line typed as \n
     model = args.model or paths["model"]
     forget = args.forget or paths["forget"]
     retain = args.retain or paths["retain"]
@@ -130,7 +134,7 @@ def check_inputs(args: argparse.Namespace, cfg, model_dir: str, forget: str, ret
     parse_dtype(args.dtype)
     for source in (forget, retain):  # read once to check (the engine reads them again, cheaply)
         if source is not None:
-            load_texts(source, field=cfg.field)
+            load_texts(source, field=cfg.field, template=None if cfg.template == "chat" else cfg.template)
     return mdir
 
 
