@@ -12,11 +12,11 @@ import torch
 from _tiny_tokenizer import word_tokenizer
 
 from moe_unlearn.arch import find_moe_layers
+from moe_unlearn.arch.forcing import ForcedRouting
 from moe_unlearn.cli import main
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.eval import evaluate
 from moe_unlearn.eval.items import as_items
-from moe_unlearn.eval.replay import ForcedRouting
 from moe_unlearn.eval.scoring import encode_items
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.unlearning import UnlearnConfig, unlearn

@@ -25,11 +25,11 @@ from typing import Any
 
 from torch import nn
 
+from moe_unlearn.arch.forcing import ForcedRouting
 from moe_unlearn.arch.wrappers import is_peft_layer, unwrap_model
 from moe_unlearn.distributed import check_not_sharded
 from moe_unlearn.distributed import world as dist_world
 from moe_unlearn.errors import BadInputError
-from moe_unlearn.eval.replay import ForcedRouting
 from moe_unlearn.loading import input_device
 from moe_unlearn.training import TrainHooks
 from moe_unlearn.unlearning.batches import Batches, make_batches

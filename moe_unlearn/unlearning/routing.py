@@ -9,7 +9,7 @@ knowledge back. Keeping the routing fixed makes the loss change the weights that
 - frozen: no router ever trains (the scope keeps its other tensors; no anchor is needed);
 - forced: frozen, and in addition every MoE layer applies the original model's top-K experts and gate
   weights, recorded once on the same batch with the original weights, in every training forward pass
-  (the forcing of routing replay, `moe_unlearn.eval.replay.ForcedRouting`). Changed experts in a lower
+  (the forcing routing replay uses, `moe_unlearn.arch.forcing.ForcedRouting`). Changed experts in a lower
   layer then cannot re-route the tokens of a higher one either.
 """
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moe_unlearn.arch import RoutingCapture
-from moe_unlearn.eval.replay import ForcedRouting
+from moe_unlearn.arch.forcing import ForcedRouting
 from moe_unlearn.unlearning.anchor import anchor_target, retain_routing_kl, router_anchor_loss
 from moe_unlearn.unlearning.batches import Batches, to_device
 from moe_unlearn.unlearning.config import UnlearnConfig
