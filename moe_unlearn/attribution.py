@@ -35,7 +35,6 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -287,29 +286,78 @@ class Attribution:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Attribution:
+        """An attribution from its JSON form, every field checked (types, one row per layer, finite values,
+        top-K within the experts) before anything ranks it: a damaged file is one DataError, never NaN
+        affinities that silently pick expert 0:0 or a row count that fails with IndexError after a model load."""
+        from moe_unlearn.validate import check_int, check_number, check_tensor
+
         if not isinstance(d, dict) or d.get("format") != "moe-unlearn-attribution":
             raise DataError("not a moe-unlearn attribution (missing format tag); write it with Attribution.to_json")
         try:
-            tensors = {n: torch.tensor(d[n], dtype=torch.int64 if n == "counts" else torch.float32) for n in _STATS}
-            return cls(layers=[int(x) for x in d["layers"]], top_k=[int(x) for x in d["top_k"]],
-                       score_fns=list(d["score_fns"]), shared_layers=[int(x) for x in d["shared_layers"]],
-                       num_sequences=int(d["num_sequences"]), num_tokens=int(d["num_tokens"]),
-                       num_truncated=int(d.get("num_truncated", 0)), stability=d.get("stability"),
-                       stability_seed=d.get("stability_seed"), meta=dict(d.get("meta", {})),
-                       retain_frequency=(torch.tensor(d["retain_frequency"], dtype=torch.float32)
-                                         if d.get("retain_frequency") is not None else None),
-                       retain_num_tokens=d.get("retain_num_tokens"), **tensors)
+            return cls._from_checked_dict(d, check_int, check_number, check_tensor)
+        except BadInputError as exc:
+            raise DataError(f"malformed attribution data: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"malformed attribution data: {exc!r}") from exc
 
     @classmethod
+    def _from_checked_dict(cls, d: dict[str, Any], check_int: Any, check_number: Any, check_tensor: Any
+                           ) -> Attribution:
+        def ints(name: str, low: int = 0) -> list[int]:
+            if not isinstance(d[name], list):
+                raise BadInputError(f"{name} must be a list of integers")
+            return [check_int(f"{name}[{i}]", x, low=low) for i, x in enumerate(d[name])]
+
+        layers = ints("layers")
+        if not layers or len(set(layers)) != len(layers):
+            raise BadInputError(f"layers must be distinct layer indices, at least one; got {layers}")
+        tensors = {}
+        for n in _STATS:
+            try:
+                t = torch.tensor(d[n], dtype=torch.int64 if n == "counts" else torch.float32)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+                raise BadInputError(f"{n} is not a table of numbers ({' '.join(str(exc).split())[:80]})") from None
+            tensors[n] = check_tensor(n, t, shape=(len(layers), None), error=BadInputError)
+        num_experts = tensors["affinity"].shape[1]
+        for n, t in tensors.items():
+            check_tensor(n, t, shape=(len(layers), num_experts), error=BadInputError)
+            if num_experts < 1 or bool((t < 0).any()):
+                raise BadInputError(f"{n} must hold non-negative values for at least one expert per layer")
+        top_k = ints("top_k", low=1)
+        if len(top_k) != len(layers) or any(k > num_experts for k in top_k):
+            raise BadInputError(f"top_k must give one value in 1..{num_experts} per layer, got {top_k}")
+        score_fns = d["score_fns"]
+        if not isinstance(score_fns, list) or len(score_fns) != len(layers) or any(
+                f not in ("softmax", "sigmoid") for f in score_fns):
+            raise BadInputError("score_fns must name softmax or sigmoid per layer")
+        retain = d.get("retain_frequency")
+        if retain is not None:
+            retain = check_tensor("retain_frequency", torch.tensor(retain, dtype=torch.float32),
+                                  shape=(len(layers), num_experts), error=BadInputError)
+        stability = d.get("stability")
+        if stability is not None:
+            if not isinstance(stability, list) or len(stability) != len(layers):
+                raise BadInputError("stability must give one number per layer")
+            stability = [check_number("stability", x, low=0.0, high=1.0) for x in stability]
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise BadInputError("meta must be a mapping")
+        retain_tokens = d.get("retain_num_tokens")
+        seed = d.get("stability_seed")
+        return cls(layers=layers, top_k=top_k, score_fns=list(score_fns), shared_layers=ints("shared_layers"),
+                   num_sequences=check_int("num_sequences", d["num_sequences"], low=0),
+                   num_tokens=check_int("num_tokens", d["num_tokens"], low=0),
+                   num_truncated=check_int("num_truncated", d.get("num_truncated", 0), low=0), stability=stability,
+                   stability_seed=None if seed is None else check_int("stability_seed", seed, low=0), meta=meta,
+                   retain_frequency=retain,
+                   retain_num_tokens=None if retain_tokens is None else check_int("retain_num_tokens", retain_tokens,
+                                                                                  low=0), **tensors)
+
+    @classmethod
     def from_json(cls, path: str | os.PathLike) -> Attribution:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-            d = json.loads(text)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"cannot read attribution file {path}: {exc}") from exc
-        return cls.from_dict(d)
+        from moe_unlearn.validate import read_json_file
+
+        return cls.from_dict(read_json_file(path, what="attribution file"))
 
     # -- report -------------------------------------------------------------
     def plot(self, path: str | os.PathLike, *, stat: str = "affinity") -> None:
@@ -634,6 +682,10 @@ def attribute_experts(
               "family": moe_layers[0].family, "max_length": batches.max_length,
               "batch_size": batches.batch_size},
     )
+    from moe_unlearn.validate import check_tensor
+
+    for name in ("affinity", "mean_score"):  # NaN/inf router weights give NaN scores: never ranked as if numbers
+        check_tensor(f"the {name} the model's routers give", getattr(result, name), error=BadInputError)
     if keep_token_routing:
         result.token_topk = [torch.cat(token_topk[layer.layer_idx]) if token_topk[layer.layer_idx]
                              else torch.zeros(0, layer.top_k, dtype=torch.int16) for layer in moe_layers]

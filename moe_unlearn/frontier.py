@@ -26,10 +26,11 @@ median utility EM per variant, one curve over learning rates, seed spread as bar
 
 from __future__ import annotations
 
-import json
+import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,16 @@ class FrontierConfig:
         return tuple(self.lrs.get(variant, default_lrs(variant)))
 
     def validate(self) -> None:
+        """Every field against its declared type, then its value; all before any model loads."""
         from moe_unlearn.bench_model import BENCH_MODELS
         from moe_unlearn.unlearning.objectives import OBJECTIVES
+        from moe_unlearn.validate import check_fields, check_int
+
+        check_fields(self)
+        for name in ("batch_size", "max_length", "eval_batch_size"):
+            check_int(name, getattr(self, name), low=1)
+        for s in self.seeds:
+            check_int("seeds", s, low=0)
 
         if self.model not in BENCH_MODELS:
             raise BadInputError(f"unknown bench model {self.model!r}; choose one of {', '.join(BENCH_MODELS)}")
@@ -144,8 +153,8 @@ class FrontierConfig:
             raise BadInputError(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
         if not self.steps or any(not isinstance(s, int) or s < 1 for s in self.steps):
             raise BadInputError(f"steps must be positive integers, got {list(self.steps)}")
-        if not self.seeds:
-            raise BadInputError("give at least one seed")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise BadInputError(f"give at least one seed, each once; got {list(self.seeds)}")
         bad = [p for p in self.probes if p not in PROBES]
         if bad:
             raise BadInputError(f"unknown probe(s) {bad}; known: {', '.join(PROBES)}")
@@ -298,21 +307,107 @@ def results_path(out_dir: str | Path, model: str, quick: bool = False) -> Path:
     return Path(out_dir) / f"frontier_{model}{'_quick' if quick else ''}.json"
 
 
-def _load_existing(path: Path, model: str) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} exists but is not a readable frontier result ({exc}); move it away") from exc
-    if not isinstance(data, dict) or data.get("model") != model or not isinstance(data.get("runs"), list):
-        raise DataError(f"{path} is not a frontier result of model {model!r}; move it away or choose --out")
+def protocol(config: FrontierConfig) -> dict[str, Any]:
+    """What every run of one results file shares; a resumed run must have the same, or its runs would be
+    mixed with runs of another protocol."""
+    return {"batch_size": config.batch_size, "max_length": config.max_length,
+            "lr_schedule": "constant", "loss_tokens": "answer", "match_margin": MATCH_MARGIN,
+            "unlearning_data": "forget: QA (answer-only) + first statement per fact; retain: "
+                               "retain_train facts in the same forms"}
+
+
+_RUN_FIELDS = {"method": str, "variant": str, "lr": float, "seed": int, "steps": int}
+_RUN_METRICS = ("forget_em", "utility_em", "neighbor_em", "overlap_retain")
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """A frontier results file, checked: a JSON object with the model, protocol and a list of runs, each run a
+    mapping whose key fields are typed (method, variant: strings; lr: a positive finite number; seed, steps:
+    integers) and whose EM / overlap metrics are numbers in [0, 1] unless the run diverged. DataError otherwise
+    (a RecursionError, a FIFO or a damaged run never gets further)."""
+    from moe_unlearn.validate import check_type, read_json_file
+
+    path = Path(path)
+    data = read_json_file(path, what="frontier results file", allow_nonfinite=True)
+    if not isinstance(data, dict) or not isinstance(data.get("model"), str) or not isinstance(data.get("runs"), list) \
+            or not isinstance(data.get("protocol", {}), dict):
+        raise DataError(f"{path} is not a frontier results file (model, protocol and runs expected); move it away "
+                        "or choose another --out")
+    for i, run in enumerate(data["runs"]):
+        try:
+            if not isinstance(run, dict):
+                raise BadInputError(f"is a {type(run).__name__}, not a mapping")
+            for key, kind in _RUN_FIELDS.items():
+                if key not in run:
+                    raise BadInputError(f"has no {key}")
+                check_type(key, run[key], kind)
+            if not run["lr"] > 0 or run["seed"] < 0 or run["steps"] < 1:
+                raise BadInputError("needs lr > 0, seed >= 0 and steps >= 1")
+            if not run.get("diverged"):
+                for key in _RUN_METRICS:
+                    value = check_type(key, run.get(key), float)
+                    if not 0.0 <= value <= 1.0:
+                        raise BadInputError(f"{key} = {value} is not in [0, 1]")
+        except BadInputError as exc:
+            raise DataError(f"{path}: run {i} is malformed ({exc}); the file is damaged, move it away") from None
     return data
+
+
+def _load_existing(path: Path, config: FrontierConfig) -> dict[str, Any] | None:
+    """The results of an earlier run to resume, or None; refused unless model, quick and the whole protocol are
+    this run's."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    data = read_results(path)
+    if data["model"] != config.model or bool(data.get("quick")) != config.quick:
+        raise DataError(f"{path} is not a frontier result of model {config.model!r}{' (quick)' if config.quick else ''}"
+                        f" (it holds model {data['model']!r}{' (quick)' if data.get('quick') else ''}); move it away or "
+                        "choose --out")
+    want, there = protocol(config), data.get("protocol", {})
+    diff = sorted(k for k in set(want) | set(there) if want.get(k) != there.get(k))
+    if diff:
+        raise DataError(f"{path} holds runs of another protocol ("
+                        + ", ".join(f"{k}: {there.get(k)!r} there, {want.get(k)!r} now" for k in diff)
+                        + "); resume with the same settings, or choose another --out")
+    return data
+
+
+@contextmanager
+def results_lock(path: str | Path) -> Iterator[None]:
+    """Hold the lock of a results file while a run or a merge writes it: a second writer of the same file
+    fails at once (BadInputError) instead of both running and the last one overwriting the other's runs. The
+    lock is an flock on `.<name>.lock` beside the file (released by the kernel even when the holder is killed;
+    the empty lock file stays)."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInputError(f"another process is writing {path} (it holds {lock}); wait for it to finish or "
+                                "choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/results", *,
                  cache_dir: str | Path | None = None, progress: bool = False,
                  log: Callable[[str], None] = print) -> FrontierResult:
+    """Run every missing (method, variant, lr, seed) trajectory into `out_dir`'s results file, holding its
+    lock (`results_lock`) throughout, so a second run on the same file is refused instead of racing it."""
+    config.validate()
+    with results_lock(results_path(out_dir, config.model, config.quick)):
+        return _run_frontier(config, out_dir, cache_dir=cache_dir, progress=progress, log=log)
+
+
+def _run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/results", *,
+                  cache_dir: str | Path | None = None, progress: bool = False,
+                  log: Callable[[str], None] = print) -> FrontierResult:
     """Run every missing (method, variant, lr, seed) trajectory, evaluating at each step count;
     the JSON is rewritten (atomically) after every trajectory, so an interrupted run resumes."""
     from moe_unlearn.attribution import attribute_experts, select_targets
@@ -321,7 +416,7 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
 
     config.validate()
     path = results_path(out_dir, config.model, config.quick)
-    data = _load_existing(path, config.model)
+    data = _load_existing(path, config)
     bench = load_or_build(bench_config(config.model, quick=config.quick), cache_root=cache_dir, progress=progress)
     model, tok, facts = bench.model, bench.tokenizer, bench.facts
     forget, retain = unlearning_records(facts.forget), unlearning_records(facts.retain_train)
@@ -343,10 +438,7 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
                 "coverage_targets": {"coverage": COVERAGE, "targets": [list(t) for t in cover],
                                      "reached": round(attr.coverage(cover), 4)},
                 "split_sizes": {k: len(v) for k, v in facts.splits.items()},
-                "protocol": {"batch_size": config.batch_size, "max_length": config.max_length,
-                             "lr_schedule": "constant", "loss_tokens": "answer", "match_margin": MATCH_MARGIN,
-                             "unlearning_data": "forget: QA (answer-only) + first statement per fact; retain: "
-                                                "retain_train facts in the same forms"},
+                "protocol": protocol(config),
                 "runs": []}
         log(f"original: forget EM {original['forget_em']:.3f}, utility EM {original['utility_em']:.3f}, guess level "
             f"{original['holdout_em']:.3f}; target {target}, coverage {data['specialisation']['coverage']:.2f}, selectivity "
@@ -401,10 +493,17 @@ def merge_results(target: str | Path, sources: Sequence[str | Path], *, variants
     with other variants) to `target`, skipping runs it already has (and, with `variants`, runs of other
     variants); rewrites target's .json, .md and .png."""
     target = Path(target)
-    data = json.loads(target.read_text())
+    with results_lock(target):
+        return _merge_results(target, sources, variants)
+
+
+def _merge_results(target: Path, sources: Sequence[str | Path], variants: Sequence[str] | None) -> dict[str, Any]:
+    data = read_results(target)
     have = {run_key(r) for r in data["runs"]}
     for src in sources:
-        other = json.loads(Path(src).read_text())
+        other = read_results(src)
+        if other.get("protocol") != data.get("protocol"):
+            raise DataError(f"{src} was run with another protocol than {target}; its runs cannot be merged")
         if other.get("model") != data["model"] or other.get("quick") != data.get("quick"):
             raise DataError(f"{src} is a frontier of model {other.get('model')!r}, not {data['model']!r}")
         if other.get("target") != data.get("target"):
