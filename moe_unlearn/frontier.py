@@ -559,13 +559,20 @@ def curves(data: dict[str, Any]) -> dict[tuple[str, str, int], list[dict[str, An
     return out
 
 
-def matched(data: dict[str, Any], margin: float = MATCH_MARGIN) -> dict[tuple[str, str, int], dict | None]:
+def matched(data: dict[str, Any], margin: float = MATCH_MARGIN, *,
+            erased: bool = False) -> dict[tuple[str, str, int], dict | None]:
     """Per (method, variant, steps): the lr point with the best median utility EM among those whose
-    median forget EM <= guess level + margin (None when no learning rate forgets that much)."""
+    median forget EM <= guess level + margin (None when no learning rate forgets that much). With
+    `erased`, the forget level is max(forget EM, forget EM under the original routing) where replay was
+    measured: forgetting that the original routing undoes does not count."""
     level = data["guess_level"] + margin
+
+    def forget_level(p: dict[str, Any]) -> float:
+        return max(p["forget_em"], p.get("forget_em_replay", p["forget_em"])) if erased else p["forget_em"]
+
     best: dict[tuple[str, str, int], dict | None] = {}
     for key, points in curves(data).items():
-        ok = [p for p in points if p["forget_em"] <= level + 1e-12]
+        ok = [p for p in points if forget_level(p) <= level + 1e-12]
         best[key] = max(ok, key=lambda p: (p["utility_em"], -p["lr"])) if ok else None
     return best
 

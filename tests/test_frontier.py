@@ -157,6 +157,12 @@ def test_matched_forgetting_rule_by_hand():
     text = summarize(data)
     assert "| npo | uoe | 0.03 | 0.000 | 0.800 [0.700, 0.900]" in text
     assert "| npo | uoe+kpb | - |" in text and "1 runs diverged" in text
+    # erased forgetting: a point whose forgetting the original routing undoes is not matched
+    for r in runs:
+        r["forget_em_replay"] = 0.9 if (r["variant"], r["lr"]) == ("uoe", 3e-2) else r["forget_em"]
+    erased = matched(data, erased=True)
+    assert erased[("npo", "uoe", 40)]["lr"] == 1e-2 and erased[("npo", "full", 40)]["lr"] == 1e-3
+    assert matched(data)[("npo", "uoe", 40)]["lr"] == 3e-2  # the default stays forget EM alone
 
 
 def test_cli_refuses_bad_input_before_any_work(tmp_path, capsys):

@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 
 # the stages of moe_unlearn.unlearning, lowest first (a stage may import its own group and earlier ones)
 STAGES: list[tuple[str, ...]] = [
-    ("tensor", "ablate", "anchor", "checkpointing", "prefix_cache", "objectives"),
+    ("tensor", "ablate", "anchor", "checkpointing", "prefix_cache", "objectives", "routing", "sam"),
     ("methods", "scopes"),
     ("adapters", "projection", "trace"),
     ("config",),
@@ -41,7 +41,7 @@ STAGES: list[tuple[str, ...]] = [
     ("fusion", "targets", "plan", "batches"),
     ("params", "runner"),
     ("references",),
-    ("step", "outputs"),
+    ("step", "outputs", "undo"),
     ("fit",),
     ("engine",),
     ("__init__",),

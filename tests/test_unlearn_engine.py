@@ -155,7 +155,7 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path):
     out = tmp_path / "out"
     cases = [
         (dict(method="dpo"), BadInputError, "valid methods: eul, ga, graddiff, npo, rmu, simnpo"),
-        (dict(scope="some"), BadInputError, "valid scopes: full, experts, routers, uoe, topm"),
+        (dict(scope="some"), BadInputError, "valid scopes: full, all_but_routers, experts, routers, uoe, topm"),
         (dict(target="1:6"), BadInputError, r"out of range .*0\.\.5"),
         (dict(target="5:0"), BadInputError, "not an MoE layer"),
         (dict(target="one"), BadInputError, "LAYER:EXPERT"),

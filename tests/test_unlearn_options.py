@@ -107,7 +107,7 @@ def test_identity_and_record_are_the_fields_marked_for_them(tmp_path):
 
 
 def test_registries_word_unknown_names():
-    with pytest.raises(BadInputError, match="unknown scope 'some'; valid scopes: full, experts, routers, uoe, topm"):
+    with pytest.raises(BadInputError, match="unknown scope 'some'; valid scopes: full, all_but_routers, experts, routers, uoe, topm"):
         SCOPES.lookup("some")
     with pytest.raises(BadInputError, match="valid methods: eul, ga, graddiff, npo, rmu, simnpo, ablate"):
         METHODS.lookup("dpo")

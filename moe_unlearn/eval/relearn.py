@@ -10,7 +10,18 @@ retrained reference (never trained on the forget facts: the floor) and the origi
 
 Summary: steps to reach half the original's held EM at step 0; the unlearned model's count
 relative to the reference's. A reference that does not get there within the budget is censored
-at the budget (reported as such, not as a number it never reached).
+at the budget (reported as such, not as a number it never reached). Beside it: the area under
+each relearning curve (mean held EM over the attack, trapezoids over the evaluated steps, in
+[0, 1]), the highest held EM reached, and both above the retrained reference's (the floor).
+
+Calibration (`calibrate_relearn`, `calibrated_relearn_probe`): an attack strong enough to damage
+knowledge by itself measures its own damage, not relearning (at lr 1e-3 on every parameter the
+bench models' *original* held EM falls from 1.00 to about 0.55 in 40 steps). The calibrated attack
+keeps every other setting and lowers the learning rate: it tries a grid from high to low and takes
+the highest lr at which the original model's held EM stays >= `keep` (0.9) times its held EM before
+fine-tuning, at every evaluated step of the same fine-tuning (on a model that knows all its held
+facts: >= 0.9). The old defaults (`RelearnConfig()`, lr 1e-3) stay what `relearn_probe`
+runs unless it is given the calibrated config.
 """
 
 from __future__ import annotations
@@ -78,6 +89,19 @@ class RelearnCurve:
     steps: list[int] = field(default_factory=list)
     em: list[float] = field(default_factory=list)
     nll: list[float] = field(default_factory=list)
+
+    def auc(self) -> float:
+        """Area under the held-EM curve over the attack, divided by its length: the mean held EM (trapezoids
+        between evaluated steps; a single point is its own value)."""
+        if len(self.steps) < 2 or self.steps[-1] == self.steps[0]:
+            return float(self.em[0]) if self.em else 0.0
+        area = sum((b - a) * (ea + eb) / 2 for a, b, ea, eb in zip(self.steps, self.steps[1:], self.em, self.em[1:],
+                                                                        strict=False))
+        return round(area / (self.steps[-1] - self.steps[0]), 4)
+
+    def max_em(self) -> float:
+        """The highest held EM over the attack (step 0 included)."""
+        return max(self.em) if self.em else 0.0
 
     def steps_to(self, level: float) -> int | None:
         """First evaluated step with EM >= level (None: not within the budget)."""
@@ -165,8 +189,13 @@ class RelearnResult:
         return round(a / max(b_eff, 1), 4)
 
     def to_dict(self, reference: str = "reference") -> dict[str, Any]:
+        auc = {k: c.auc() for k, c in self.curves.items()}
+        top = {k: c.max_em() for k, c in self.curves.items()}
+        floor = {"auc_above_reference": {k: round(v - auc[reference], 4) for k, v in auc.items() if k != reference},
+                 "max_em_above_reference": {k: round(v - top[reference], 4) for k, v in top.items() if k != reference}
+                 } if reference in self.curves else {}
         return {"level": self.level, "budget": self.budget, "n_train": self.n_train, "n_held": self.n_held,
-                "steps_to_half": self.steps_to_half,
+                "steps_to_half": self.steps_to_half, "auc": auc, "max_em": top, **floor,
                 "reference_censored": self.steps_to_half.get(reference) is None,
                 "relative_to_reference": {k: self.relative_to(k, reference) for k in self.curves if k != reference},
                 "curves": {k: c.to_dict() for k, c in self.curves.items()}}
@@ -187,6 +216,69 @@ def relearn_probe(models: Mapping[str, nn.Module], tokenizer: Any, train_data: A
     return RelearnResult(curves=curves, level=round(level, 4),
                          steps_to_half={k: c.steps_to(level) for k, c in curves.items()},
                          budget=config.steps, n_train=n_train, n_held=n_held)
+
+
+DEFAULT_CALIBRATION_LRS = (1e-3, 5e-4, 3e-4, 2e-4, 1e-4, 5e-5, 2e-5, 1e-5)
+
+
+@dataclass
+class Calibration:
+    """The calibrated attack: `config` (the base config at the chosen lr), the original's curve under it,
+    and every lr tried with the original's lowest held EM over that attack."""
+
+    config: RelearnConfig
+    keep: float
+    original_curve: RelearnCurve
+    tried: dict[float, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": f"highest lr of the grid at which the original's held EM stays >= {self.keep} x its EM "
+                        "before fine-tuning at every evaluated step (all parameters, same data and steps)",
+                "lr": self.config.lr, "keep": self.keep, "original_min_em_by_lr": {str(k): v for k, v in
+                                                                                   self.tried.items()},
+                "config": asdict(self.config), "original_curve": self.original_curve.to_dict()}
+
+
+def calibrate_relearn(original: nn.Module, tokenizer: Any, train_data: Any, held: Any,
+                      base: RelearnConfig | None = None, *, lrs: Sequence[float] = DEFAULT_CALIBRATION_LRS,
+                      keep: float = 0.9) -> Calibration:
+    """The highest lr of `lrs` (tried from high to low; `base`'s other settings) under which `original`'s
+    held EM stays >= `keep` x its held EM before fine-tuning at every evaluated step; BadInputError when
+    none of them keeps it. `tried`: {lr: the lowest held EM over that attack}."""
+    base = base or RelearnConfig()
+    if not 0.0 < keep <= 1.0:
+        raise BadInputError(f"relearn calibration keep must be in (0, 1], got {keep}")
+    if not lrs:
+        raise BadInputError("relearn calibration needs at least one learning rate")
+    tried: dict[float, float] = {}
+    for lr in sorted({float(x) for x in lrs}, reverse=True):
+        cfg = RelearnConfig(**{**asdict(base), "lr": lr})
+        curve = relearn_curve(original, tokenizer, train_data, held, cfg)
+        tried[lr] = min(curve.em)
+        if tried[lr] >= keep * curve.em[0] - 1e-12:
+            return Calibration(cfg, keep, curve, tried)
+    raise BadInputError(f"no learning rate of {sorted(tried, reverse=True)} keeps the original's held EM >= {keep} x "
+                        f"its EM before fine-tuning (lowest held EM per lr: {tried}); try lower learning rates")
+
+
+def calibrated_relearn_probe(models: Mapping[str, nn.Module], tokenizer: Any, train_data: Any, held: Any,
+                             base: RelearnConfig | None = None, *, original: str = "original",
+                             lrs: Sequence[float] = DEFAULT_CALIBRATION_LRS,
+                             keep: float = 0.9) -> tuple[RelearnResult, Calibration]:
+    """`relearn_probe` under the attack calibrated on models[original] (its curve is reused, not rerun);
+    level = half the original's held EM before fine-tuning."""
+    if original not in models:
+        raise BadInputError(f"calibrated_relearn_probe needs the original model under {original!r}")
+    cal = calibrate_relearn(models[original], tokenizer, train_data, held, base, lrs=lrs, keep=keep)
+    curves = {name: cal.original_curve if name == original else
+              relearn_curve(m, tokenizer, train_data, held, cal.config) for name, m in models.items()}
+    level = 0.5 * curves[original].em[0]
+    n_held = len(held) if hasattr(held, "__len__") else -1
+    n_train = len(train_data) if hasattr(train_data, "__len__") else -1
+    result = RelearnResult(curves=curves, level=round(level, 4),
+                           steps_to_half={k: c.steps_to(level) for k, c in curves.items()},
+                           budget=cal.config.steps, n_train=n_train, n_held=n_held)
+    return result, cal
 
 
 def plot_relearn(panels: Mapping[str, Mapping[str, RelearnCurve | Mapping[str, Any]]], path: Any,
@@ -228,5 +320,6 @@ def plot_relearn(panels: Mapping[str, Mapping[str, RelearnCurve | Mapping[str, A
         plt.close(fig)
 
 
-__all__ = ["RelearnConfig", "RelearnCurve", "RelearnResult", "plot_relearn", "relearn_curve", "relearn_probe",
+__all__ = ["DEFAULT_CALIBRATION_LRS", "Calibration", "RelearnConfig", "RelearnCurve", "calibrate_relearn",
+           "calibrated_relearn_probe", "RelearnResult", "plot_relearn", "relearn_curve", "relearn_probe",
            "split_indices"]

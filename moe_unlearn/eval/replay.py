@@ -15,7 +15,8 @@ MoE layer, its router's top-K indices replaced by the recorded ones. Gate values
 If the forget EM under replay comes back to near the original's, the forgetting was done by the
 router, not by erasing. An untouched model replays to exactly its own scores.
 
-How it is done: a forward hook on each router replaces the (logits, weights, indices) tuple
+How it is done (the forcing is `moe_unlearn.arch.forcing`'s, shared with training under routing="forced"):
+a forward hook on each router replaces the (logits, weights, indices) tuple
 the block passes to its experts, token by token for the real tokens of the batch (padding keeps
 the current routing). A forward pre-hook on the model finds which items the batch holds (items
 are scored in order) and checks their token ids, so any batch size works.
@@ -29,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_unlearn.errors import BadInputError, UnsupportedFamily
+from moe_unlearn.arch.forcing import check_forceable, force_router_output
+from moe_unlearn.errors import BadInputError
 from moe_unlearn.eval.scoring import EncodedItem, RoutingRecording, ScoredSplit, fingerprint, score_encoded
 
 REPLAY_GATES = ("original", "current")
@@ -45,7 +47,7 @@ class RoutingReplay:
 
     def __init__(self, model: nn.Module, recording: RoutingRecording, encoded: Sequence[EncodedItem], *,
                  gates: str = "original") -> None:
-        from moe_unlearn.arch import MoELayer, find_moe_layers
+        from moe_unlearn.arch import find_moe_layers
 
         if gates not in REPLAY_GATES:
             raise BadInputError(f"replay gates must be one of {', '.join(REPLAY_GATES)}, got {gates!r}")
@@ -60,9 +62,7 @@ class RoutingReplay:
         if sorted(by_idx) != recording.layers:
             raise BadInputError(f"the recording covers MoE layers {recording.layers}, the model has {sorted(by_idx)}")
         for lay in self.layers:
-            if type(lay).unpack_router_output is not MoELayer.unpack_router_output:
-                raise UnsupportedFamily(f"{lay.family} layer {lay.layer_idx}: its router returns logits only and the "
-                                        "block routes them itself; routing replay cannot replace its decisions")
+            check_forceable(lay)
             k = recording.topk_idx[lay.layer_idx].shape[1]
             if k != lay.top_k or recording.num_experts[lay.layer_idx] != lay.num_experts:
                 raise BadInputError(f"layer {lay.layer_idx}: the recording has top-{k} of "
@@ -106,28 +106,9 @@ class RoutingReplay:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if self._rows is None:
                 raise BadInputError("routing replay: a router ran outside a model forward pass")
-            if not isinstance(output, tuple) or len(output) < 3:
-                raise UnsupportedFamily(f"{layer.family} layer {layer.layer_idx}: the router does not return "
-                                        "(logits, weights, indices); its decisions cannot be replaced")
-            logits, weight, idx = output[0], output[1], output[2]
             dst, src = self._rows
-            if idx.dim() != 2 or idx.shape[1] != idx_rec.shape[1] or weight.shape != idx.shape:
-                raise BadInputError(f"layer {layer.layer_idx}: router returned indices {tuple(idx.shape)} and "
-                                    f"weights {tuple(weight.shape)}; expected [tokens, {idx_rec.shape[1]}]")
-            if int(dst.max()) >= idx.shape[0]:
-                raise BadInputError(f"layer {layer.layer_idx}: router saw {idx.shape[0]} tokens, fewer than the batch")
-            forced = idx_rec[src].to(idx.device, idx.dtype)
-            new_idx = idx.clone()
-            new_idx[dst] = forced
-            new_w = weight.clone()
-            if self.gates == "original":
-                new_w[dst] = w_rec[src].to(weight.device, weight.dtype)
-            else:
-                scores = layer.scores_from_logits(logits.reshape(-1, logits.shape[-1]))[dst]
-                s = scores.gather(1, forced)
-                mass = weight[dst].float().sum(-1, keepdim=True)
-                new_w[dst] = (s * mass / s.sum(-1, keepdim=True).clamp_min(1e-12)).to(weight.dtype)
-            return (logits, new_w, new_idx, *output[3:])
+            return force_router_output(layer, output, dst, idx_rec[src],
+                                       w_rec[src] if w_rec is not None else None, self.gates)
         return hook
 
     def __enter__(self) -> RoutingReplay:

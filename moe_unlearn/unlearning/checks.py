@@ -81,6 +81,16 @@ def check_unlearn_config(cfg: UnlearnConfig, *, has_retain: bool,
         raise BadInputError(f"expert_projection={cfg.expert_projection!r} projects trained expert slices: use scope "
                             f"{_target_scopes()} (got {cfg.scope!r})")
     _check_adapter(cfg, method.trains)
+    _check_routing(cfg)
+    if cfg.distill_steps and (not method.trains or cfg.adapter is not None):
+        raise BadInputError("distill_steps noises and retrains the trained tensors themselves: it needs a training "
+                            f"method without an adapter (got method {cfg.method!r}, adapter {cfg.adapter!r})")
+    if cfg.sam_rho:
+        if not method.trains or method.objective.forget_reference == "logits":
+            raise BadInputError(f"sam_rho needs a forget loss of its own; method {cfg.method!r} has none "
+                                "(use ga, graddiff, npo, simnpo or rmu)")
+        if cfg.adapter is not None:
+            raise BadInputError("sam_rho perturbs the trained tensors themselves; it does not combine with an adapter")
     if cfg.coverage is not None and not scope.picks_several:
         several = [n for n, s in SCOPES.items() if s.picks_several]
         raise BadInputError(f"coverage={cfg.coverage} selects several experts: use scope "
@@ -115,6 +125,24 @@ def _check_outputs(cfg: UnlearnConfig, model_dir: str | os.PathLike | None) -> N
     ckpt = checkpoint_dir_for(cfg.out_dir, cfg.checkpoint_dir, cfg.checkpoint_every, cfg.resume)
     if ckpt is not None:
         check_out_dir(ckpt, model_dirs=(model_dir,), what="checkpoint dir")
+
+
+def _check_routing(cfg: UnlearnConfig) -> None:
+    """routing="frozen" / "forced" keep every router fixed: the options that act on trained routers are refused."""
+    from moe_unlearn.unlearning.routing import ROUTINGS
+
+    if ROUTINGS.lookup(cfg.routing).trains_routers:
+        return
+    fixed = f"routing={cfg.routing!r} keeps every router fixed"
+    if cfg.scope == "routers":
+        raise BadInputError(f"{fixed}, and scope 'routers' trains nothing else; choose another scope")
+    for name, on in (("router_projection", cfg.router_projection is not None), ("adapter_router", cfg.adapter_router),
+                     ("retain_routing_weight", bool(cfg.retain_routing_weight))):
+        if on:
+            raise BadInputError(f"{name} acts on trained routers, but {fixed}; drop it or use routing='learned'")
+    if cfg.routing == "forced" and cfg.gradient_checkpointing:  # the recomputation in backward would route freely
+        raise BadInputError("routing='forced' cannot be combined with gradient_checkpointing; use routing='frozen' "
+                            "or turn gradient checkpointing off")
 
 
 def _check_adapter(cfg: UnlearnConfig, trains: bool) -> None:

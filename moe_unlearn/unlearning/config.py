@@ -108,6 +108,12 @@ def _scopes():
     return SCOPES
 
 
+def _routings():
+    from moe_unlearn.unlearning.routing import ROUTINGS
+
+    return ROUTINGS
+
+
 def _adapters():
     from moe_unlearn.unlearning.adapters import ADAPTERS
 
@@ -164,6 +170,9 @@ class UnlearnConfig:
     topm_layer: int | None = option(None, kind="int", optional=True, low=0,
                                     help="take the topm experts from this layer only")
     allow_shared: bool = option(False, kind="bool", help="allow a shared expert as target")
+    routing: str = option("learned", kind="str", choices=_routings, **_ID,
+                          help="learned (default): the scope's routers train; frozen: no router trains (no anchor); "
+                               "forced: frozen, and the original top-K and gates are forced at every MoE layer")
     # optimisation (moe_unlearn.training)
     steps: int | None = option(20, kind="int", optional=True, low=1, record=True,
                                help="optimizer steps (default 20)")
@@ -189,6 +198,14 @@ class UnlearnConfig:
     retain_routing_weight: float = option(0.0, kind="float", low=0.0, **_ID,
                                           help="KL(original || current) routing on retain tokens at trained "
                                                "routers (0)")
+    sam_rho: float = option(0.0, kind="float", low=0.0, **_ID,
+                            help="sharpness-aware unlearning: take the forget loss at the trained tensors moved by "
+                                 "this radius along its normalised gradient (0 = off; one extra forward/backward)")
+    distill_steps: int = option(0, kind="int", low=0, **_ID,
+                                help="UNDO: after unlearning, noise the trained tensors and distil the unlearned model "
+                                     "into them for this many steps on the forget and retain batches (0 = off)")
+    distill_noise: float = option(0.5, kind="float", low=0.0, high=1.0, low_open=True, **_ID,
+                                  help="UNDO's alpha: theta <- (1 - alpha) theta + alpha * noise (1 = re-initialise; 0.5)")
     # MoE-aware variants (moe_unlearn.unlearning.projection / trace); all need retain data
     router_projection: str | None = option(None, kind="str", optional=True, choices=_router_projections, **_ID,
                                            help="grip: keep the trained routers' logits on retain inputs fixed "

@@ -19,11 +19,13 @@ The run's knobs are one `UnlearnConfig` (moe_unlearn.unlearning.config); keyword
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 from torch import nn
 
+from moe_unlearn.arch.forcing import ForcedRouting
 from moe_unlearn.arch.wrappers import is_peft_layer, unwrap_model
 from moe_unlearn.distributed import check_not_sharded
 from moe_unlearn.distributed import world as dist_world
@@ -36,11 +38,13 @@ from moe_unlearn.unlearning.config import UnlearnConfig
 from moe_unlearn.unlearning.fit import World, apply_edit, fit
 from moe_unlearn.unlearning.methods import get_method
 from moe_unlearn.unlearning.outputs import UnlearnResult, check_room, model_dir_of, write_outputs
+from moe_unlearn.unlearning.patch import snapshot
 from moe_unlearn.unlearning.plan import make_plan
 from moe_unlearn.unlearning.references import compute_references
 from moe_unlearn.unlearning.runner import Runner
 from moe_unlearn.unlearning.step import StepLoss
 from moe_unlearn.unlearning.targets import choose_targets
+from moe_unlearn.unlearning.undo import DistillLoss, distill_config, noise_tensors
 
 
 def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any = None,
@@ -56,11 +60,18 @@ def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any
     method: a name in `methods.METHODS`: the objectives (ga, graddiff, npo, simnpo, rmu, eul),
       whose hyperparameters method_kwargs override (e.g. {"beta": 0.1, "retain_loss": "kl"}), and
       "ablate" (uoe/topm), which trains nothing: the targets' down projections are zeroed, as a patch.
-    scope: full | experts | routers | uoe | topm. target (uoe/topm): "L:E", (L, E), a list of
+    scope: full | all_but_routers | experts | routers | uoe | topm. target (uoe/topm): "L:E", (L, E), a list of
       those, "L:shared" (needs allow_shared=True), or an `Attribution`; None = attribute the
       forget set now. topm takes the top `top_m` experts (of `topm_layer` if given), or with
       `coverage` the experts that together cover that share of the forget tokens.
-    anchor_weight: SEUF router anchor on the target layers (uoe / topm; 0 turns it off).
+    routing: "learned" (default: the scope's routers train), "frozen" (no router trains, no anchor) or
+      "forced" (frozen, and each batch's original top-K and gates are forced at every MoE layer);
+      composes with every method, scope (but routers), target and coverage.
+    anchor_weight: SEUF router anchor on the target layers (uoe / topm, learned routing; 0 turns it off).
+    distill_steps / distill_noise: UNDO (moe_unlearn.unlearning.undo): after unlearning, the trained tensors
+      are noised and the unlearned model is distilled back into them (0 steps = off).
+    sam_rho: sharpness-aware unlearning (moe_unlearn.unlearning.sam): the forget loss's gradient is taken
+      at the trained tensors moved by sam_rho along its normalised gradient (0 = off).
     retain_routing_weight: KL(original || current) routing on retain tokens at every trained router.
     prefix_cache: with all trained weights in layers >= l, run only layers >= l each step and
       cache the states entering l (bounded by prefix_cache_mb; beyond it they are recomputed).
@@ -108,10 +119,30 @@ def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any
         runner = Runner(model, start=plan.start, cache_bytes=int(cfg.prefix_cache_mb * 2**20),
                         cache=cfg.prefix_cache, hidden_layer=plan.hidden_layer,
                         need_logits=method.objective.needs_logits)
-        loss_fn = StepLoss(cfg, method.objective, hp, model, plan, batches, ref, runner, world.device)
-        outcome = fit(cfg, hp, model, plan, batches, ref, loss_fn, world, callbacks=callbacks,
-                      was_training=was_training, prefix_cache_start=runner.start)
+        forced = ForcedRouting(plan.layers) if ref.forced_routing is not None else None
+        loss_fn = StepLoss(cfg, method.objective, hp, model, plan, batches, ref, runner, world.device, forced)
+        with forced if forced is not None else contextlib.nullcontext():  # hooks live through backward too
+            outcome = fit(cfg, hp, model, plan, batches, ref, loss_fn, world, callbacks=callbacks,
+                          was_training=was_training, prefix_cache_start=runner.start)
+            if cfg.distill_steps:  # UNDO: noise what was trained, distil the unlearned model back into it
+                outcome.details["undo"] = _undo(cfg, hp, model, plan, batches, ref, runner, world, forced,
+                                                callbacks, was_training)
     return write_outputs(cfg, method, hp, model, plan, ref, outcome, forget=forget, retain=retain, rank=rank, t0=t0)
+
+
+def _undo(cfg: UnlearnConfig, hp: dict[str, Any], model: nn.Module, plan: Any, batches: Batches, ref: Any,
+          runner: Runner, world: World, forced: ForcedRouting | None, callbacks: list[TrainHooks] | None,
+          was_training: bool) -> dict[str, Any]:
+    """The distillation phase (moe_unlearn.unlearning.undo) on the plan's tensors; its summary for the report."""
+    teacher = snapshot(model, list(plan.tensors))  # the unlearned values
+    noise_tensors(model, plan.tensors, cfg.distill_noise, cfg.seed)
+    model.eval()
+    loss = DistillLoss(model, plan, batches, teacher, runner, world.device, forced, ref.forced_routing)
+    out = fit(distill_config(cfg), hp, model, plan, batches, ref, loss, world, callbacks=callbacks,
+              was_training=was_training, prefix_cache_start=runner.start)
+    kl = out.history.terms.get("distill_kl", [])
+    return {"steps": cfg.distill_steps, "noise": cfg.distill_noise, "first_kl": kl[0] if kl else None,
+            "final_kl": kl[-1] if kl else None}
 
 
 __all__ = ["UnlearnResult", "unlearn"]

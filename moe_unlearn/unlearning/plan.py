@@ -4,7 +4,8 @@ The scope resolves into whole parameters and expert slices (moe_unlearn.unlearni
 method may narrow that (ablate keeps the down projections only); an adapter on a scope whose
 experts are fused splits them per expert (one low-rank delta per expert matrix). From the trained
 tensors follow the first trained decoder layer (prefix caching), the layer a representation
-objective reads (RMU), the routers the anchor holds and those the retain-routing KL watches.
+objective reads (RMU), the routers the anchor holds and those the retain-routing KL watches. A
+routing that keeps routers fixed (routing="frozen" / "forced") takes every router out of the scope.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from moe_unlearn.arch.target import ExpertTarget
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.unlearning.config import UnlearnConfig
 from moe_unlearn.unlearning.methods import Method
+from moe_unlearn.unlearning.routing import ROUTINGS
 from moe_unlearn.unlearning.scopes import SCOPES, ScopePlan, resolve_scope
 from moe_unlearn.unlearning.tensor import TrainedTensor
 
@@ -82,6 +84,11 @@ def make_plan(cfg: UnlearnConfig, method: Method, hp: dict[str, Any], model: nn.
     if method.routed_only:
         _check_routed(method, targets, by_idx)
     scope = resolve_scope(model, layers, cfg.scope, targets, allow_shared=cfg.allow_shared)
+    routing = ROUTINGS.lookup(cfg.routing)
+    if not routing.trains_routers:  # frozen / forced routing: no router parameter trains, whatever the scope
+        routers = {n for layer in layers for n, _ in layer.router_parameters()}
+        scope.whole = [(n, p) for n, p in scope.whole if n not in routers]
+        scope.router_layers = []
     if method.roles is not None:  # the method edits these slices of the targets only
         scope.slices = [s for s in scope.slices if s.role in method.roles]
         scope.whole, scope.router_layers = [], []
@@ -90,12 +97,15 @@ def make_plan(cfg: UnlearnConfig, method: Method, hp: dict[str, Any], model: nn.
                     + [TrainedTensor.of_slice(s, owner.get(TrainedTensor.of_slice(s).key)) for s in scope.slices])
     if not tensors and method.roles is not None:
         raise BadInputError(f"method {method.name!r} needs at least one target expert")
+    if not tensors and not routing.trains_routers:
+        raise BadInputError(f"scope {cfg.scope!r} with routing={cfg.routing!r} trains nothing (its routers are "
+                            "frozen); choose another scope or routing='learned'")
     if cfg.router_projection is not None and not scope.router_layers:
         raise BadInputError(f"router_projection={cfg.router_projection!r}: scope {cfg.scope!r} trains no router")
     found = trained_layers(tensors)
     first = min(found) if found else None
     anchor: dict[int, list[int]] = {}
-    if method.trains and SCOPES.lookup(cfg.scope).reads_targets and cfg.anchor_weight:
+    if method.trains and routing.trains_routers and SCOPES.lookup(cfg.scope).reads_targets and cfg.anchor_weight:
         for t in targets:
             if not t.shared:
                 anchor.setdefault(t.layer, []).append(int(t.expert))

@@ -2,7 +2,7 @@
 
 What the objective declares it needs (forget log-probs, retain hidden states), the retain routing
 for the routing KL, TRACE's retain token weights, RMU's steering direction, and the originals of
-the trained tensors (what the patch stores and what a failed run restores).
+the trained tensors, and with routing="forced" the original routing of every batch (what the patch stores and what a failed run restores).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from moe_unlearn.unlearning.objectives import Objective, rmu_steering, sequence_
 from moe_unlearn.unlearning.params import adapter_grams
 from moe_unlearn.unlearning.patch import snapshot
 from moe_unlearn.unlearning.plan import Plan
+from moe_unlearn.unlearning.routing import ROUTINGS, record_batch_routing
 from moe_unlearn.unlearning.runner import Runner
 
 
@@ -29,7 +30,8 @@ class References:
     log-probs}; retain_hidden: {retain batch: hidden state of the objective's layer}; retain_scores:
     {retain batch: {layer: routing scores}}; trace_weights: {retain batch: token weights} (TRACE);
     steering: RMU's direction; grams: {tensor index: input Gram factors} (adapters); details: what
-    the report records (TRACE's weights summary)."""
+    the report records (TRACE's weights summary); forced_routing (routing="forced"): {("f" | "r", batch):
+    {layer: (top-K indices, gate weights)}} of the original model on every batch."""
 
     originals: list[torch.Tensor]
     forget_logp: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -39,6 +41,7 @@ class References:
     steering: torch.Tensor | None = None
     grams: dict[int, dict[str, Any]] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    forced_routing: dict[tuple[str, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 def retain_reference_kind(objective: Objective, hp: dict[str, Any], batches: Batches) -> str | None:
@@ -86,7 +89,14 @@ def compute_references(cfg: UnlearnConfig, objective: Objective | None, hp: dict
     steering = None
     if objective.reads_hidden:  # the representation target of RMU: a fixed random direction
         steering = rmu_steering(model.config.hidden_size, hp["steering_coeff"], seed=cfg.seed, device=device)
-    return References(originals, forget_logp, retain_hidden, retain_scores, trace_w, steering, grams, details)
+    forced = None
+    if ROUTINGS.lookup(cfg.routing).forces:  # the original routing of every batch, forced while training
+        forced = {}
+        for tag, data in (("f", batches.forget), ("r", batches.retain or [])):
+            for k, b in enumerate(data):
+                forced[(tag, k)] = record_batch_routing(model, plan.layers, to_device(b, device))
+    return References(originals, forget_logp, retain_hidden, retain_scores, trace_w, steering, grams, details,
+                      forced)
 
 
 def _trace(model: nn.Module, plan: Plan, batches: Batches, device: torch.device) -> tuple[Any, Any]:

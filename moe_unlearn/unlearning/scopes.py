@@ -89,6 +89,12 @@ def _full(plan: ScopePlan, model: nn.Module, layers: list[MoELayer], targets: li
     plan.router_layers = sorted(_layer_map(layers))
 
 
+def _all_but_routers(plan: ScopePlan, model: nn.Module, layers: list[MoELayer], targets: list[ExpertTarget],
+                     allow_shared: bool) -> None:
+    routers = {n for layer in layers for n, _ in layer.router_parameters()}
+    plan.whole = [(n, p) for n, p in canonical_parameters(model).items() if n not in routers]
+
+
 def _experts(plan: ScopePlan, model: nn.Module, layers: list[MoELayer], targets: list[ExpertTarget],
              allow_shared: bool) -> None:
     for layer in layers:
@@ -124,6 +130,8 @@ def _targeted(plan: ScopePlan, model: nn.Module, layers: list[MoELayer], targets
 
 SCOPES: Registry[Scope] = Registry("scope")
 SCOPES.register("full", Scope("full", _full, help="every base weight"))
+SCOPES.register("all_but_routers", Scope("all_but_routers", _all_but_routers,
+                                         help="every base weight except the routers"))
 SCOPES.register("experts", Scope("experts", _experts, adapters=True, split_experts=True,
                                  help="every expert of every MoE layer"))
 SCOPES.register("routers", Scope("routers", _routers, help="every router"))
