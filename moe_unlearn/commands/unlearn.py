@@ -6,7 +6,8 @@ save_pretrained into OUT). OUT must be new or empty and must not be the model di
 The run's options are an `UnlearnConfig`: flags, or `--config run.yaml|run.json` (a mapping of
 its field names, plus model / forget / retain), flags overriding the file. patch.json stores
 the config and the data paths, so `moe-unlearn unlearn --config OLD/patch.json --out NEW`
-replays a run. Under `torchrun` / `accelerate launch` it runs data parallel (rank 0 writes).
+replays a run. Under `torchrun` / `accelerate launch` it runs data parallel (rank 0 writes), or
+with --shard fsdp2 (or an accelerate FSDP config) each rank stores a shard of every layer.
 """
 
 from __future__ import annotations
@@ -134,12 +135,25 @@ def check_inputs(args: argparse.Namespace, cfg, model_dir: str, forget: str, ret
     return mdir
 
 
+def launch_sharding(args: argparse.Namespace, cfg) -> None:
+    """--shard, else what an accelerate launcher's config asks for (FSDP -> fsdp2, DeepSpeed refused);
+    refused before loading: sharding without several processes, a device map with several."""
+    import os
+
+    from moe_unlearn.sharding import check_launch, shard_from_launcher
+
+    if cfg.shard is None:
+        cfg.shard = shard_from_launcher()
+    check_launch(cfg.shard, args.device_map, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def run(args: argparse.Namespace) -> int:
     from moe_unlearn.distributed import init_from_env, is_main
     from moe_unlearn.unlearning import unlearn
 
     cfg, model_dir, forget, retain = build_config(args)  # bad options fail before the model is read
     check_inputs(args, cfg, model_dir, forget, retain)
+    launch_sharding(args, cfg)
     init_from_env(args.device)  # under torchrun / accelerate launch: data parallel over the ranks
     args.model = model_dir
     model, tokenizer = load_from_args(args)

@@ -81,6 +81,9 @@ def check_unlearn_config(cfg: UnlearnConfig, *, has_retain: bool,
         raise BadInputError(f"expert_projection={cfg.expert_projection!r} projects trained expert slices: use scope "
                             f"{_target_scopes()} (got {cfg.scope!r})")
     _check_adapter(cfg, method.trains)
+    if cfg.shard is not None and (cfg.merge or cfg.gradient_checkpointing):
+        raise BadInputError(f"shard={cfg.shard!r} cannot be combined with "
+                            f"{'merge=True (write a patch; it applies to the stock model)' if cfg.merge else 'gradient_checkpointing'}")
     if cfg.coverage is not None and not scope.picks_several:
         several = [n for n, s in SCOPES.items() if s.picks_several]
         raise BadInputError(f"coverage={cfg.coverage} selects several experts: use scope "
