@@ -15,6 +15,7 @@ from _tiny_tokenizer import word_tokenizer
 from safetensors.torch import load_file
 
 from moe_unlearn.errors import BadInputError
+from moe_unlearn.memory import estimate
 from moe_unlearn.sharding import check_launch, shard_from_launcher
 from moe_unlearn.testing import tiny_model
 from moe_unlearn.unlearning import unlearn
@@ -45,6 +46,8 @@ def test_fsdp2_two_ranks_bit_identical_to_one_process(tmp_path):
     params = dict(model.named_parameters())
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     block = sum(params[n].numel() * params[n].element_size() for n in TRAINED)
+    plan = estimate(model, [(1, 2)], world_size=2, shard="fsdp2")
+    assert plan.trained_block == block
     for mode in MODES:
         got = load_file(str(tmp_path / mode / "patch.safetensors"))
         assert got.keys() == ref.keys(), mode
@@ -57,6 +60,7 @@ def test_fsdp2_two_ranks_bit_identical_to_one_process(tmp_path):
             assert rep["local"] == rep["share"] + block, (mode, rank)  # its share plus the trained block
             assert rep["peak"] <= rep["share"] + block, (mode, rank)  # after every backward and step too
             assert rep["share"] <= (total - block) // 2 + 1024, (mode, rank)  # ~half (dim-0 padding aside)
+            assert rep["local"] <= plan.weights and (rank or rep["local"] == plan.weights)  # what --plan computes
 
 
 def test_fsdp2_without_process_group_is_refused():
