@@ -23,6 +23,7 @@ silently on a shard.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -164,6 +165,7 @@ def shard_model(model: nn.Module, keep: Iterable[nn.Parameter]) -> nn.Module:
     for m in rest[:-1] if tied else rest:
         fully_shard(m, ignored_params=ignored(m))
     fully_shard(model, ignored_params=keep or None)
+    _move_kept(model, keep)
     _backward_prefetch(model, layers, [embed, *rest], keep)
     for m in [*layers, embed, *rest]:
         m.register_forward_hook(_reshard_without_graph)
@@ -176,6 +178,18 @@ def _reshard_without_graph(module: nn.Module, args: Any, output: Any) -> None:
     keep it gathered (measured: the embedding and the layers below the target stayed whole)."""
     if not torch.is_grad_enabled():
         module.reshard()
+
+
+@torch.no_grad()
+def _move_kept(model: nn.Module, keep: set[nn.Parameter]) -> None:
+    """fully_shard moves the shards to the mesh's device (a model loaded on the CPU lands on each
+    rank's GPU); the parameters kept whole are not its to move, so they follow here."""
+    device = next((p.to_local().device for p in model.parameters() if is_dtensor(p)), None)
+    if device is None:
+        return
+    for p in keep:
+        if p.device != device:
+            p.data = p.data.to(device)
 
 
 def _backward_prefetch(model: nn.Module, layers: list[nn.Module], edges: list[nn.Module],
@@ -192,7 +206,7 @@ def _backward_prefetch(model: nn.Module, layers: list[nn.Module], edges: list[nn
     embed, *rest = edges
     chain = [m for m in rest[::-1] if isinstance(m, FSDPModule)]  # lm_head, norm (tied: one unit with embed)
     chain += layers[low:][::-1] + ([embed] if trains(embed) and embed not in chain else [])
-    for m, nxt in zip(chain, chain[1:]):
+    for m, nxt in itertools.pairwise(chain):
         m.set_modules_to_backward_prefetch([nxt])
 
 

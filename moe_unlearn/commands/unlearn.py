@@ -200,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
     launch_sharding(args, cfg)
     init_from_env(args.device)  # under torchrun / accelerate launch: data parallel over the ranks
     args.model = model_dir
+    if cfg.shard and args.device is None:  # each rank's shards go to its GPU as the model is sharded
+        args.device = "cpu"
     model, tokenizer = load_from_args(args)
     res = unlearn(model, forget, retain, tokenizer=tokenizer, config=cfg)
     if not is_main():
