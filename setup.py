@@ -1,8 +1,10 @@
-"""Build hook: compiles csrc/ as a torch CUDA extension only where CUDA is present.
+"""Build hook: compiles csrc/ as a torch CUDA extension only when asked (MOE_UNLEARN_CUDA_EXT=1).
 
-Everything else is declared in pyproject.toml. On a machine without a CUDA torch
-or without nvcc the package installs without the extension and the dispatch
-layer uses Triton or torch.
+Everything else is declared in pyproject.toml. The extension is opt-in because the
+dispatch layer never picks it on its own (Triton is the fast path) and its build
+takes minutes of nvcc time; `MOE_UNLEARN_NO_CUDA_EXT=1` still forces it off (it wins
+over MOE_UNLEARN_CUDA_EXT). Asked for on a machine without a CUDA torch or without
+nvcc, the package installs without it and says why.
 
 The Triton sources live in the top-level kernels/ folder, which is not a Python
 package (it would shadow Hugging Face's `kernels`); `BuildPyWithKernels` copies
@@ -44,6 +46,8 @@ class BuildPyWithKernels(build_py):
 def _cuda_extensions() -> tuple[list, dict]:
     if os.environ.get("MOE_UNLEARN_NO_CUDA_EXT") == "1":
         print("moe-unlearn: MOE_UNLEARN_NO_CUDA_EXT=1, skipping the CUDA extension", file=sys.stderr)
+        return [], {}
+    if os.environ.get("MOE_UNLEARN_CUDA_EXT") != "1":  # opt-in: quiet default, Triton/torch paths only
         return [], {}
     try:
         import torch

@@ -149,3 +149,72 @@ def write_json(path: Path, payload: dict) -> Path:
 
 def timing_dict(t: Timing) -> dict:
     return asdict(t)
+
+
+class RowLog:
+    """A results file rewritten (atomically) after every row, so a run cut off by a time limit still
+    returns every row it finished. `payload` holds the run's fixed fields; rows go under `key`."""
+
+    def __init__(self, path: Path, payload: dict, key: str = "results"):
+        self.path, self.payload, self.key = path, {**payload, key: []}, key
+        self.write()
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.payload[self.key]
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.write()
+
+    def update(self, **fields) -> None:
+        self.payload.update(fields)
+        self.write()
+
+    def write(self) -> None:
+        write_json(self.path, self.payload)
+
+
+class Budget:
+    """Seconds a step may spend starting rows: rows started after it is spent are recorded as skipped,
+    so the step ends (and writes its file) before the shell's hard `timeout` kills it."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if not seconds else time.perf_counter() + seconds
+
+    def spent(self) -> bool:
+        return self.end is not None and time.perf_counter() > self.end
+
+
+def compiled_variants() -> int:
+    """Triton kernels compiled so far by this process (every specialisation of every kernel of
+    moe_unlearn.kernels); 0 under the interpreter, which compiles nothing. Private Triton state, read
+    defensively: -1 where this Triton keeps it elsewhere."""
+    import sys as _sys
+
+    total = 0
+    try:
+        for name, mod in list(_sys.modules.items()):
+            if not name.startswith("moe_unlearn.kernels.") or mod is None:
+                continue
+            for obj in vars(mod).values():
+                fn = getattr(obj, "fn", obj)  # an Autotuner wraps the JITFunction
+                caches = getattr(fn, "device_caches", None)
+                if caches is None or not hasattr(fn, "run"):
+                    continue
+                for entry in caches.values():
+                    total += len(entry[0])
+    except Exception:
+        return -1
+    return total
+
+
+def tie_free_logits(T: int, E: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[T, E] logits with no ties in any row, exactly representable in fp32, fp16 and bf16: each row is a
+    random permutation of the integers 0..E-1 centred and scaled by a power of two, so neighbouring values
+    differ by a distinct, exact gap and count comparisons with the reference are exact (E <= 256)."""
+    if E > 256:
+        raise ValueError("tie-free bf16 logits need E <= 256 (8 bits of mantissa)")
+    ranks = torch.argsort(torch.rand(T, E, generator=generator), dim=1).float()
+    step = 2.0 ** -max(0, (E - 1).bit_length() - 3)  # spread over about [-4, 4)
+    return ((ranks - E // 2) * step).to(dtype)

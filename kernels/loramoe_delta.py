@@ -22,6 +22,7 @@ Backward (dout = dL/dout):
     dx = dh A_stack                     [T, d_in]      (_bwd_dx)
     dA_stack = dh^T x                   [E*r, d_in]    (_bwd_dA, split over T, fixed-order sum)
     dB_cat = scale * dout^T (h * G)     [d_out, E*r]   (_bwd_dB, split over T, fixed-order sum)
+The split partials (and the rank-chunk partials of dgates) are summed and cast by one kernel (_sum_splits).
 When all columns fit one block, dx and dA come from one kernel (_bwd_dx_dA) that reads x and dh once.
 """
 
@@ -301,6 +302,30 @@ def _bwd_dB_kernel(
     tl.store(ptr, acc * scale, mask=n_ok[:, None] & c_ok[None, :])
 
 
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, N, SPLITS, BLOCK: tl.constexpr):
+    """out[i] = sum_s part[s, i] in a fixed order (fp32), cast to out's dtype: one pass, no atomics."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    ptrs = part_ptr + i
+    for _ in range(0, SPLITS):
+        acc += tl.load(ptrs, mask=m, other=0.0)
+        ptrs += N  # one split further (pointer steps: no 32-bit product)
+    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def sum_splits(part: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """part [splits, ...] fp32 (contiguous) -> its sum over splits as a new `shape` tensor in `dtype`, in one
+    launch (instead of a torch sum and a cast with an fp32 intermediate)."""
+    out = new_empty(shape, dtype, part.device)
+    n = out.numel()
+    if n:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(n, block),)](part, out, n, part.shape[0], BLOCK=block)
+    return out
+
+
 def _fused_configs() -> list:
     """Autotuning space of the fused forward on the GPU (never used under the interpreter, where
     @triton.autotune with more than one config fails). Compiled for sm_90 with Triton 3.9 (no GPU, see
@@ -358,7 +383,7 @@ def make_config(E: int, r: int, *, block_t: int, block_k: int, split_t: int, ran
 
 def pick_config(T: int, d_in: int, d_out: int, E: int, r: int, device: torch.device) -> KernelConfig:
     """Heuristic for the unfused kernels (the fused forward is autotuned on the GPU)."""
-    interp = interpreting() or device.type != "cuda"
+    interp = interpreting()  # (CPU tensors reach here only under the interpreter: check_launchable)
     block_t = 128 if interp else 64
     block_k = 128 if interp else 64
     rp = triton.next_power_of_2(r)
@@ -458,7 +483,7 @@ def loramoe_delta_backward(
                     h, gates, gates.stride(0), gates.stride(1), dh, dg_part, T, d_out, E, r, float(scale),
                     BLOCK_T=bt, BLOCK_N=bk, CDT=cdt_out, **blocks)
             if need_g:
-                dg = (dg_part[0] if cfg.rank_chunks == 1 else dg_part.sum(0)).to(gates.dtype)
+                dg = sum_splits(dg_part, (T, E), gates.dtype)
             if need_x:
                 dx = new_empty((T, d_in), x.dtype, dev)
             if cfg.fused and need_a and T > 0:
@@ -468,7 +493,7 @@ def loramoe_delta_backward(
                     dx if dx is not None else x, *(dx.stride() if dx is not None else (0, 0)), part, T, d_in, E, r,
                     t_chunk, BLOCK_T=bt, BLOCK_D=bk, EB=cfg.experts_per_block, RC=cfg.rank_chunk, CDT=_cdt(A),
                     CDT_X=_cdt(x), NEED_DX=need_x, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-                dA = part.sum(0).view(E, r, d_in).to(A.dtype)
+                dA = sum_splits(part, (E, r, d_in), A.dtype)
             else:
                 if need_x and T > 0:
                     _bwd_dx_kernel[(triton.cdiv(T, bt), triton.cdiv(d_in, bk))](
@@ -482,7 +507,7 @@ def loramoe_delta_backward(
                         _bwd_dA_kernel[(nb, triton.cdiv(d_in, bk), split)](
                             dh, x, x.stride(0), x.stride(1), part, T, d_in, E, r, t_chunk,
                             BLOCK_T=bt, BLOCK_D=bk, CDT=_cdt(x), **blocks)
-                        dA = part.sum(0).view(E, r, d_in).to(A.dtype)
+                        dA = sum_splits(part, (E, r, d_in), A.dtype)
         if need_b:
             if T == 0:
                 dB = torch.zeros_like(B)
@@ -491,7 +516,7 @@ def loramoe_delta_backward(
                 _bwd_dB_kernel[(triton.cdiv(d_out, bk), nb, split)](
                     dout, dout.stride(0), dout.stride(1), h, gates, gates.stride(0), gates.stride(1), part,
                     T, d_out, E, r, float(scale), t_chunk, BLOCK_T=bt, BLOCK_N=bk, CDT=_cdt(dout), **blocks)
-                dB = part.sum(0).to(B.dtype)
+                dB = sum_splits(part, (E, d_out, r), B.dtype)
     return dx, dA, dB, dg
 
 

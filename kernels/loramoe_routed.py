@@ -1,20 +1,27 @@
-"""Routed top-K loramoe_delta: token/expert pairs sorted by expert, so the cost follows K, not E.
+"""Routed top-K loramoe_delta: token/expert pairs sorted by expert, so the FLOPs follow K, not E.
 
 For many experts (E=64, top-4) densified gates cost E/K times the FLOPs and the gated intermediate no
 longer fits on chip. Here the T*K (token, expert) pairs p = t*K + k are sorted by expert (a stable sort:
 deterministic order) and cut into blocks of BLOCK_P pairs of one expert (each expert's run padded to a
 whole number of blocks, with an upper bound on the number of blocks, so nothing syncs with the host).
 
-Two kernels do all the work:
+Three kernels do all the work:
 - `_gather_mm`: out[p] = s_p * in[row(p)] @ W_e for the pairs p of a block of expert e, where row(p) is the
   token t of the pair (reading x or dout) or the pair itself (reading a [T*K, .] intermediate), W_e a
-  strided view of A_e or B_e, and s_p the pair's weight times scale (or scale alone);
+  strided view of A_e or B_e, and s_p the pair's weight times scale (or scale alone). Every pair belongs to
+  exactly one block, so every row of its output is written: no buffer is zero-filled first;
+- `_sum_k`: out_t (+)= sum_k y_(t,k) over a [T, K, n] intermediate in the model dtype, accumulated in fp32,
+  cast and added to the base in the same pass (one read of y, one write of out);
 - `_group_wgrad`: G_e = sum over the pairs of expert e of L[row(p)]^T R[row(p)], in sorted order
-  (fixed-order sum, no atomics).
+  (fixed-order sum, no atomics), stored straight in the weight's dtype.
 
-Forward:  h_p = x_t A_e^T [T*K, r] (fp32), y_p = scale w_p h_p B_e^T, out_t = sum_k y_(t,k) (+ base).
-Backward: g_p = scale dout_t B_e, dw_p = <g_p, h_p>, dhg_p = w_p g_p, dx_t = sum_k dhg_p A_e,
-          dA_e = sum_p dhg_p^T x_t, dB_e = sum_p dout_t^T (scale w_p h_p).
+Forward:  h_p = x_t A_e^T [T*K, r] (fp32, small), y_p = scale w_p h_p B_e^T [T, K, d_out] (model dtype),
+          out_t (+)= sum_k y_(t,k).
+Backward: g_p = scale dout_t B_e, dw_p = <g_p, h_p>, dhg_p = w_p g_p, dx_p = dhg_p A_e [T, K, d_in] (model
+          dtype), dx_t = sum_k dx_(t,k), dA_e = sum_p dhg_p^T x_t, dB_e = sum_p dout_t^T (scale w_p h_p).
+Traffic per token (bytes of the model dtype es): forward (K d_in + 2 K d_out + d_out) es, backward
+(K d_out + 2 K d_in + d_in) es for dx plus one more gathered pass over x and dout for dA and dB. When
+this beats the dense formulation is decided by `moe_unlearn.ops.api.routed_pays`.
 """
 
 from __future__ import annotations
@@ -64,6 +71,25 @@ def _gather_mm_kernel(
             acc = acc * scale
         tl.store(out_ptr + p[:, None] * s_out_r + n[None, :] * s_out_n, acc.to(out_ptr.dtype.element_ty),
                  mask=ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _sum_k_kernel(
+    y_ptr, out_ptr, s_ot, s_on, T, N,
+    TOPK: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[t, n] (+)= sum_k y[t * TOPK + k, n] for a contiguous y [T * TOPK, N]: fp32 sum, one cast."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = (t < T)[:, None] & (n < N)[None, :]
+    t64 = t.to(tl.int64)
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    for k in tl.static_range(TOPK):
+        acc += tl.load(y_ptr + (t64 * TOPK + k)[:, None] * N + n[None, :], mask=m, other=0.0).to(tl.float32)
+    optr = out_ptr + t64[:, None] * s_ot + n[None, :] * s_on
+    if ACCUMULATE:
+        acc += tl.load(optr, mask=m, other=0.0).to(tl.float32)
+    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -153,6 +179,16 @@ def group_wgrad(left, l_by_token, right, r_by_token, out, pb: PairBlocks, M: int
         L_BY_TOKEN=l_by_token, R_BY_TOKEN=r_by_token, BLOCK_P=bp, BLOCK_M=bm, BLOCK_N=bn, CDT=cdt)
 
 
+def sum_k(y: torch.Tensor, out: torch.Tensor, topk: int, accumulate: bool) -> torch.Tensor:
+    """out (+)= y.view(T, topk, n).sum(1) in one pass (fp32 sum, cast to out's dtype); y contiguous."""
+    T, n = out.shape
+    if T and n:
+        bt, bn = (32, 128) if interpreting() else (16, 256)
+        _sum_k_kernel[(triton.cdiv(T, bt), triton.cdiv(n, bn))](
+            y, out, out.stride(0), out.stride(1), T, n, TOPK=topk, ACCUMULATE=accumulate, BLOCK_T=bt, BLOCK_N=bn)
+    return out
+
+
 class RoutedDeltaFunction(torch.autograd.Function):
     """Inputs (x, A, B, topk_idx, topk_weight, base or None, scale); differentiable in x, A, B, topk_weight, base."""
 
@@ -169,21 +205,21 @@ class RoutedDeltaFunction(torch.autograd.Function):
         with device_guard(dev):
             pb = sort_pairs(topk_idx, E, bp)
             h = new_empty((T * K, r), torch.float32, dev)
-            y = new_empty((T * K, d_out), torch.float32, dev)
+            out = base if base is not None else new_empty((T, d_out), x.dtype, dev)
             if T > 0:
                 # h_p = x_t A_e^T: W_e[k, j] = A[e, j, k]
                 gather_mm(x, True, A, (A.stride(0), A.stride(2), A.stride(1)), None, 1.0, h, pb, d_in, r,
                           _cdt(x.dtype, A.dtype))
-                if d_out > 0:
-                    # y_p = scale w_p h_p B_e^T: W_e[j, n] = B[e, n, j]
-                    gather_mm(h, False, B, (B.stride(0), B.stride(2), B.stride(1)), w, scale, y, pb, r, d_out,
-                              _cdt(B.dtype))
-            delta = y.view(T, K, d_out).sum(1)
+            if T > 0 and d_out > 0:
+                # y_p = scale w_p h_p B_e^T: W_e[j, n] = B[e, n, j], in the model dtype, then one fused K-sum
+                y = new_empty((T * K, d_out), x.dtype, dev)
+                gather_mm(h, False, B, (B.stride(0), B.stride(2), B.stride(1)), w, scale, y, pb, r, d_out,
+                          _cdt(B.dtype))
+                sum_k(y, out, K, accumulate=base is not None)
+            elif base is None:
+                out.zero_()  # T == 0 or d_out == 0: an empty delta
         if base is not None:
-            out = base.add_(delta.to(base.dtype))
             ctx.mark_dirty(base)
-        else:
-            out = delta.to(x.dtype)
         ctx.save_for_backward(x, A, B, topk_idx, topk_weight, h)
         ctx.pb = pb
         ctx.scale = scale
@@ -203,32 +239,38 @@ class RoutedDeltaFunction(torch.autograd.Function):
         dx = dA = dB = dw = None
         w = topk_weight.reshape(-1).float()
         with device_guard(dev):
-            g = torch.zeros((T * K, r), dtype=torch.float32, device=dev)
             if T > 0 and d_out > 0:
-                # g_p = scale dout_t B_e: W_e[n, j] = B[e, n, j]
+                # g_p = scale dout_t B_e: W_e[n, j] = B[e, n, j] (every pair's row written: no zero-fill)
+                g = new_empty((T * K, r), torch.float32, dev)
                 gather_mm(dout, True, B, (B.stride(0), B.stride(1), B.stride(2)), None, scale, g, pb, d_out, r,
                           _cdt(dout.dtype, B.dtype))
+            else:
+                g = torch.zeros((T * K, r), dtype=torch.float32, device=dev)
             if need_w:
                 dw = (g * h).sum(-1).view(T, K).to(topk_weight.dtype)
             dhg = g * w[:, None]
             if need_x:
-                dxp = torch.zeros((T * K, d_in), dtype=torch.float32, device=dev)
+                dx = new_empty((T, d_in), x.dtype, dev)
                 if T > 0:
-                    # dx_p = dhg_p A_e: W_e[j, k] = A[e, j, k]
+                    # dx_p = dhg_p A_e: W_e[j, k] = A[e, j, k], in the model dtype, then one fused K-sum
+                    dxp = new_empty((T * K, d_in), x.dtype, dev)
                     gather_mm(dhg, False, A, (A.stride(0), A.stride(1), A.stride(2)), None, 1.0, dxp, pb, r, d_in,
                               _cdt(A.dtype))
-                dx = dxp.view(T, K, d_in).sum(1).to(x.dtype)
+                    sum_k(dxp, dx, K, accumulate=False)
             if need_a:
-                dA32 = torch.zeros((E, r, d_in), dtype=torch.float32, device=dev)
+                # every (expert, row, column) is written, experts without pairs as 0: no zero-fill
+                dA = new_empty((E, r, d_in), A.dtype, dev)
                 if T > 0:
-                    group_wgrad(dhg, False, x, True, dA32, pb, r, d_in, _cdt(x.dtype))
-                dA = dA32.to(A.dtype)
+                    group_wgrad(dhg, False, x, True, dA, pb, r, d_in, _cdt(x.dtype))
+                else:
+                    dA.zero_()
             if need_b:
-                dB32 = torch.zeros((E, d_out, r), dtype=torch.float32, device=dev)
+                dB = new_empty((E, d_out, r), B.dtype, dev)
                 if T > 0 and d_out > 0:
                     hg = h * (w * scale)[:, None]
-                    group_wgrad(dout, True, hg, False, dB32, pb, d_out, r, _cdt(dout.dtype))
-                dB = dB32.to(B.dtype)
+                    group_wgrad(dout, True, hg, False, dB, pb, d_out, r, _cdt(dout.dtype))
+                else:
+                    dB.zero_()
         dbase = dout if ctx.has_base and need_base else None
         return dx, dA, dB, None, dw, dbase, None
 

@@ -49,6 +49,13 @@ def _sortable_key(v):
 
 
 @triton.jit
+def _sortable_key16(v):
+    """fp16/bf16 -> int32 in [0, 65536) whose order is the float order (from the raw 16 bits)."""
+    b = v.to(tl.int16, bitcast=True).to(tl.int32)
+    return tl.where(b < 0, b ^ 0x7FFF, b) + 32768
+
+
+@triton.jit
 def _routing_stats_kernel(
     logits_ptr, stride_lt, stride_le,
     hidden_ptr, stride_ht, stride_hh,
@@ -62,6 +69,7 @@ def _routing_stats_kernel(
     K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     FUSED_GEMM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_MASK: tl.constexpr,
     GIVEN_TOPK: tl.constexpr, RETURN_TOPK: tl.constexpr, SIGMOID: tl.constexpr, DOT_FP32: tl.constexpr,
+    KEY32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, E_PAD)
@@ -93,8 +101,9 @@ def _routing_stats_kernel(
             if HAS_BIAS:
                 logits += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         else:
-            logits = tl.load(logits_ptr + rows[:, None] * stride_lt + cols[None, :] * stride_le,
-                             mask=in_b[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            raw = tl.load(logits_ptr + rows[:, None] * stride_lt + cols[None, :] * stride_le,
+                          mask=in_b[:, None] & col_ok[None, :], other=0.0)
+            logits = raw.to(tl.float32)
         masked_logits = tl.where(col_ok[None, :], logits, float("-inf"))
         if SIGMOID:
             scores = tl.where(col_ok[None, :], 1.0 / (1.0 + tl.exp(-logits)), 0.0)
@@ -118,16 +127,20 @@ def _routing_stats_kernel(
             # value bits high, E_PAD - 1 - index low): ties go to the lowest index, and a picked column
             # (key -1) or a padding column (key -2) never wins again, so the K indices are distinct even
             # when fewer than K logits are finite.
-            vkey = _sortable_key(masked_logits).to(tl.int64) + 2147483648  # >= 0
-            keys = tl.where(col_ok[None, :], (vkey << 8) | (E_PAD - 1 - cols)[None, :], -2)
+            if KEY32:
+                # 16-bit logits: 32-bit keys are exact (16 order-preserving value bits, 8 index bits).
+                vkey = _sortable_key16(raw).to(tl.int32)
+                keys = tl.where(col_ok[None, :], (vkey << 8) | (E_PAD - 1 - cols)[None, :], -2)
+            else:
+                vkey = _sortable_key(masked_logits).to(tl.int64) + 2147483648  # >= 0
+                keys = tl.where(col_ok[None, :], (vkey << 8) | (E_PAD - 1 - cols)[None, :], -2)
             for k in tl.static_range(K):
                 best = tl.max(keys, axis=1)
                 ik = (E_PAD - 1 - (best & 0xFF)).to(tl.int32)
-                hit = cols[None, :] == ik[:, None]
-                selected = selected | hit
-                keys = tl.where(hit, -1, keys)
+                keys = tl.where(cols[None, :] == ik[:, None], -1, keys)  # 32-bit compare, one select
                 if RETURN_TOPK:
                     tl.store(idx_out_ptr + rows * K + k, ik.to(tl.int64), mask=in_b)
+            selected = keys == -1  # the picks, marked once after the loop
 
         keep = selected & valid[:, None]
         gates = tl.where(keep, scores, 0.0)
@@ -206,7 +219,7 @@ def _reduce_kernel(
 def _config(T: int, E_PAD: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_T, tiles per program). The interpreter wants few, big programs; the GPU wants enough
     programs to fill the SMs with a register tile of about 4K values."""
-    if interpreting() or device.type != "cuda":
+    if interpreting():  # (CPU tensors reach here only under the interpreter: check_launchable)
         block_t = max(16, min(256, 16384 // E_PAD))
         n_tiles = triton.cdiv(max(T, 1), block_t)
         return block_t, max(1, triton.cdiv(n_tiles, 4))
@@ -303,6 +316,7 @@ def routing_stats_triton(
             FUSED_GEMM=fused, HAS_BIAS=router_bias is not None, HAS_PERM=perm is not None,
             HAS_MASK=mask is not None, GIVEN_TOPK=topk_idx is not None, RETURN_TOPK=idx_out is not None,
             SIGMOID=score_fn == "sigmoid", DOT_FP32=dot_fp32,
+            KEY32=not fused and logits.dtype in (torch.float16, torch.bfloat16),
             num_warps=4, num_stages=1 if interpreting() else 3,
         )
         _reduce_kernel[(S + 1,)](

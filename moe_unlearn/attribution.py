@@ -230,9 +230,18 @@ class Attribution:
         result = Premise(targets=pairs, coverage=cov, selectivity=sel_list, per_layer_coverage=per_layer)
         if warn and not result.holds:
             sel_txt = "unknown (no retain data given)" if sel_list is None else ", ".join(f"{v:.2f}" for v in sel_list)
+            cov_ok = cov >= PREMISE_MIN_COVERAGE
+            sel_ok = sel_list is not None and all(v >= PREMISE_MIN_SELECTIVITY for v in sel_list)
+            cov_txt = (f"coverage {cov:.2f} is enough" if cov_ok else
+                       f"coverage {cov:.2f} of the forget tokens is below {PREMISE_MIN_COVERAGE}")
+            if sel_list is None:
+                sel_part = f"selectivity {sel_txt}"
+            else:
+                sel_part = (f"selectivity {sel_txt} is enough" if sel_ok else
+                            f"selectivity {sel_txt} is below {PREMISE_MIN_SELECTIVITY}")
+            joint = ", but " if cov_ok != sel_ok and (cov_ok or sel_list is not None) else ", and "
             warnings.warn(
-                f"UOE's premise does not hold for targets {pairs}: coverage {cov:.2f} of the forget tokens "
-                f"(want >= {PREMISE_MIN_COVERAGE}), selectivity {sel_txt} (want >= {PREMISE_MIN_SELECTIVITY}). "
+                f"UOE's premise does not hold for targets {pairs}: {cov_txt}{joint}{sel_part}. "
                 "The forget knowledge is spread: unlearning these experts alone plateaus or damages the retain "
                 "tokens routed through them. Use select_targets(attribution, coverage=0.8) for a covering set, "
                 "projections that protect retain tokens, or a full-model baseline.", PremiseWarning, stacklevel=2)

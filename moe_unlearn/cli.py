@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="moe-unlearn", description="Unlearning for Mixture-of-Experts LLMs")
     parser.add_argument("--version", action="version", version=f"moe-unlearn {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what is loaded and each run's summary to stderr (-vv: every training step)")
+    parser.add_argument("-q", "--quiet", dest="log_quiet", action="store_true", help="log errors only")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS.values():
         mod = importlib.import_module(module)
@@ -39,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from moe_unlearn.log import setup_cli_logging
+
+    setup_cli_logging(args.verbose, args.log_quiet)
     try:
         return int(args._run(args) or 0)
     except MoEUnlearnError as exc:

@@ -29,6 +29,7 @@ import torch
 from moe_unlearn.errors import BadInputError, DataError
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer: {answer}"
+CHAT_TEMPLATE = "chat"  # as a template: the tokenizer's own chat template (`chat_parts`)
 
 DataSource = str | os.PathLike | Sequence[str] | Sequence[Mapping[str, Any]] | Any
 
@@ -184,13 +185,41 @@ class Example:
 
     prompt: str
     completion: str
+    # False when the texts already hold the tokenizer's special tokens (a chat template writes its own):
+    # the prompt is then encoded with add_special_tokens=False, as the evaluation encodes it
+    special_tokens: bool = True
 
     @property
     def text(self) -> str:
         return self.prompt + self.completion
 
 
-def _record_example(loc: _Located, field: str | None, template: str) -> Example:
+def chat_parts(tokenizer: Any, question: str, answer: str | None = None) -> tuple[str, str]:
+    """(prompt, completion) of one question/answer turn under the tokenizer's chat template: prompt =
+    the user turn plus the assistant header (`add_generation_prompt=True`), completion = the rest of
+    the two-turn conversation (the answer and the template's end-of-turn text). Training and
+    evaluation both split a QA record this way, so they see the same tokens. The prompt text holds
+    the template's special tokens: encode it with add_special_tokens=False."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadInputError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template; drop the chat "
+                            "template option or use the tokenizer of an instruct/chat model")
+    user = [{"role": "user", "content": str(question)}]
+    try:
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        if answer is None:
+            return prompt, ""
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": str(answer)}],
+                                             tokenize=False)
+    except Exception as exc:  # jinja errors (a template that rejects these roles, ...)
+        raise BadInputError(f"the tokenizer's chat template does not apply to a user/assistant turn: "
+                            f"{' '.join(str(exc).split())[:200]}") from None
+    if not full.startswith(prompt):
+        raise BadInputError("the tokenizer's chat template renders the question differently with and without "
+                            "the answer, so the answer cannot be split off token-exactly; use a text template")
+    return prompt, full[len(prompt):]
+
+
+def _record_example(loc: _Located, field: str | None, template: str, tokenizer: Any = None) -> Example:
     rec = loc.record
     if field is not None:
         if field not in rec:
@@ -198,6 +227,14 @@ def _record_example(loc: _Located, field: str | None, template: str) -> Example:
         value = rec[field]
     elif "text" in rec:
         value = rec["text"]
+    elif template == CHAT_TEMPLATE:
+        if "question" not in rec or "answer" not in rec:
+            raise DataError(f"{loc.where}: no 'text' field and no 'question' and 'answer' for the chat template; "
+                            f"it has {sorted(rec)}")
+        if tokenizer is None:
+            raise BadInputError("the chat template needs the tokenizer (load_examples(..., tokenizer=tok))")
+        prompt, completion = chat_parts(tokenizer, rec["question"], rec["answer"])
+        return Example(prompt, completion, special_tokens=False)
     else:
         needed = _template_fields(template)
         if not needed or any(n not in rec for n in needed):
@@ -217,19 +254,21 @@ def _record_example(loc: _Located, field: str | None, template: str) -> Example:
     return Example("", value)
 
 
-def load_examples(source: DataSource, *, field: str | None = None, template: str = DEFAULT_TEMPLATE,
-                  limit: int | None = None) -> list[Example]:
+def load_examples(source: DataSource, *, field: str | None = None, template: str | None = DEFAULT_TEMPLATE,
+                  limit: int | None = None, tokenizer: Any = None) -> list[Example]:
     """The documents of `source` as `Example`s (prompt + completion).
 
     Which text a record gives: the named `field` if given; else its `text` field; else
     `template` filled from the record (by default question/answer pairs, whose question part
-    becomes the prompt). Blank texts are skipped. Raises DataError for an empty source, an
+    becomes the prompt); template "chat" (`CHAT_TEMPLATE`) renders question/answer records with the
+    `tokenizer`'s chat template instead (`chat_parts`). Blank texts are skipped. Raises DataError for an empty source, an
     unreadable file, or a record without the field (naming the file, line and the fields it has).
     """
     _check_limit(limit)
+    template = DEFAULT_TEMPLATE if template is None else template
     out: list[Example] = []
     for loc in _iter_source(source):
-        ex = _record_example(loc, field, template)
+        ex = _record_example(loc, field, template, tokenizer)
         if not ex.text.strip():
             continue
         out.append(ex)
@@ -240,10 +279,11 @@ def load_examples(source: DataSource, *, field: str | None = None, template: str
     return out
 
 
-def load_texts(source: DataSource, *, field: str | None = None, template: str = DEFAULT_TEMPLATE,
-               limit: int | None = None) -> list[str]:
+def load_texts(source: DataSource, *, field: str | None = None, template: str | None = DEFAULT_TEMPLATE,
+               limit: int | None = None, tokenizer: Any = None) -> list[str]:
     """The documents of `source` as plain strings (`load_examples` without the prompt split)."""
-    return [e.text for e in load_examples(source, field=field, template=template, limit=limit)]
+    return [e.text for e in load_examples(source, field=field, template=template, limit=limit,
+                                          tokenizer=tokenizer)]
 
 
 def _describe(source: DataSource) -> str:
@@ -397,7 +437,8 @@ def tokenize_batches(texts: Sequence[str | Example], tokenizer: Any, *, batch_si
     """Tokenize `texts` once and return an iterable of padded batches (see TokenizedBatches).
 
     texts: strings (every token scored) or `Example`s; an Example with a prompt is encoded as
-    prompt ids (special tokens added) + completion ids (none added), exactly as the evaluation
+    prompt ids (special tokens added, unless its special_tokens is False: a chat template's text)
+    + completion ids (none added), exactly as the evaluation
     encodes a QA item, and with loss_tokens="answer" its prompt positions get label -100;
     loss_tokens="all" scores every token of every text.
     padding_side None uses the tokenizer's own (right if it has none). Tokenizers without a
@@ -427,7 +468,13 @@ def tokenize_batches(texts: Sequence[str | Example], tokenizer: Any, *, batch_si
     for i, ids in zip(plain, _encode_all(tokenizer, [examples[i].text for i in plain], add_special_tokens, **cap),
                       strict=True):
         ids_of[i], start_of[i] = ids, 0
-    prompts = _encode_all(tokenizer, [examples[i].prompt for i in with_prompt], add_special_tokens, **cap)
+    prompts: list[list[int]] = [[] for _ in with_prompt]
+    for special in (True, False):  # chat-template prompts carry their own special tokens
+        pos = [k for k, i in enumerate(with_prompt) if examples[i].special_tokens == special]
+        enc = _encode_all(tokenizer, [examples[with_prompt[k]].prompt for k in pos], add_special_tokens and special,
+                          **cap)
+        for k, ids in zip(pos, enc, strict=True):
+            prompts[k] = ids
     completions = _encode_all(tokenizer, [examples[i].completion for i in with_prompt], False, **cap)
     for i, p_ids, c_ids in zip(with_prompt, prompts, completions, strict=True):
         ids_of[i], start_of[i] = p_ids + c_ids, (len(p_ids) if loss_tokens == "answer" else 0)
@@ -449,5 +496,5 @@ def tokenize_batches(texts: Sequence[str | Example], tokenizer: Any, *, batch_si
                             pad_token_id=pad_id, num_truncated=truncated, label_starts=starts)
 
 
-__all__ = ["DEFAULT_TEMPLATE", "LOSS_TOKENS", "Example", "TokenizedBatches", "encode_capped", "load_examples",
+__all__ = ["CHAT_TEMPLATE", "DEFAULT_TEMPLATE", "LOSS_TOKENS", "Example", "chat_parts", "TokenizedBatches", "encode_capped", "load_examples",
            "load_records", "load_texts", "pad_batch", "pad_token_id", "tokenize_batches"]

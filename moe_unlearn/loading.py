@@ -2,8 +2,9 @@
 
 Every `from_pretrained` in moe_unlearn goes through here, so three promises hold everywhere:
 
-- nothing reaches the network: `local_files_only=True`, and the path must be an existing folder
-  (a bare name such as "gpt2" is refused instead of being looked up on a hub);
+- nothing reaches the network: `local_files_only=True`, and the path must be an existing folder or
+  a hub id (`org/name`) already in the local Hugging Face cache (`resolve_model_dir`; a bare name
+  such as "gpt2" is refused, and an id that is not cached is refused with the command that fetches it);
 - no code from the folder runs unless the caller says so: `trust_remote_code` is always passed
   explicitly (transformers would otherwise *ask* on stdin and run the code on "y"), and a folder
   whose config.json or tokenizer_config.json names its own classes (`auto_map`) is refused with
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from moe_unlearn.errors import BadInputError
 
-__all__ = ["DTYPES", "check_model_dir", "input_device", "load_config", "load_model", "load_tokenizer",
-           "parse_device_map", "parse_dtype", "remote_code_files", "resolve_device"]
+__all__ = ["DTYPES", "check_model_dir", "hub_cache_dir", "input_device", "load_config", "load_model", "load_tokenizer",
+           "parse_device_map", "parse_dtype", "remote_code_files", "resolve_device", "resolve_model_dir"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto": the dtype the checkpoint was saved in
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
@@ -60,11 +62,65 @@ def remote_code_files(path: str | os.PathLike) -> list[str]:
     return found
 
 
+# A hub id as the hub spells it: "org/name", optionally "@revision" (a branch, tag or commit of the cache).
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95})(?:@(?P<rev>[\w.-]{1,100}))?$")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as the environment names it now: $HF_HUB_CACHE, else $HF_HOME/hub,
+    else huggingface_hub's default (~/.cache/huggingface/hub). Read at each call, not at import."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    try:
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+    except ImportError:
+        return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def resolve_model_dir(path: str | os.PathLike, *, what: str = "model") -> Path:
+    """The local folder `path` names: the folder itself if it exists, else, for a hub id `org/name`
+    (or `org/name@revision`), its snapshot in the local Hugging Face cache (`hub_cache_dir`), found
+    with `snapshot_download(local_files_only=True)`: nothing is downloaded. An id that is not cached
+    raises BadInputError with the command that fetches it."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    m = _HUB_ID.match(os.fspath(path))
+    if m is None or p.exists():
+        raise BadInputError(f"{what} directory {p} does not exist or is not a directory; pass a local folder "
+                            "written by save_pretrained or a hub id org/name already in the local Hugging Face "
+                            "cache (nothing is downloaded)")
+    repo, rev = m.group("repo"), m.group("rev")
+    cache = hub_cache_dir()
+    fetch = (f"fetch it once with `huggingface-cli download {repo}{f' --revision {rev}' if rev else ''}` "
+             f"(or `hf download {repo}`), which fills {cache}, then run this again")
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = snapshot_download(repo, revision=rev, cache_dir=cache, local_files_only=True)
+    except ImportError:
+        raise BadInputError(f"{what} {repo!r} is not a local folder, and hub ids need the huggingface_hub "
+                            "package to find them in the local cache") from None
+    except Exception:  # LocalEntryNotFoundError and kin: not in the cache (never a network error here)
+        raise BadInputError(f"{what} {p} is not a local folder, and the hub id {repo}"
+                            f"{f'@{rev}' if rev else ''} is not in the local Hugging Face cache ({cache}; nothing is downloaded); "
+                            f"{fetch}") from None
+    from moe_unlearn.log import get_logger
+
+    get_logger(__name__).info("%s %s: local Hugging Face cache snapshot %s", what, os.fspath(path), snap)
+    return Path(snap)
+
+
 def check_model_dir(path: str | os.PathLike, *, what: str = "model", trust_remote_code: bool = False,
                     need_config: bool = True) -> Path:
-    """`path` as a Path after the checks that need no model code: an existing local folder (never a hub
-    name), with config.json when `need_config`, and no `auto_map` code unless `trust_remote_code`."""
-    p = Path(path)
+    """`path` as a local folder (`resolve_model_dir`: a folder, or a hub id found in the local cache)
+    after the checks that need no model code: config.json when `need_config`, and no `auto_map`
+    code unless `trust_remote_code`."""
+    p = resolve_model_dir(path, what=what)
     if not p.is_dir():
         raise BadInputError(f"{what} directory {p} does not exist or is not a directory; pass a local folder "
                             "written by save_pretrained (nothing is downloaded)")

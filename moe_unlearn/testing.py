@@ -188,3 +188,37 @@ def tiny_dense_model(seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
     config = AutoConfig.for_model("llama", **_BASE, head_dim=8)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def save_to_hub_cache(cache_dir, repo_id: str, *objects, commit: str = "0123456789abcdef" * 2 + "01234567"):
+    """Save `objects` (a model, a tokenizer: anything with save_pretrained) as the Hugging Face hub
+    cache stores a download of `repo_id` under `cache_dir`: models--org--name/blobs/<sha256> files,
+    snapshots/<commit>/ links to them, refs/main naming the commit. Lets tests and the README's
+    walkthrough resolve a hub id offline; returns the snapshot folder."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for obj in objects:
+            obj.save_pretrained(tmp)
+        for src in sorted(Path(tmp).rglob("*")):
+            if not src.is_file():
+                continue
+            blob = repo / "blobs" / hashlib.sha256(src.read_bytes()).hexdigest()
+            if not blob.exists():
+                shutil.copyfile(src, blob)
+            link = snap / src.relative_to(tmp)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.exists() or link.is_symlink():
+                link.unlink()
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snap

@@ -17,10 +17,16 @@
 Training slices of tensors (e.g. one expert inside a fused `[E, ...]` parameter): give the
 loop small leaf tensors that own the optimizer state plus `TrainHooks` that move gradients
 into them and write them back after each step (see `moe_unlearn.unlearning.scopes.SliceParams`).
+
+Another loop can stand in for this one: inside `with use_loop(fn):`, `train(...)` calls
+`fn(params_or_groups, loss_fn, batches, config, hooks)` instead (moe_unlearn.integrations.hf_trainer
+lets a Hugging Face Trainer drive `unlearn()` this way).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import glob
 import math
 import os
@@ -34,9 +40,11 @@ import torch
 
 from moe_unlearn.atomic import atomic_path, clean_dead_temps
 from moe_unlearn.errors import BadInputError, TrainingDiverged
+from moe_unlearn.log import get_logger, open_sinks, parse_report_to
 from moe_unlearn.validate import check_int, check_number
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+logger = get_logger(__name__)
 _CKPT_PATTERN = "step_*.pt"
 
 
@@ -72,6 +80,9 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 1
     desc: str = "train"
+    # metrics sinks (moe_unlearn.log): "tensorboard", "jsonl" (a list or comma-separated), under logging_dir
+    report_to: str | list[str] | None = None
+    logging_dir: str | None = None
     # what the run is (method, targets, data hash, ...): stored in each checkpoint, and `resume` refuses a
     # checkpoint whose identity differs, so a resumed run can never finish another run's work
     run_identity: dict[str, Any] | None = None
@@ -96,6 +107,8 @@ class TrainConfig:
                                                                           "seed", "log_every") else 1)
         if self.max_grad_norm is not None:
             check_number("TrainConfig.max_grad_norm", self.max_grad_norm, low=0.0)
+        if parse_report_to(self.report_to) and not self.logging_dir:
+            raise BadInputError("TrainConfig: report_to needs logging_dir")
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
             raise BadInputError(f"TrainConfig.betas must be two numbers, got {self.betas!r}")
         for b in self.betas:
@@ -192,6 +205,67 @@ class _HookList(TrainHooks):
 
 
 # -- pieces ------------------------------------------------------------------------------------
+
+
+_LOOP: contextvars.ContextVar[Callable[..., TrainHistory] | None] = contextvars.ContextVar("moe_unlearn_loop",
+                                                                                         default=None)
+
+
+@contextlib.contextmanager
+def use_loop(loop: Callable[..., TrainHistory]) -> Iterator[None]:
+    """Inside this block `train(params_or_groups, loss_fn, batches, config, hooks=...)` returns
+    `loop(params_or_groups, loss_fn, batches, config, hooks)` (a TrainHistory) instead of running
+    the built-in loop; the caller (e.g. `unlearn()`) is unchanged around it."""
+    token = _LOOP.set(loop)
+    try:
+        yield
+    finally:
+        _LOOP.reset(token)
+
+
+def hook_list(hooks: TrainHooks | Sequence[TrainHooks] | None) -> TrainHooks:
+    """One TrainHooks object for a hook, a list of them or None."""
+    return hooks if isinstance(hooks, TrainHooks) else _HookList(hooks or [])
+
+
+def param_groups(params_or_groups: Iterable[Any]) -> list[dict[str, Any]]:
+    """Torch-style param groups of `train`'s first argument, keeping only tensors that need a grad."""
+    return _param_groups(params_or_groups)
+
+
+def total_steps_of(config: TrainConfig, batches: Any) -> int | None:
+    """Optimizer steps of a run: `steps`, or epochs x ceil(micro-batches per epoch / grad_accum)
+    (None where the epoch length is unknown)."""
+    if config.steps is not None:
+        return config.steps
+    epoch_len = _epoch_len(batches)
+    return None if epoch_len is None else config.epochs * math.ceil(epoch_len / config.grad_accum)
+
+
+def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig,
+                   total_steps: int | None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The AdamW and lr schedule `train` uses (one place, so another loop can use the same)."""
+    for g in groups:
+        g.setdefault("weight_decay", config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps or 1))
+    return optimizer, scheduler
+
+
+def epoch_iter(batches: Any, epoch: int) -> Iterator[Any]:
+    """The micro-batches of one epoch of `train`'s `batches`."""
+    return _epoch_iter(batches, epoch)
+
+
+def epoch_len(batches: Any) -> int | None:
+    """Micro-batches per epoch of `train`'s `batches`, where known."""
+    return _epoch_len(batches)
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype `train` autocasts the loss to on `device` (None: no autocast)."""
+    return _autocast_dtype(config, device)
 
 
 def _param_groups(params_or_groups: Iterable[Any]) -> list[dict[str, Any]]:
@@ -357,6 +431,20 @@ def check_finite(leaves: Sequence[torch.Tensor], step: int) -> None:
 # -- the loop ----------------------------------------------------------------------------------
 
 
+def _open_reporting(config: TrainConfig, total_steps: int | None, leaves: Sequence[torch.Tensor]) -> list[Any]:
+    """The run's metrics sinks (moe_unlearn.log), after one info line on what trains."""
+    logger.info("%s: %s optimizer steps of %d trained tensors (%d values), lr %g", config.desc,
+                total_steps if total_steps is not None else "?", len(leaves), sum(p.numel() for p in leaves),
+                config.lr)
+    return open_sinks(config.report_to, config.logging_dir)
+
+
+def _report(sinks: Sequence[Any], step: int, metrics: Mapping[str, float]) -> None:
+    for sink in sinks:
+        sink.log(step, metrics)
+    logger.debug("step %d: %s", step, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
+
+
 def train(
     params_or_groups: Iterable[Any],
     loss_fn: Callable[[Any], Mapping[str, torch.Tensor]],
@@ -373,29 +461,21 @@ def train(
     that would apply it and without writing a checkpoint.
     """
     config.validate()
-    if isinstance(hooks, TrainHooks):
-        hook = hooks
-    else:
-        hook = _HookList(hooks or [])
+    loop = _LOOP.get()
+    if loop is not None:  # another loop stands in (use_loop); it runs without this one underneath
+        token = _LOOP.set(None)
+        try:
+            return loop(params_or_groups, loss_fn, batches, config, hooks)
+        finally:
+            _LOOP.reset(token)
+    hook = hook_list(hooks)
     groups = _param_groups(params_or_groups)
     leaves = [p for g in groups for p in g["params"]]
     device = leaves[0].device
     amp_dtype = _autocast_dtype(config, device)
 
-    epoch_len = _epoch_len(batches)
-    if config.steps is not None:
-        total_steps = config.steps
-    elif epoch_len is not None:
-        total_steps = config.epochs * math.ceil(epoch_len / config.grad_accum)
-    else:
-        total_steps = None  # callable batches with epochs: count unknown until the end
-    sched_total = total_steps if total_steps is not None else 1
-
-    for g in groups:
-        g.setdefault("weight_decay", config.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
-                                  weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, sched_total))
+    total_steps = total_steps_of(config, batches)  # None: callable batches with epochs, unknown until the end
+    optimizer, scheduler = make_optimizer(groups, config, total_steps)
 
     history = TrainHistory()
     step, epoch, consumed = 0, 0, 0  # consumed = micro-batches used in the current epoch
@@ -424,6 +504,7 @@ def train(
         hook.after_resume(step)
 
     hook.on_train_start(optimizer)
+    sinks = _open_reporting(config, total_steps, leaves)
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
@@ -494,6 +575,7 @@ def train(
             history.record(step, terms, lr_now, grad_norm)
             if step % max(1, config.log_every) == 0 or step == total_steps:
                 hook.on_log(step, terms)
+                _report(sinks, step, {**terms, "lr": lr_now, "grad_norm": grad_norm})
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()}, refresh=False)
             if bar is not None:
@@ -514,9 +596,13 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+        for sink in sinks:
+            sink.close()
     check_finite(leaves, step)  # the last update is never followed by a loss that would catch it
     history.wall_time += time.perf_counter() - start
     history.optimizer_state_bytes = optimizer_state_bytes(optimizer)
+    logger.info("%s: %d steps in %.1f s; final %s", config.desc, step, history.wall_time,
+                " ".join(f"{k}={v:.5g}" for k, v in history.final().items()))
     return history
 
 

@@ -17,12 +17,14 @@ PACKAGE = ROOT / "moe_unlearn"
 # lowest first; a module may import its own layer and those below it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("moe_unlearn", "moe_unlearn.errors", "moe_unlearn.registry", "moe_unlearn.validate",
-              "moe_unlearn.atomic", "moe_unlearn.testing", "moe_unlearn.kernels")),
+              "moe_unlearn.atomic", "moe_unlearn.testing", "moe_unlearn.kernels", "moe_unlearn.log",
+              "moe_unlearn.config_aliases")),
     ("model access", ("moe_unlearn.arch", "moe_unlearn.ops", "moe_unlearn.data", "moe_unlearn.loading",
                       "moe_unlearn.identity", "moe_unlearn.training", "moe_unlearn.distributed")),
     ("attribution and adapters", ("moe_unlearn.attribution", "moe_unlearn.loramoe")),
     ("unlearning", ("moe_unlearn.unlearning",)),
     ("evaluation", ("moe_unlearn.eval",)),
+    ("integrations", ("moe_unlearn.integrations",)),  # other training stacks driving the library
     # the research harness: the bench world and models, the frontier, the demo (the library never imports it)
     ("harness", ("moe_unlearn.bench_model", "moe_unlearn.frontier", "moe_unlearn.demo",
                  "moe_unlearn.loramoe.demo_task")),

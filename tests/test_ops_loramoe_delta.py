@@ -304,7 +304,7 @@ def test_routed_topk_matches_reference(T, d_in, d_out, E, r, K, dtype):
     weights, and accumulation into `out` match the dense torch reference; experts nobody picked get dA = dB = 0."""
     from moe_unlearn.ops.api import routed_pays
 
-    assert routed_pays(E, r) and not routed_pays(8, 16)
+    assert routed_pays(E, r, K, d_in, d_out, torch.tensor([], dtype=dtype).element_size())
     x, A, B, g = make_inputs(T, d_in, d_out, E, r, dtype, seed=E + r, topk=K)
     gen = torch.Generator().manual_seed(T)
     if T:  # expert E - 1 is never picked
@@ -337,3 +337,53 @@ def test_topk_values_checked():
     dup[3] = torch.tensor([1, 1])
     with pytest.raises(BadInputError, match="twice"):
         loramoe_delta(x, A, B, topk_idx=dup, topk_weight=g["topk_weight"])
+
+
+def test_routed_pays_cost_model():
+    """Dense tensor-core GEMMs win at E=64 top-4, d=4096, bf16 (~57 KB vs ~107 KB per token); the routed
+    path wins with fewer experts per token (E=128 top-2), without tensor cores (fp32) and never for the narrow
+    mixtures the fused forward keeps on chip (E=8, r=16)."""
+    from moe_unlearn.ops.api import routed_pays
+
+    assert not routed_pays(64, 16, 4, 4096, 4096, 2)
+    assert routed_pays(128, 16, 2, 4096, 4096, 2) and routed_pays(64, 16, 4, 4096, 4096, 4)
+    assert not routed_pays(8, 16, 2, 4096, 4096, 2) and not routed_pays(8, 16, 2, 4096, 4096, 4)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("T,d_in,d_out,E,r,K,dtype", [
+    (45, 33, 29, 13, 5, 1, torch.float32),    # K = 1, odd everything
+    (61, 40, 27, 17, 16, 3, torch.float16),
+    (38, 24, 31, 9, 3, 4, torch.bfloat16),
+])
+def test_routed_kernels_poisoned_buffers_every_dtype(monkeypatch, T, d_in, d_out, E, r, K, dtype):
+    """The routed kernels called directly (whatever routed_pays says), every buffer they allocate poisoned
+    with NaN: the [T, K, d] intermediates in the model dtype, the fused K-sum and the weight gradients write
+    every element they return. Fresh random inputs; forward, gradients and accumulation into a base."""
+    import moe_unlearn.kernels.loramoe_routed as lr
+
+    def poisoned(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(-12345)
+
+    monkeypatch.setattr(lr, "new_empty", poisoned)
+    calls = []
+    real_sum_k = lr.sum_k
+    monkeypatch.setattr(lr, "sum_k", lambda y, out, k, accumulate: calls.append(y.dtype) or real_sum_k(
+        y, out, k, accumulate))
+    x, A, B, g = make_inputs(T, d_in, d_out, E, r, dtype, seed=T * K + 1, topk=K)
+    dout = torch.randn(T, d_out, generator=torch.Generator().manual_seed(T)).to(dtype)
+
+    def routed(x, A, B, topk_idx, topk_weight, scale):
+        return lr.loramoe_delta_routed_triton(x, A, B, topk_idx, topk_weight, scale=scale)
+
+    got = run_with_grads(routed, x, A, B, g, dout, scale=0.75)
+    assert_matches_reference(got, x, A, B, g, dout, 0.75, dtype)
+    assert calls and all(c == dtype for c in calls)  # intermediates in the model dtype, reduced by sum_k
+    base = torch.randn(T, d_out).to(dtype)
+    with torch.no_grad():
+        acc = lr.loramoe_delta_routed_triton(x, A, B, g["topk_idx"], g["topk_weight"], scale=0.75, out=base.clone())
+    ref = base.float() + loramoe_delta_torch(x.float(), A.float(), B.float(), topk_idx=g["topk_idx"],
+                                             topk_weight=g["topk_weight"].float(), scale=0.75)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(acc.float(), ref, rtol=tol, atol=tol)

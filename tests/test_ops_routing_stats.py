@@ -255,3 +255,37 @@ def test_gpu_backends_match_torch(backend, dtype):
         # bf16/fp16 tensor-core dots reorder the sums: allow a few top-K flips at near-ties.
         assert (got.select_count - ref.select_count).abs().sum() <= 0.002 * T * K
         torch.testing.assert_close(got.score_sum, ref.score_sum, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("T,E,K,dtype", [
+    (131, 64, 8, torch.bfloat16),   # 32-bit keys (16-bit logits)
+    (97, 37, 4, torch.float16),     # 32-bit keys, odd E
+    (75, 64, 4, torch.float32),     # 64-bit keys
+    (53, 5, 5, torch.bfloat16),     # K = E: every expert
+])
+def test_ties_go_to_the_lowest_index_with_poisoned_outputs(monkeypatch, T, E, K, dtype):
+    """Rows full of tied logits (about three experts per value) and rows where fewer than K are finite:
+    the kernel's own top-K takes the highest logit, lowest index first, exactly as a stable descending sort,
+    so counts, sums and indices equal the reference given that selection. Every output buffer starts NaN."""
+
+    def poisoned(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(-12345)
+
+    monkeypatch.setattr(rs_kernel, "new_empty", poisoned)
+    gen = torch.Generator().manual_seed(T + E)
+    logits = torch.randint(-4, max(E // 3, 2) - 4, (T, E), generator=gen).float() * 0.5
+    logits[::7, 2:] = float("-inf")
+    logits = logits.to(dtype)
+    rows_with_ties = (logits.float().sort(1).values.diff(dim=1) == 0).any(1).float().mean().item()
+    assert rows_with_ties > 0.8  # (the -inf rows tie as well, which diff() does not count)
+    S = 4
+    seq = torch.randint(0, S, (T,), generator=gen).sort().values
+    mask = torch.rand(T, generator=gen) > 0.1
+    got = rs_kernel.routing_stats_triton(logits, top_k=K, seq_ids=seq, num_seqs=S, mask=mask, return_topk=True,
+                                         seq_sorted=True, block_t=16, tiles_per_prog=2)
+    lowest_first = torch.sort(-logits.float(), dim=1, stable=True).indices[:, :K]
+    ref = routing_stats_torch(logits, top_k=K, seq_ids=seq, num_seqs=S, mask=mask, topk_idx=lowest_first,
+                              return_topk=True)
+    assert_stats_close(got, ref, check_topk=True)

@@ -28,6 +28,14 @@ class StackInputs:
     position_embeddings: Any  # (cos, sin) from the rotary embedding
 
 
+def _cache_kwarg(fn: Any) -> str:
+    """The name of the KV-cache argument of a transformers mask function: `cache` in recent releases,
+    `past_key_values` (deprecated there, to be removed in 5.40) in earlier ones."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
 class DecoderStack:
     """The decoder of a causal LM as a sequence of steps: embed -> layers[i] ... -> norm -> lm_head.
 
@@ -77,7 +85,8 @@ class DecoderStack:
         embeds_like = embeds_like.expand(-1, -1, self.config.hidden_size)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         kwargs = dict(config=self.config, inputs_embeds=embeds_like, attention_mask=attention_mask,
-                      past_key_values=None, position_ids=position_ids)
+                      position_ids=position_ids)
+        kwargs[_cache_kwarg(create_causal_mask)] = None  # no KV cache; the argument's name changed in transformers 5
         types = self._layer_types()
         if types is not None and len(set(types)) > 1:
             mask: Any = {"full_attention": create_causal_mask(**kwargs),
@@ -105,9 +114,8 @@ class DecoderStack:
             mask = inputs.attention_mask
             if isinstance(mask, dict):
                 mask = mask[types[i]]
-            out = self.layers[i](hidden, attention_mask=mask, position_ids=inputs.position_ids,
-                                 past_key_values=None, use_cache=False,
-                                 position_embeddings=inputs.position_embeddings)
+            out = self.layers[i](hidden, attention_mask=mask, position_ids=inputs.position_ids, use_cache=False,
+                                 position_embeddings=inputs.position_embeddings)  # no KV cache: its default
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 

@@ -31,6 +31,22 @@ def add_model_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
                    help="allow the model directory's own Python code to run (off by default)")
 
 
+def _template_text(value: str) -> str:
+    return value.replace("\\n", "\n")  # a new line typed as \n on the command line
+
+
+def add_template_args(p: argparse.ArgumentParser) -> None:
+    """How question/answer records become text, the same flags for training and evaluation (the
+    two must build the same tokens): --template TEXT, or --chat-template for the tokenizer's own."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--template", default=None, type=_template_text,
+                   help="QA text template with {question} and {answer} (default: 'Question: {question}\\n"
+                        "Answer: {answer}'); write a new line as \\n")
+    g.add_argument("--chat-template", dest="template", action="store_const", const="chat",
+                   help="render QA records with the tokenizer's chat template (apply_chat_template: user turn = "
+                        "question, assistant turn = answer), as instruct models expect")
+
+
 def _device(args: argparse.Namespace) -> Any:
     from moe_unlearn.loading import resolve_device
 

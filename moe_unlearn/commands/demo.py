@@ -1,6 +1,8 @@
 """`moe-unlearn demo`: train (once) a small MoE that knows fictitious facts, make it forget one
-domain with GA and NPO, `full` vs `uoe` (one expert), over a few learning rates, and compare
-them at matched forgetting, with utility measured on facts that unlearning never saw.
+domain with NPO (--quick: GA too) training all weights (`full`), one expert (`uoe`) or a covering
+set of experts with projections (`cov+grip+null`), at two learning rates each, and compare them at
+matched forgetting, with utility measured on facts that unlearning never saw; routing replay then
+shows how much of the forgetting was re-routing. The demo's exact grid: moe_unlearn.demo.DemoConfig.
 
 The model is cached under --cache-dir (default $MOE_UNLEARN_CACHE or ~/.cache/moe-unlearn)
 and reused; --rebuild trains it again. Reports go to --out (replacing an earlier demo output).

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moe_unlearn.commands import add_model_args, load_from_args
+from moe_unlearn.commands import add_model_args, add_template_args, load_from_args
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.validate import check_number
 
@@ -70,17 +70,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="benchmark convention for MIA tokens, Min-K%% rounding, VerbMem length, ROUGE stemming "
                         "and KnowMem stops (default: muse)")
     p.add_argument("--knowmem-icl", help="QA .jsonl/.json of few-shot examples for MUSE's KnowMem prompt")
-    p.add_argument("--verbmem-max-new-tokens", type=int, default=128,
-                   help="VerbMem: new tokens generated and reference tokens compared (MUSE: 128)")
+    p.add_argument("--verbmem-max-new-tokens", type=int, default=None,
+                   help="VerbMem: new tokens generated and reference tokens compared (default: --max-new-tokens "
+                        "when that is given, else MUSE's 128)")
     p.add_argument("--lm-eval-task", action="append", default=[], metavar="TASK",
                    help="an lm-evaluation-harness task to run on the (patched) model (repeatable; needs "
                         "pip install 'moe-unlearn[eval]')")
     p.add_argument("--lm-eval-include", help="folder of local lm-eval task YAML files for --lm-eval-task")
-    p.add_argument("--template", default=None,
-                   help="QA text template with {question} and {answer} (default: moe_unlearn.data's "
-                        "'Question: {question}\\nAnswer: {answer}'); write a new line as \\n")
+    add_template_args(p)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens for QA answers (ROUGE-L)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="greedy tokens for QA answers (ROUGE-L; default 32); given, it also bounds VerbMem")
     p.add_argument("--no-generate", action="store_true", help="skip ROUGE-L and VerbMem (no decoding)")
     p.add_argument("--out", required=True, help="output directory (report.json, report.md, and "
                                                 "routing_overlap.png when --original or --patch gives routing)")
@@ -95,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
     from moe_unlearn.eval import PromptFormat, as_items, as_mcq_items, evaluate, record_routing
     from moe_unlearn.loading import check_model_dir, resolve_device
 
+    if args.verbmem_max_new_tokens is None:  # an explicit --max-new-tokens bounds every generation
+        args.verbmem_max_new_tokens = max(1, args.max_new_tokens) if args.max_new_tokens is not None else 128
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 32
     if args.batch_size < 1 or args.max_new_tokens < 0 or args.verbmem_max_new_tokens < 1:
         raise BadInputError("--batch-size and --verbmem-max-new-tokens must be >= 1 and --max-new-tokens >= 0")
     if args.reference_auc is not None and args.reference_model:
@@ -112,8 +116,6 @@ def run(args: argparse.Namespace) -> int:
         from moe_unlearn.eval.lm_eval_bridge import require_lm_eval
 
         require_lm_eval()
-    template = (args.template or DEFAULT_TEMPLATE).replace("\\n", "\n")
-    fmt = PromptFormat.from_template(template)
     # read every input before loading anything, so a bad file fails fast and writes nothing
     splits = {"forget": as_items(args.forget, "forget"), "retain": as_items(args.retain, "retain")}
     if args.holdout:
@@ -132,11 +134,19 @@ def run(args: argparse.Namespace) -> int:
 
         if not Path(args.patch).exists():
             raise BadInputError(f"patch {args.patch} does not exist")
-        read_patch_meta(args.patch)  # a malformed patch.json fails here, before the model load
+        meta = read_patch_meta(args.patch)  # a malformed patch.json fails here, before the model load
+        run_cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        if args.template is None and run_cfg.get("template"):  # score the tokens the unlearning trained on
+            args.template = str(run_cfg["template"])
+        targets = meta.get("targets") or []
+        if args.target is None and len(targets) == 1:  # the patch's one target: report its gate mass
+            args.target = _target(str(targets[0]))
+    template = (args.template or DEFAULT_TEMPLATE).replace("\\n", "\n")
+    fmt = PromptFormat.from_template(template)
 
     progress = not args.quiet
     model, tokenizer = load_from_args(args, tokenizer_path=args.tokenizer)
-    original, original_routing = None, None
+    original, original_routing, before = None, None, None
     if args.original:
         original, _ = load_from_args(args, args.original, tokenizer=False)
     if args.patch:
@@ -145,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
         if original is None:  # the model before the patch is the original: record its routing first
             original_routing = {name: record_routing(model, tokenizer, items, batch_size=args.batch_size, fmt=fmt,
                                                      progress=progress) for name, items in splits.items()}
+            # and its EM / NLL (teacher-forced only), for the before -> after lines
+            before = evaluate(model, tokenizer, forget=splits["forget"], retain=splits["retain"],
+                              holdout=splits.get("holdout"), convention=args.convention, batch_size=args.batch_size,
+                              generate=False, prompt_format=fmt, progress=progress).splits
         apply_patch(model, args.patch)
 
     report = evaluate(
@@ -158,7 +172,16 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, generate=not args.no_generate,
         prompt_format=fmt, completion=completion, replay=args.replay, progress=progress)
     report.meta.update({"model_dir": args.model, "patch": args.patch, "original_dir": args.original})
+    if before:
+        report.meta["before_patch"] = {n: {"exact_match": m.exact_match, "nll": m.nll} for n, m in before.items()}
     paths = report.write_all(args.out)
     print(report.to_markdown())
+    def num(x) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    for name, m in (before or {}).items():
+        after = report.splits[name]
+        print(f"{name}: exact match {num(m.exact_match)} -> {num(after.exact_match)}, NLL {num(m.nll)} -> "
+              f"{num(after.nll)} (before -> after the patch)")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

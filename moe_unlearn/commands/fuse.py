@@ -27,7 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="weight of the retain inputs in each request's Gram matrix (default 1)")
     p.add_argument("--alpha", type=float, default=0.9,
                    help="off-diagonal scale of each Gram matrix (RegMean's regularisation; 1 = plain regression)")
-    add_model_args(p, device=False)
+    add_model_args(p)
     return p
 
 
@@ -42,7 +42,10 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError("give at least two --patch directories to fuse")
     for p in args.patch:
         read_patch_meta(p)  # a missing or malformed patch fails before the model load
-    check_out_dir(Path(args.out), model_dirs=(args.model, *args.patch), must_be_empty=True, what="--out")
+    from moe_unlearn.loading import check_model_dir
+
+    mdir = check_model_dir(args.model, trust_remote_code=args.trust_remote_code)  # a folder, or a cached hub id
+    check_out_dir(Path(args.out), model_dirs=(mdir, *args.patch), must_be_empty=True, what="--out")
     model, _ = load_from_args(args, tokenizer=False)
     out = fuse_patches(model, args.patch, args.out, ridge=args.ridge, retain_weight=args.retain_weight,
                        alpha=args.alpha)

@@ -18,8 +18,9 @@ from moe_unlearn.commands import add_model_args
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("inspect", help="print the MoE layers of a local model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="local model directory (save_pretrained layout)")
-    add_model_args(p, device=False)
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="local model directory (save_pretrained layout) or a hub id in the local HF cache")
+    add_model_args(p)  # --device / --device-map apply with --load-weights (the meta build needs no device)
     p.add_argument("--load-weights", action="store_true",
                    help="load the weights with from_pretrained instead of building the model on the meta device")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
@@ -66,9 +67,17 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from moe_unlearn.arch import model_summary
+    from moe_unlearn.commands import load_from_args
 
-    model = load_for_inspection(args.model_dir, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
-                                load_weights=args.load_weights)
+    if args.load_weights:
+        args.model = args.model_dir
+        model, _ = load_from_args(args, tokenizer=False)
+    else:
+        from moe_unlearn.loading import parse_device_map, resolve_device
+
+        resolve_device(args.device)  # flags are checked either way, though the meta build ignores them
+        parse_device_map(args.device_map)
+        model = load_for_inspection(args.model_dir, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
     summary = model_summary(model)
     print(json.dumps(summary, indent=2) if args.json else format_table(summary))
     return 0

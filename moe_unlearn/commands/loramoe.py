@@ -24,8 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("loramoe", help="LoRAMoE fine-tuning (world knowledge kept by the balancing constraint)")
     sub = p.add_subparsers(dest="loramoe_command", required=True)
     t = sub.add_parser("train", help="fine-tune a model on a jsonl file",
-                       description="Fine-tune a saved transformers model on a jsonl file with 'text' or 'prompt'/"
-                                   "'response' (loss on the response only) and an optional 'type' per record. "
+                       description="Fine-tune a saved transformers model on a jsonl file with 'text', 'prompt'/"
+                                   "'response' (loss on the response only) or 'question'/'answer' (loss on the answer), and an optional 'type' per record. "
                                    "Writes adapter/ (or model/ for --method full), routing stats and plots, "
                                    "history.json and finetune_config.json into --out.")
     t.add_argument("--model", required=True, help="folder with a saved model and its tokenizer")

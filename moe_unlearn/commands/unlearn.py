@@ -41,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "loaded, nothing written) and exit; with --shard fsdp2 --nproc N for N ranks")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="--plan: the number of ranks (default: WORLD_SIZE, else 1)")
+    p.add_argument("--chat-template", dest="template", action="store_const", const="chat", default=None,
+                   help="render QA records with the tokenizer's chat template (same as --template chat)")
     add_config_flags(p)
     add_model_args(p)
     return p
@@ -110,6 +112,8 @@ def build_config(args: argparse.Namespace):
         given["method_kwargs"] = {**cfg.method_kwargs, **_parse_sets(args.set)}
     if args.no_prefix_cache:
         given["prefix_cache"] = False
+    if given.get("template"):
+        given["template"] = given["template"].replace("\\n", "\n")  # a new line typed as \n
     model = args.model or paths["model"]
     forget = args.forget or paths["forget"]
     retain = args.retain or paths["retain"]
@@ -136,7 +140,7 @@ def check_inputs(args: argparse.Namespace, cfg, model_dir: str, forget: str, ret
     parse_dtype(args.dtype)
     for source in (forget, retain):  # read once to check (the engine reads them again, cheaply)
         if source is not None:
-            load_texts(source, field=cfg.field)
+            load_texts(source, field=cfg.field, template=None if cfg.template == "chat" else cfg.template)
     return mdir
 
 

@@ -31,11 +31,17 @@ class PromptFormat:
     template: str = "Question: {question}\nAnswer:"
     answer_prefix: str = " "
     max_length: int = 512
+    chat: bool = False  # the tokenizer's chat template instead (moe_unlearn.data.chat_parts), as in training
 
     @classmethod
     def from_template(cls, text_template: str, max_length: int = 512) -> PromptFormat:
         """From a full-text template with {question} and {answer} (as in moe_unlearn.data); whitespace
-        before {answer} moves into answer_prefix, so BPE tokenizers see " answer" as they did in training."""
+        before {answer} moves into answer_prefix, so BPE tokenizers see " answer" as they did in training.
+        "chat" (moe_unlearn.data.CHAT_TEMPLATE): the tokenizer's chat template."""
+        from moe_unlearn.data import CHAT_TEMPLATE
+
+        if text_template == CHAT_TEMPLATE:
+            return cls(template="{question}", answer_prefix="", max_length=max_length, chat=True)
         if "{answer}" not in text_template or "{question}" not in text_template:
             raise BadInputError(f"template {text_template!r} needs both {{question}} and {{answer}}")
         head, tail = text_template.split("{answer}", 1)
@@ -43,6 +49,29 @@ class PromptFormat:
             raise BadInputError(f"template {text_template!r}: {{answer}} must come last")
         stripped = head.rstrip()
         return cls(template=stripped, answer_prefix=head[len(stripped):], max_length=max_length)
+
+
+    def prompt_ids(self, tokenizer, question: str, *, shots: str = "", limit: int | None = None) -> list[int]:
+        """The prompt tokens of a question (`shots` before it: a few-shot block)."""
+        if self.chat:
+            from moe_unlearn.data import chat_parts
+
+            return encode(tokenizer, chat_parts(tokenizer, shots + question)[0], False, limit)
+        return encode(tokenizer, shots + self.template.format(question=question), True, limit)
+
+    def qa_ids(self, tokenizer, question: str, answer: str) -> tuple[list[int], list[int], str]:
+        """(prompt ids, target ids, full text) of a QA item: the same tokens training builds from the
+        record (moe_unlearn.data.tokenize_batches) under the same template."""
+        if self.chat:
+            from moe_unlearn.data import chat_parts
+
+            prompt, target = chat_parts(tokenizer, question, answer)
+            return (encode(tokenizer, prompt, False, self.max_length), encode(tokenizer, target, False,
+                                                                                self.max_length), prompt + target)
+        prompt = self.template.format(question=question)
+        return (encode(tokenizer, prompt, True, self.max_length),
+                encode(tokenizer, self.answer_prefix + answer, False, self.max_length),
+                prompt + self.answer_prefix + answer)
 
 
 @dataclass
@@ -70,12 +99,10 @@ def encode_items(tokenizer, items: Sequence[EvalItem], fmt: PromptFormat | None 
     out = []
     for i, item in enumerate(items):
         if item.is_qa:
-            prompt = fmt.template.format(question=item.question)
-            p_ids = encode(tokenizer, prompt, True, fmt.max_length)
-            a_ids = encode(tokenizer, fmt.answer_prefix + item.answer, False, fmt.max_length)
+            p_ids, a_ids, text = fmt.qa_ids(tokenizer, item.question, item.answer)
             if not p_ids or not a_ids:
                 raise DataError(f"item {i}: the question or the answer tokenizes to nothing ({item!r})")
-            ids, start, text = p_ids + a_ids, len(p_ids), prompt + fmt.answer_prefix + item.answer
+            ids, start = p_ids + a_ids, len(p_ids)
         else:
             ids, start, text = encode(tokenizer, item.text, True, fmt.max_length), 1, item.text
             if len(ids) < 2:

@@ -74,7 +74,7 @@ def _generation_metrics(model, tokenizer, scored: ScoredSplit, items, *, name: s
     stem = conv.rouge_stemmer
     if qa:
         prompts = [e.ids[: e.target_start] if not shots else
-                   encode(tokenizer, shots + fmt.template.format(question=it.question), True) for e, it in qa]
+                   fmt.prompt_ids(tokenizer, it.question, shots=shots) for e, it in qa]
         gens = greedy_generate(model, tokenizer, prompts, max_new_tokens,
                                batch_size=batch_size, progress=progress, desc=f"{name}: QA answers")
         for (_, it), g in zip(qa, gens, strict=True):
@@ -332,7 +332,7 @@ def evaluate(
         "seconds": round(time.perf_counter() - t0, 3),
         "batch_size": batch_size, "max_new_tokens": max_new_tokens, "generate": generate,
         "verbmem_prefix_tokens": verbmem_prefix_tokens, "verbmem_max_new_tokens": verbmem_max_new_tokens,
-        "prompt_template": fmt.template, "answer_prefix": fmt.answer_prefix, "min_k_ratio": min_k_ratio,
+        "prompt_template": fmt.template, "chat_template": fmt.chat, "answer_prefix": fmt.answer_prefix, "min_k_ratio": min_k_ratio,
         "convention": dataclasses.asdict(conv), "knowmem_shots": shots.count("Question: "),
         "stop_strings": list(stops),
         "target": list(target) if target is not None else None, "replay_gates": replay,

@@ -187,9 +187,8 @@ def tofu_split(model: nn.Module, tokenizer, items: Sequence[TofuItem], *, forget
 def _rouge_recall(model, tokenizer, items, fmt, conv, max_new_tokens, batch_size, progress, name) -> float:
     from moe_unlearn.eval.generation import greedy_generate
     from moe_unlearn.eval.metrics import rouge_l_recall
-    from moe_unlearn.eval.scoring import encode
 
-    prompts = [encode(tokenizer, fmt.template.format(question=it.question), True) for it in items]
+    prompts = [fmt.prompt_ids(tokenizer, it.question) for it in items]
     gens = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, progress=progress,
                            desc=f"{name}: TOFU answers")
     return float(np.mean([rouge_l_recall(tokenizer.decode(g, skip_special_tokens=True).strip(), it.answer,

@@ -6,8 +6,9 @@ The three methods share one path: records -> examples -> batches -> `moe_unlearn
     result = finetune(model, tokenizer, records, FinetuneConfig(method="loramoe", steps=200), out_dir="run/")
     # adapter knobs: FinetuneConfig(adapter=LoRAMoEConfig(num_experts=6, groups=[3, 3], ...), ...)
 
-Records: {"text": ...} (loss on every token) or {"prompt": ..., "response": ...} (loss on the
-response only), each with an optional "type" (the sample type of the balancing constraint).
+Records: {"text": ...} (loss on every token), {"prompt": ..., "response": ...} (loss on the
+response only) or {"question": ..., "answer": ...} (moe_unlearn.data's QA template: loss on the
+answer), each with an optional "type" (the sample type of the balancing constraint).
 The output folder holds `adapter/` (or `model/` for "full"), `finetune_config.json`,
 `history.json`, `routing_mass.json` + `routing_*.png` (methods with a router) and
 `checkpoints/` (resume source). Final files are staged and moved in one by one, each atomic.
@@ -161,12 +162,25 @@ def load_finetune_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def _prompt_response(rec: dict[str, Any]) -> tuple[str, str] | None:
+    """(prompt, response) of a prompt/response record, or of a question/answer record split as every
+    other command splits it (moe_unlearn.data's default template); None for neither."""
+    if isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
+        return rec["prompt"], rec["response"]
+    if isinstance(rec.get("question"), str) and isinstance(rec.get("answer"), str):
+        from moe_unlearn.data import load_examples
+
+        ex = load_examples([{"question": rec["question"], "answer": rec["answer"]}])[0]
+        return ex.prompt, ex.completion
+    return None
+
+
 def check_records(records: Sequence[dict[str, Any]], where: str = "data") -> None:
     for i, rec in enumerate(records):
         has_text = isinstance(rec.get("text"), str)
-        has_pair = isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str)
-        if not (has_text or has_pair):
-            raise DataError(f"{where} record {i}: needs a string 'text', or string 'prompt' and 'response'; "
+        if not (has_text or _prompt_response(rec) is not None):
+            raise DataError(f"{where} record {i}: needs a string 'text', string 'prompt' and 'response', or string "
+                            "'question' and 'answer'; "
                             f"it has {sorted(k for k, v in rec.items() if v is not None)}")
         t = rec.get("type")
         if t is not None and not isinstance(t, str):
@@ -187,12 +201,13 @@ def encode_records(records: Sequence[dict[str, Any]], tokenizer: Any, max_length
         if isinstance(rec.get("text"), str):
             prompt, body = [], enc(rec["text"])
         else:
-            prompt = enc(rec["prompt"])
-            body = enc(rec["response"])
+            prompt_text, response = _prompt_response(rec)
+            prompt = enc(prompt_text)
+            body = enc(response)
         ids = (list(prompt) + list(body) + tail)[:max_length]
         if len(ids) <= len(prompt):
             raise DataError(f"a record's prompt fills all {max_length} tokens, so nothing is left to learn; "
-                            f"raise max_length or shorten the prompt (prompt starts {rec.get('prompt', '')[:40]!r})")
+                            f"raise max_length or shorten the prompt (prompt starts {_prompt_response(rec)[0][:40]!r})")
         out.append(Example(torch.tensor(ids, dtype=torch.long), len(prompt), rec.get("type")))
     return out
 

@@ -153,12 +153,31 @@ def routing_stats(
     return routing_stats_torch(logits, **kwargs)
 
 
-def routed_pays(E: int, r: int) -> bool:
-    """Top-K through the routed (sorted-by-expert) kernels when the dense mixture no longer fits the fused
-    on-chip forward (E * r_pad > 256 columns, e.g. E=64 top-4): then densified gates would cost E/K times the
-    FLOPs. Narrow mixtures (E=8, r=16) keep the dense fused kernel, which reads x once."""
+# Machine balance used by the cost model: FLOPs one byte of HBM traffic buys on an H100 SXM (989 TFLOP/s dense
+# bf16/fp16 tensor cores or 67 TFLOP/s fp32 without tf32, over 3.35 TB/s). The H200 (4.3 TB/s) is close enough.
+FLOPS_PER_BYTE = {2: 295.0, 4: 20.0}
+
+
+def routed_pays(E: int, r: int, K: int, d_in: int, d_out: int, elem_bytes: int) -> bool:
+    """Whether top-K goes through the routed (sorted-by-expert) kernels rather than densified gates.
+
+    Cost model, per token, in bytes of HBM traffic (FLOPs converted at the machine balance FLOPS_PER_BYTE):
+    - routed: x gathered once per pair (K d_in), y_p written and read back in the model dtype (2 K d_out),
+      the delta written once (d_out), all times the element size, plus h in fp32 (2 K r 4); its FLOPs
+      (2 K r (d_in + d_out)) are negligible next to that;
+    - dense (two GEMMs over the E r stacked columns): the larger of its FLOPs 2 E r (d_in + d_out) over the
+      balance and its bytes (d_in + d_out) es + the [E r] intermediate written and read in fp32 (2 E r 4)
+      unless the fused forward keeps it on chip (E r_pad <= 256).
+    Both grow linearly in T, so the choice does not depend on T. At E=64, r=16, K=4, d=4096, bf16 the
+    routed path costs ~107 KB per token against ~57 KB for dense tensor-core GEMMs: dense is taken; at
+    E=128, K=2 or with fp32 (no tensor cores) the routed path wins. Measure on the GPU (bench_ops.py) before
+    trusting the balance."""
+    es = elem_bytes
+    routed = (K * d_in + 2 * K * d_out + d_out) * es + 2 * K * r * 4
     r_pad = 1 << max(0, (r - 1).bit_length())
-    return E * max(r_pad, 1) > 256
+    h_bytes = 0 if E * r_pad <= 256 else 2 * E * r * 4
+    dense = max(2 * E * r * (d_in + d_out) / FLOPS_PER_BYTE.get(es, 295.0), (d_in + d_out) * es + h_bytes)
+    return routed < dense
 
 
 def loramoe_delta(
@@ -218,7 +237,7 @@ def loramoe_delta(
         idx = topk_idx.long() if topk_idx is not None else None
         delta = loramoe_delta_torch(x, A, B, gates, topk_idx=idx, topk_weight=topk_weight, scale=scale)
         return delta if out is None else out.add_(delta)
-    if name == "triton" and gates is None and routed_pays(E, r):
+    if name == "triton" and gates is None and routed_pays(E, r, topk_idx.shape[1], d_in, d_out, x.element_size()):
         from moe_unlearn.kernels.loramoe_routed import loramoe_delta_routed_triton
 
         return loramoe_delta_routed_triton(x, A, B, topk_idx, topk_weight, scale=scale, out=out)

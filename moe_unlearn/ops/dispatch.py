@@ -88,7 +88,7 @@ def _why_not(name: str, op: str, device: torch.device, cuda_ops: Sequence[str]) 
     ext = cuda_extension()
     if ext is None:
         return ("the CUDA extension moe_unlearn._C is not built; reinstall on a machine with a CUDA torch "
-                "and nvcc (pip install -e . --no-build-isolation) or use backend='triton'")
+                "and nvcc (MOE_UNLEARN_CUDA_EXT=1 pip install -e . --no-build-isolation) or use backend='triton'")
     if op not in cuda_ops:
         return f"the CUDA extension has no {op!r} for this call; use backend='triton' or 'torch'"
     return None

@@ -31,14 +31,15 @@ class Batches:
 def make_batches(cfg: UnlearnConfig, forget: Any, retain: Any, tokenizer: Any, model: nn.Module) -> Batches:
     """Both data sets tokenized as the config says; token ids past the model's embedding are refused."""
     kw = dict(batch_size=cfg.batch_size, max_length=cfg.max_length, field_name=cfg.field,
-              loss_tokens=cfg.loss_tokens, model=model)
+              loss_tokens=cfg.loss_tokens, model=model, template=cfg.template)
     return Batches(forget=tokenize(forget, tokenizer, what="forget", seed=cfg.seed, **kw),
                    retain=tokenize(retain, tokenizer, what="retain", seed=cfg.seed + 1, **kw)
                    if retain is not None else None)
 
 
 def tokenize(source: Any, tokenizer: Any, *, batch_size: int, max_length: int, field_name: str | None,
-             what: str, loss_tokens: str, seed: int, model: nn.Module | None = None) -> list[Batch]:
+             what: str, loss_tokens: str, seed: int, model: nn.Module | None = None,
+             template: str | None = None) -> list[Batch]:
     """The padded batches of one data set, its texts in a seeded order (so the seed changes
     which texts share a batch). QA records score their answer tokens only unless
     loss_tokens="all" (see moe_unlearn.data.tokenize_batches). With `model`, token ids past its
@@ -51,7 +52,7 @@ def tokenize(source: Any, tokenizer: Any, *, batch_size: int, max_length: int, f
         if tokenizer is None:
             raise BadInputError("unlearn() needs tokenizer=... to tokenize text data")
         try:
-            examples = load_examples(source, field=field_name)
+            examples = load_examples(source, field=field_name, template=template, tokenizer=tokenizer)
         except DataError as exc:
             raise DataError(f"{what} set: {exc}") from exc
         tb = tokenize_batches(examples, tokenizer, batch_size=batch_size, max_length=max_length,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moe_unlearn.config_aliases import apply_aliases
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.validate import check_int, check_number
 
@@ -225,6 +226,10 @@ class UnlearnConfig:
     field: str | None = option(None, kind="str", optional=True, help="jsonl/dataset field holding the text")
     loss_tokens: str = option("answer", kind="str", choices=_loss_tokens, **_ID,
                               help="answer (default): QA records score their answer tokens only; all: every token")
+    template: str | None = option(None, kind="str", optional=True, record=True,
+                                  help="how QA records become text: a template with {question} and {answer} "
+                                       "(default 'Question: {question}\\nAnswer: {answer}'), or chat: the "
+                                       "tokenizer's chat template (also --chat-template)")
     # memory / speed
     prefix_cache: bool = option(True, kind="bool", cli=False,
                                 help="run only the layers from the first trained one (CLI: --no-prefix-cache)")
@@ -248,6 +253,10 @@ class UnlearnConfig:
     checkpoint_dir: str | None = option(None, kind="path", optional=True, cli=False,
                                         help="where checkpoints go (default OUT.ckpt)")
     progress: bool = option(True, kind="bool", cli=False, help="progress bar (CLI: --quiet turns it off)")
+    report_to: str | None = option(None, kind="str", optional=True,
+                                   help="send each step's loss terms, lr and gradient norm to tensorboard and/or "
+                                        "jsonl (comma-separated; moe_unlearn.log), under --logging-dir")
+    logging_dir: str | None = option(None, kind="str", optional=True, help="folder for --report-to")
 
     @classmethod
     def names(cls) -> list[str]:
@@ -270,7 +279,7 @@ class UnlearnConfig:
             setattr(cfg, k, v)
         if isinstance(cfg.method_kwargs, Mapping) or cfg.method_kwargs is None:
             cfg.method_kwargs = dict(cfg.method_kwargs or {})
-        for k in ("out_dir", "model_dir", "checkpoint_dir"):
+        for k in ("out_dir", "model_dir", "checkpoint_dir", "logging_dir"):
             v = getattr(cfg, k)
             if isinstance(v, os.PathLike):
                 setattr(cfg, k, os.fspath(v))
@@ -360,7 +369,7 @@ def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
         raise BadInputError(f"--config {p} must hold a mapping of option names to values")
     if "config" in data and isinstance(data["config"], dict):  # a patch.json: replay its run
         return {**data.get("inputs", {}), **data["config"]}
-    return data
+    return apply_aliases(data)  # TrainingArguments names (learning_rate, max_steps, ...): moe_unlearn.config_aliases
 
 
 __all__ = ["Option", "UnlearnConfig", "option", "read_run_file"]

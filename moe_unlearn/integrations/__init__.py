@@ -1,0 +1,1 @@
+"""Bridges to other training stacks. `hf_trainer`: a Hugging Face `Trainer` drives `unlearn()`."""
