@@ -68,16 +68,18 @@ def local_param_bytes(model: nn.Module) -> int:
 
 def shard_from_launcher(env: Mapping[str, str] | None = None) -> str | None:
     """The sharding an `accelerate launch` config asks for: its FSDP plugin maps onto "fsdp2"; a
-    DeepSpeed config is refused (ZeRO-3's backward fails once everything but the trained slices is
-    frozen, which is what unlearning does). None when no launcher asks for sharding."""
+    DeepSpeed ZeRO-3 config (or one whose stage is not said) is refused (ZeRO-3's backward fails once
+    everything but the trained slices is frozen, which is what unlearning does); ZeRO-1/2 keep whole
+    parameters, so they run data parallel. None when no launcher asks for sharding."""
     env = os.environ if env is None else env
 
     def on(name: str) -> bool:
         return str(env.get(name, "")).strip().lower() in ("1", "true", "yes")
 
-    if on("ACCELERATE_USE_DEEPSPEED"):
-        raise BadInputError("accelerate launch with a DeepSpeed config is not supported (ZeRO-3 cannot train the "
-                            "slices of a frozen model); launch with an FSDP config, or torchrun with --shard fsdp2")
+    if on("ACCELERATE_USE_DEEPSPEED") and str(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")).strip() == "3":
+        raise BadInputError("accelerate launch with a DeepSpeed ZeRO-3 config is not supported (its backward fails "
+                            "once all but the trained slices are frozen); launch with an FSDP config, or torchrun "
+                            "with --shard fsdp2")
     if on("ACCELERATE_USE_FSDP"):
         return "fsdp2"
     return None
@@ -135,9 +137,9 @@ def trained_parameters(model: nn.Module, names: Iterable[str]) -> list[nn.Parame
 
 def _units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     """(decoder layers, [embedding, final norm, lm_head]) of a transformers decoder."""
-    from moe_unlearn.unlearning.plan import decoder_layer_list
+    from moe_unlearn.arch.discovery import adapter_for, decoder_layers
 
-    layers = list(decoder_layer_list(model))
+    layers = list(decoder_layers(model, adapter_for(model).decoder_layer_lists)[1])
     base = getattr(model, "model", None)
     edges = [model.get_input_embeddings(), getattr(base, "norm", None), model.get_output_embeddings()]
     return layers, [m for m in edges if m is not None]

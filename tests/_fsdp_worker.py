@@ -59,6 +59,44 @@ class PeakLocalBytes(TrainHooks):
         self._count()
 
 
+def attribution(out: str, mode: str = "single") -> None:
+    """Attribution of FORGET (3 batches: one rank of two runs an idle pass), split over the ranks and not,
+    on a model sharded by `shard_model` (attr_fsdp2) or one process (single); saved to OUT."""
+    from moe_unlearn.attribution import attribute_experts
+    from moe_unlearn.sharding import shard_model
+
+    model = tiny_model("qwen3_moe")
+    if mode != "single":
+        shard_model(model, [])
+    state = {}
+    for split in (False, True):
+        att = attribute_experts(model, FORGET, tokenizer=word_tokenizer(), batch_size=3, max_length=12,
+                                keep_token_routing=not split, progress=False, stability=True)
+        for k in ("affinity", "frequency", "mean_score", "counts"):
+            state[f"{split}.{k}"] = getattr(att, k)
+        state[f"{split}.tokens"] = torch.tensor([att.num_tokens, att.num_sequences])
+        state[f"{split}.top"] = torch.tensor([[att.top(1)[0].layer, att.top(1)[0].expert]])
+    torch.save(state, out)
+
+
+def evaluation(out: str, mode: str = "single") -> None:
+    """evaluate() (likelihoods, generation, MIA, routing) of a model sharded by `shard_model` (eval_fsdp2)
+    or of one process (single), its report saved as JSON to OUT; the sharded model's first forward is
+    evaluate()'s own."""
+    import json
+
+    from moe_unlearn.eval import evaluate
+    from moe_unlearn.sharding import shard_model
+
+    model = tiny_model("qwen3_moe")
+    if mode != "single":
+        shard_model(model, [])
+    qa = [{"question": f"w{i} w{i + 1}", "answer": f"w{i + 2} w{i + 3}"} for i in range(0, 30, 6)]
+    rep = evaluate(model, word_tokenizer(), forget=qa[:3], retain=qa[3:] + RETAIN[:2], holdout=RETAIN[2:6],
+                   batch_size=2, max_new_tokens=4, verbmem_max_new_tokens=4, progress=False)
+    Path(out).write_text(json.dumps(rep.to_dict(), default=str))
+
+
 def memory_report(model: torch.nn.Module) -> dict:
     """Bytes this rank stores, its share of the sharded parameters (dim 0 split, rounded up, as FSDP2
     pads) and the bytes of the parameters it holds whole."""
@@ -84,6 +122,12 @@ def main(out_root: str, grad_accum: int, modes: list[str]) -> None:
     rank, _ = world()
     for mode in modes:
         out = Path(out_root) / mode
+        if mode.startswith(("attr", "eval")):
+            if mode.startswith("attr"):
+                attribution(str(out.with_name(f"{mode}.rank{rank}.pt")), mode)
+            else:
+                evaluation(str(out.with_name(f"{mode}.rank{rank}.json")), mode)
+            continue
         rep = run(str(out), grad_accum, mode)
         torch.save(rep, out.with_name(f"{mode}.rank{rank}.pt"))
 

@@ -1,8 +1,10 @@
 """FSDP2 sharded unlearning (torchrun, gloo on the CPU): the patch is bit-identical to one process with the
-equivalent accumulation, each rank stores its share plus the trained block only; launcher and input refusals."""
+equivalent accumulation, each rank stores its share plus the trained block only; attribution and evaluation of a
+sharded model equal one process; launcher and input refusals."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,10 +39,26 @@ def _clean_env() -> dict:
 def test_fsdp2_two_ranks_bit_identical_to_one_process(tmp_path):
     single = tmp_path / "single"
     _fsdp_worker.run(str(single), grad_accum=2)  # one process, no sharding, 2 micro-batches per step
+    _fsdp_worker.attribution(str(tmp_path / "attr_single.pt"))
+    _fsdp_worker.evaluation(str(tmp_path / "eval_single.json"))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "tests" / "_fsdp_worker.py"), str(tmp_path), "1", ",".join(MODES)],
+                           str(ROOT / "tests" / "_fsdp_worker.py"), str(tmp_path), "1",
+                           ",".join(MODES + ("attr", "eval_fsdp2"))],
                           cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    one = torch.load(tmp_path / "attr_single.pt")
+    for rank in (0, 1):  # attribution of a sharded model, split over the ranks or not: the one-process values
+        got = torch.load(tmp_path / f"attr.rank{rank}.pt")
+        assert got.keys() == one.keys()
+        for k in one:
+            exact = k.endswith(("counts", "tokens", "top"))
+            assert torch.equal(got[k], one[k]) if exact else torch.allclose(got[k], one[k], atol=1e-6), (rank, k)
+    ev = json.loads((tmp_path / "eval_single.json").read_text())
+    for rank in (0, 1):  # evaluate() of a sharded model (every rank runs all of it): the one-process report
+        got = json.loads((tmp_path / f"eval_fsdp2.rank{rank}.json").read_text())
+        for report in (got, ev):
+            report.pop("meta")  # the model's class name (FSDP's) and the wall time
+        assert got == ev, rank
     ref = load_file(str(single / "patch.safetensors"))
     model = tiny_model("qwen3_moe")
     params = dict(model.named_parameters())
@@ -93,6 +111,9 @@ def test_accelerate_launcher_configs():
     assert shard_from_launcher({"ACCELERATE_USE_FSDP": "false"}) is None and shard_from_launcher({}) is None
     with pytest.raises(BadInputError, match="--shard fsdp2"):
         shard_from_launcher({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_FSDP": "false"})
+    with pytest.raises(BadInputError, match="ZeRO-3"):
+        shard_from_launcher({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    assert shard_from_launcher({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}) is None
     with pytest.raises(BadInputError, match="--device-map cannot be combined with 2 processes"):
         check_launch(None, "auto", 2)
     with pytest.raises(BadInputError, match="torchrun"):
