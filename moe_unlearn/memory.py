@@ -97,7 +97,7 @@ def estimate(model: nn.Module, targets: list[tuple[int, int]] | None = None, *, 
     """The per-rank memory of a uoe / topm run on `targets` [(layer, expert)] (default: expert 0 of the
     first MoE layer) of `model` (a meta-device model from `meta_model`, or a real one)."""
     from moe_unlearn.arch import find_moe_layers
-    from moe_unlearn.sharding import _units
+    from moe_unlearn.sharding import shard_units
     from moe_unlearn.unlearning.scopes import master_dtype
 
     layers = {m.layer_idx: m for m in find_moe_layers(model)}
@@ -118,7 +118,7 @@ def estimate(model: nn.Module, targets: list[tuple[int, int]] | None = None, *, 
     block = sum(_nbytes(p) for p in keep.values())
     if shard:
         weights = sum(_nbytes(p) if id(p) in keep else _share(p, world_size) for p in params)
-        unit_layers, edges = _units(model)
+        unit_layers, edges = shard_units(model)
         gathered = max(sum(_nbytes(p) for p in u.parameters() if id(p) not in keep) for u in [*unit_layers, *edges])
         gathered *= 2
     else:

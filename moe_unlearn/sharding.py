@@ -100,7 +100,7 @@ def check_launch(shard: str | None, device_map: Any, world_size: int) -> None:
 def resolve_shard(shard: str | None, model: nn.Module) -> str | None:
     """The sharding of a run, checked before any work: `shard`, else "fsdp2" for a model the user
     already wrapped with `fully_shard`, else the accelerate launcher's; None = whole model per rank."""
-    from moe_unlearn.distributed import _is_sharded
+    from moe_unlearn.distributed import sharded_kind
 
     shard = shard or ("fsdp2" if is_fsdp2(model) else None) or shard_from_launcher()
     if shard is None:
@@ -111,7 +111,7 @@ def resolve_shard(shard: str | None, model: nn.Module) -> str | None:
     if shard not in SHARD_MODES:
         raise BadInputError(f"shard must be one of {', '.join(SHARD_MODES)} or None, got {shard!r}")
     for name, p in model.named_parameters():
-        why = _is_sharded(p)
+        why = sharded_kind(p)
         if why is not None and not is_dtensor(p):
             raise BadInputError(f"parameter {name} is a {why}; shard={shard!r} shards the model with FSDP2 itself: "
                                 "pass the model unwrapped")
@@ -135,7 +135,7 @@ def trained_parameters(model: nn.Module, names: Iterable[str]) -> list[nn.Parame
     return list(out.values())
 
 
-def _units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+def shard_units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     """(decoder layers, [embedding, final norm, lm_head]) of a transformers decoder."""
     from moe_unlearn.arch.discovery import adapter_for, decoder_layers
 
@@ -157,7 +157,7 @@ def shard_model(model: nn.Module, keep: Iterable[nn.Parameter]) -> nn.Module:
         own = {p for m in (mods if isinstance(mods, list) else [mods]) for p in m.parameters()}
         return (own & keep) or None
 
-    layers, (embed, *rest) = _units(model)
+    layers, (embed, *rest) = shard_units(model)
     for layer in layers:
         fully_shard(layer, ignored_params=ignored(layer))
     head = rest[-1] if rest else None
@@ -229,9 +229,9 @@ def prepare(model: nn.Module, trained_names: Iterable[str]) -> bool:
                             "moe_unlearn.sharding.shard_model), or pass the unwrapped model with shard='fsdp2'")
     from torch.distributed.fsdp import FSDPModule
 
-    _, edges = _units(model)
+    _, edges = shard_units(model)
     return all(isinstance(m, FSDPModule) or not any(is_dtensor(p) for p in m.parameters()) for m in edges)
 
 
 __all__ = ["SHARD_MODES", "check_launch", "is_fsdp2", "local_param_bytes", "prepare", "resolve_shard",
-           "shard_from_launcher", "shard_model", "trained_parameters"]
+           "shard_from_launcher", "shard_model", "shard_units", "trained_parameters"]
