@@ -169,9 +169,19 @@ def shard_model(model: nn.Module, keep: Iterable[nn.Parameter]) -> nn.Module:
     fully_shard(model, ignored_params=keep or None)
     _move_kept(model, keep)
     _backward_prefetch(model, layers, [embed, *rest], keep)
-    for m in [*layers, embed, *rest]:
-        m.register_forward_hook(_reshard_without_graph)
+    _reshard_after_no_grad(model)
     return model
+
+
+def _reshard_after_no_grad(model: nn.Module) -> None:
+    """Every FSDP2 unit of `model` frees its gathered parameters after a forward without autograd (once
+    per unit, however many runs see the model)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule) and not getattr(m, "_moe_unlearn_reshards", False):
+            m.register_forward_hook(_reshard_without_graph)
+            m._moe_unlearn_reshards = True
 
 
 def _reshard_without_graph(module: nn.Module, args: Any, output: Any) -> None:
@@ -229,6 +239,7 @@ def prepare(model: nn.Module, trained_names: Iterable[str]) -> bool:
                             "moe_unlearn.sharding.shard_model), or pass the unwrapped model with shard='fsdp2'")
     from torch.distributed.fsdp import FSDPModule
 
+    _reshard_after_no_grad(model)
     _, edges = shard_units(model)
     return all(isinstance(m, FSDPModule) or not any(is_dtensor(p) for p in m.parameters()) for m in edges)
 
