@@ -10,6 +10,10 @@ of a live concurrent writer are left alone. Results get the permissions the umas
 (`mkstemp`/`mkdtemp` would otherwise leave them private, 0600/0700).
 
 `check_out_dir` is the one check of an output folder, run by every command before any work.
+Writers that report a failed write as something other than OSError (`torch.save` raises a
+RuntimeError "file write failed", safetensors its own error on a full disk) are translated
+into the OSError they stand for (`as_os_error`) by every context manager here, so a full disk
+is the same one message whichever library was writing.
 """
 
 from __future__ import annotations
@@ -27,11 +31,37 @@ from typing import Any
 
 from moe_unlearn.errors import BadInputError
 
-__all__ = ["atomic_dir", "atomic_path", "check_out_dir", "clean_dead_temps", "clean_stale_temps", "is_out_of_space",
+__all__ = ["as_os_error", "atomic_dir", "atomic_path", "check_out_dir", "clean_dead_temps", "clean_stale_temps", "is_out_of_space",
            "staged_files", "write_json", "write_text"]
 
 # .<dest name>.<kind>-<pid>-<8 random characters of mkstemp/mkdtemp>[suffix]
 _TEMP_RE = re.compile(r"^\.(?P<dest>.+)\.(?:tmp|staging|file|old)-(?P<pid>\d+)-[a-z0-9_]{8}(?:\.[^/]*)?$")
+
+
+# what writers that do not raise OSError say when the file system refused a write
+_WRITE_FAILED_RE = re.compile(r"write failed|No space left|StorageFull|os error 28|Disk quota|IoError|"
+                              r"Input/output error|unexpected pos", re.IGNORECASE)
+
+
+def as_os_error(exc: BaseException, path: str | os.PathLike) -> BaseException:
+    """`exc` itself, or, for a non-OSError a writer raised because the write failed (torch.save's
+    RuntimeError, safetensors' error), an OSError for `path` (ENOSPC when the disk is full, else EIO)."""
+    if isinstance(exc, OSError) or not isinstance(exc, Exception) or not _WRITE_FAILED_RE.search(str(exc)):
+        return exc
+    full = bool(re.search(r"space|StorageFull|os error 28|quota", str(exc), re.IGNORECASE))
+    try:
+        full = full or shutil.disk_usage(Path(path).parent).free < 2**20
+    except OSError:
+        pass
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code), os.fspath(path))
+
+
+def _reraise(exc: BaseException, path: str | os.PathLike) -> None:
+    translated = as_os_error(exc, path)
+    if translated is exc:
+        raise exc
+    raise translated from exc
 
 
 def _prefix(dest: Path, kind: str) -> str:
@@ -123,9 +153,9 @@ def atomic_path(dest: str | os.PathLike, *, suffix: str | None = None) -> Iterat
         yield Path(tmp)
         _publish_mode(Path(tmp), directory=False)
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        _reraise(exc, dest)
 
 
 def write_text(dest: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:
@@ -164,9 +194,9 @@ def atomic_dir(dest: str | os.PathLike, *, replace: bool = False) -> Iterator[Pa
         if dest.exists():
             dest.rmdir()
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _reraise(exc, dest)
 
 
 @contextmanager
@@ -177,9 +207,11 @@ def staged_files(out_dir: str | os.PathLike, *, last: str | None = None,
     name (entry `last`, if given, goes last: a completion marker). Other entries already in
     `out_dir` are kept, except those named in `owned` (the outputs a run of this kind can write) that this
     run did not write: they are removed, so a stale file of an earlier run never sits beside the new
-    ones. On an error nothing moves. A missing `out_dir` is created by renaming
-    the whole staging folder into place; an existing one gets the staging folder inside it, so
-    the moves stay on its file system. The staging folder is always removed."""
+    ones. On an error nothing moves, and the moves themselves are all-or-nothing: the entries they
+    replace or remove are first moved aside into a backup folder in `out_dir`; if a move fails, what was
+    moved in is taken out again and the backups are put back (`_swap_in`). A missing `out_dir` is created
+    by renaming the whole staging folder into place; an existing one gets the staging folder inside it,
+    so the moves stay on its file system. The staging and backup folders are always removed."""
     out = Path(out_dir)
     existed = out.exists()
     if not existed:
@@ -193,21 +225,36 @@ def staged_files(out_dir: str | os.PathLike, *, last: str | None = None,
         if not out.exists():
             os.replace(stage, out)
             return
-        written = {entry.name for entry in stage.iterdir()}
-        for name in owned:
-            stale = out / name
-            if name not in written and (stale.exists() or stale.is_symlink()):
-                if stale.is_dir() and not stale.is_symlink():
-                    shutil.rmtree(stale)
-                else:
-                    stale.unlink()
-        for entry in sorted(stage.iterdir(), key=lambda p: (p.name == last, p.name)):
-            target = out / entry.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(entry, target)
+        _swap_in(stage, out, owned=owned, last=last)
+    except BaseException as exc:
+        _reraise(exc, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _swap_in(stage: Path, out: Path, *, owned: tuple[str, ...], last: str | None) -> None:
+    """Move every entry of `stage` into `out` (and take away the `owned` names the stage lacks), all or
+    nothing: replaced entries wait in a backup folder until every move succeeded."""
+    written = {entry.name for entry in stage.iterdir()}
+    backup = Path(tempfile.mkdtemp(prefix=_prefix(out / "files", "old"), dir=out))
+    aside: list[str] = []
+    moved: list[str] = []
+    try:
+        for name in sorted(written | {n for n in owned if (out / n).exists() or (out / n).is_symlink()}):
+            if (out / name).exists() or (out / name).is_symlink():
+                os.replace(out / name, backup / name)
+                aside.append(name)
+        for entry in sorted(stage.iterdir(), key=lambda p: (p.name == last, p.name)):
+            os.replace(entry, out / entry.name)
+            moved.append(entry.name)
+    except BaseException:
+        for name in moved:  # take the new entries out again, then put the old ones back
+            os.replace(out / name, stage / name)
+        for name in aside:
+            os.replace(backup / name, out / name)
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 def check_out_dir(out: str | os.PathLike, *, model_dirs: tuple[str | os.PathLike | None, ...] = (),

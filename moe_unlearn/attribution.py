@@ -21,7 +21,9 @@ The premise check (UOE assumes the forget knowledge sits in the target expert): 
 - coverage(S) = share of forget tokens whose top-K contains an expert of the target set S at
   its layer (any layer of S), from the per-token top-K kept for the forget data.
 `Attribution.premise(targets)` returns both and warns (PremiseWarning) below coverage 0.5 or
-selectivity 2; `select_targets(attribution, coverage=0.8)` adds experts until a coverage is met.
+selectivity 2. Routing is not storage: given the model and forget / utility data,
+`moe_unlearn.locate.knowledge_premise` also zero-ablates the targets and passes the result as
+`premise(..., knowledge=)`; the verdict then follows the knowledge; `select_targets(attribution, coverage=0.8)` adds experts until a coverage is met.
 Shared experts (always-on MLPs beside the routed ones) are not scored: every token goes
 through them, so their affinity would be 1.0 and they would always win; they are listed
 per layer in `Attribution.shared_layers` and only enter `top()` with include_shared=True.
@@ -35,7 +37,6 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,16 +78,24 @@ class Premise:
     coverage: float
     selectivity: list[float] | None
     per_layer_coverage: dict[int, float]
+    knowledge: Any = None  # moe_unlearn.locate.KnowledgeCheck: forget / utility with the targets zeroed
+
+    @property
+    def routing_holds(self) -> bool:
+        sel_ok = self.selectivity is None or min(self.selectivity) >= PREMISE_MIN_SELECTIVITY
+        return self.coverage >= PREMISE_MIN_COVERAGE and sel_ok
 
     @property
     def holds(self) -> bool:
-        sel_ok = self.selectivity is None or min(self.selectivity) >= PREMISE_MIN_SELECTIVITY
-        return self.coverage >= PREMISE_MIN_COVERAGE and sel_ok
+        """The knowledge verdict where it was measured, else the routing one."""
+        return self.knowledge.holds if self.knowledge is not None else self.routing_holds
 
     def to_dict(self) -> dict[str, Any]:
         return {"targets": [list(t) for t in self.targets], "coverage": self.coverage,
                 "selectivity": self.selectivity,
-                "per_layer_coverage": {str(k): v for k, v in self.per_layer_coverage.items()}, "holds": self.holds}
+                "per_layer_coverage": {str(k): v for k, v in self.per_layer_coverage.items()},
+                "routing_holds": self.routing_holds,
+                "knowledge": None if self.knowledge is None else self.knowledge.to_dict(), "holds": self.holds}
 
 
 @dataclass(frozen=True)
@@ -220,15 +229,29 @@ class Attribution:
             covered |= hit
         return (float(covered.double().mean()) if covered.numel() else 0.0), per_layer
 
-    def premise(self, targets: Sequence[Any] | None = None, *, warn: bool = True) -> Premise:
+    def premise(self, targets: Sequence[Any] | None = None, *, warn: bool = True, knowledge: Any = None) -> Premise:
         """Coverage and selectivity of `targets` (default: the SEUF target); warns (PremiseWarning)
-        when coverage < 0.5 or any target's selectivity < 2, saying what to do instead."""
+        when coverage < 0.5 or any target's selectivity < 2, saying what to do instead.
+
+        knowledge: a measured `moe_unlearn.locate.KnowledgeCheck` of the same targets (forget / utility
+        with them zeroed; `moe_unlearn.locate.knowledge_premise` measures it and calls this): the verdict
+        then follows the knowledge, and the warning says when the targets do not hold the forget
+        knowledge (whatever the routing says)."""
         pairs = [self._pair(t) for t in targets] if targets is not None else [self.target()]
         cov, per_layer = self._coverage(pairs)
         sel = self.selectivity
         sel_list = None if sel is None else [float(sel[self._row(lay), e]) for lay, e in pairs]
-        result = Premise(targets=pairs, coverage=cov, selectivity=sel_list, per_layer_coverage=per_layer)
-        if warn and not result.holds:
+        result = Premise(targets=pairs, coverage=cov, selectivity=sel_list, per_layer_coverage=per_layer,
+                         knowledge=knowledge)
+        if warn and knowledge is not None and not knowledge.holds:
+            unit = "EM" if knowledge.metric == "em" else "NLL"
+            warnings.warn(
+                f"targets {pairs} do not hold the forget knowledge: zeroing them moves forget {unit} "
+                f"{knowledge.forget_before:.3f} -> {knowledge.forget_after:.3f} and utility {unit} "
+                f"{knowledge.utility_before:.3f} -> {knowledge.utility_after:.3f} (routing: coverage {cov:.2f}). "
+                "Unlearning them alone can hide the facts (routing away) rather than erase them; see "
+                "`moe-unlearn locate` for where the knowledge is.", PremiseWarning, stacklevel=2)
+        elif warn and knowledge is None and not result.holds:
             sel_txt = "unknown (no retain data given)" if sel_list is None else ", ".join(f"{v:.2f}" for v in sel_list)
             cov_ok = cov >= PREMISE_MIN_COVERAGE
             sel_ok = sel_list is not None and all(v >= PREMISE_MIN_SELECTIVITY for v in sel_list)
@@ -287,29 +310,78 @@ class Attribution:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Attribution:
+        """An attribution from its JSON form, every field checked (types, one row per layer, finite values,
+        top-K within the experts) before anything ranks it: a damaged file is one DataError, never NaN
+        affinities that silently pick expert 0:0 or a row count that fails with IndexError after a model load."""
+        from moe_unlearn.validate import check_int, check_number, check_tensor
+
         if not isinstance(d, dict) or d.get("format") != "moe-unlearn-attribution":
             raise DataError("not a moe-unlearn attribution (missing format tag); write it with Attribution.to_json")
         try:
-            tensors = {n: torch.tensor(d[n], dtype=torch.int64 if n == "counts" else torch.float32) for n in _STATS}
-            return cls(layers=[int(x) for x in d["layers"]], top_k=[int(x) for x in d["top_k"]],
-                       score_fns=list(d["score_fns"]), shared_layers=[int(x) for x in d["shared_layers"]],
-                       num_sequences=int(d["num_sequences"]), num_tokens=int(d["num_tokens"]),
-                       num_truncated=int(d.get("num_truncated", 0)), stability=d.get("stability"),
-                       stability_seed=d.get("stability_seed"), meta=dict(d.get("meta", {})),
-                       retain_frequency=(torch.tensor(d["retain_frequency"], dtype=torch.float32)
-                                         if d.get("retain_frequency") is not None else None),
-                       retain_num_tokens=d.get("retain_num_tokens"), **tensors)
+            return cls._from_checked_dict(d, check_int, check_number, check_tensor)
+        except BadInputError as exc:
+            raise DataError(f"malformed attribution data: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"malformed attribution data: {exc!r}") from exc
 
     @classmethod
+    def _from_checked_dict(cls, d: dict[str, Any], check_int: Any, check_number: Any, check_tensor: Any
+                           ) -> Attribution:
+        def ints(name: str, low: int = 0) -> list[int]:
+            if not isinstance(d[name], list):
+                raise BadInputError(f"{name} must be a list of integers")
+            return [check_int(f"{name}[{i}]", x, low=low) for i, x in enumerate(d[name])]
+
+        layers = ints("layers")
+        if not layers or len(set(layers)) != len(layers):
+            raise BadInputError(f"layers must be distinct layer indices, at least one; got {layers}")
+        tensors = {}
+        for n in _STATS:
+            try:
+                t = torch.tensor(d[n], dtype=torch.int64 if n == "counts" else torch.float32)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+                raise BadInputError(f"{n} is not a table of numbers ({' '.join(str(exc).split())[:80]})") from None
+            tensors[n] = check_tensor(n, t, shape=(len(layers), None), error=BadInputError)
+        num_experts = tensors["affinity"].shape[1]
+        for n, t in tensors.items():
+            check_tensor(n, t, shape=(len(layers), num_experts), error=BadInputError)
+            if num_experts < 1 or bool((t < 0).any()):
+                raise BadInputError(f"{n} must hold non-negative values for at least one expert per layer")
+        top_k = ints("top_k", low=1)
+        if len(top_k) != len(layers) or any(k > num_experts for k in top_k):
+            raise BadInputError(f"top_k must give one value in 1..{num_experts} per layer, got {top_k}")
+        score_fns = d["score_fns"]
+        if not isinstance(score_fns, list) or len(score_fns) != len(layers) or any(
+                f not in ("softmax", "sigmoid") for f in score_fns):
+            raise BadInputError("score_fns must name softmax or sigmoid per layer")
+        retain = d.get("retain_frequency")
+        if retain is not None:
+            retain = check_tensor("retain_frequency", torch.tensor(retain, dtype=torch.float32),
+                                  shape=(len(layers), num_experts), error=BadInputError)
+        stability = d.get("stability")
+        if stability is not None:
+            if not isinstance(stability, list) or len(stability) != len(layers):
+                raise BadInputError("stability must give one number per layer")
+            stability = [check_number("stability", x, low=0.0, high=1.0) for x in stability]
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise BadInputError("meta must be a mapping")
+        retain_tokens = d.get("retain_num_tokens")
+        seed = d.get("stability_seed")
+        return cls(layers=layers, top_k=top_k, score_fns=list(score_fns), shared_layers=ints("shared_layers"),
+                   num_sequences=check_int("num_sequences", d["num_sequences"], low=0),
+                   num_tokens=check_int("num_tokens", d["num_tokens"], low=0),
+                   num_truncated=check_int("num_truncated", d.get("num_truncated", 0), low=0), stability=stability,
+                   stability_seed=None if seed is None else check_int("stability_seed", seed, low=0), meta=meta,
+                   retain_frequency=retain,
+                   retain_num_tokens=None if retain_tokens is None else check_int("retain_num_tokens", retain_tokens,
+                                                                                  low=0), **tensors)
+
+    @classmethod
     def from_json(cls, path: str | os.PathLike) -> Attribution:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-            d = json.loads(text)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"cannot read attribution file {path}: {exc}") from exc
-        return cls.from_dict(d)
+        from moe_unlearn.validate import read_json_file
+
+        return cls.from_dict(read_json_file(path, what="attribution file"))
 
     # -- report -------------------------------------------------------------
     def plot(self, path: str | os.PathLike, *, stat: str = "affinity") -> None:
@@ -652,6 +724,10 @@ def attribute_experts(
               "family": moe_layers[0].family, "max_length": batches.max_length,
               "batch_size": batches.batch_size},
     )
+    from moe_unlearn.validate import check_tensor
+
+    for name in ("affinity", "mean_score"):  # NaN/inf router weights give NaN scores: never ranked as if numbers
+        check_tensor(f"the {name} the model's routers give", getattr(result, name), error=BadInputError)
     if keep_token_routing:
         result.token_topk = [torch.cat(token_topk[layer.layer_idx]) if token_topk[layer.layer_idx]
                              else torch.zeros(0, layer.top_k, dtype=torch.int16) for layer in moe_layers]

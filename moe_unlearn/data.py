@@ -14,7 +14,6 @@ padding / truncation are the same for every tokenizer.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from moe_unlearn.errors import BadInputError, DataError
+from moe_unlearn.validate import check_regular_file, check_text, parse_json, read_json_file
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 CHAT_TEMPLATE = "chat"  # as a template: the tokenizer's own chat template (`chat_parts`)
@@ -56,11 +56,7 @@ def _iter_jsonl(path: Path) -> Iterator[_Located]:
     for lineno, line in _iter_file_lines(path):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {lineno}: not valid JSON ({exc.msg}); each line of a .jsonl file "
-                            "must be one JSON object") from exc
+        obj = parse_json(line, what=f"{path} line {lineno} (each line of a .jsonl file must be one JSON object)")
         if not isinstance(obj, dict):
             raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
         yield _Located(f"{path} line {lineno}", obj)
@@ -68,12 +64,7 @@ def _iter_jsonl(path: Path) -> Iterator[_Located]:
 
 def _iter_json(path: Path) -> Iterator[_Located]:
     """A .json file holding one list of records or strings (MUSE ships its splits this way)."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    obj = read_json_file(path, what="data file")
     if not isinstance(obj, list):
         raise DataError(f"{path}: a .json data file must hold a list of records or strings, got "
                         f"{type(obj).__name__}; use .jsonl for one record per line")
@@ -115,8 +106,7 @@ def _iter_source(source: DataSource) -> Iterator[_Located]:
         if path.is_dir():
             yield from _iter_dataset(_load_disk_dataset(path), str(path))
             return
-        if not path.exists():
-            raise DataError(f"data file {path} does not exist")
+        check_regular_file(path, what="data file")  # a FIFO would hang the reader, /dev/zero never end
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
             yield from _iter_jsonl(path)
@@ -240,6 +230,8 @@ def _record_example(loc: _Located, field: str | None, template: str, tokenizer: 
         if not needed or any(n not in rec for n in needed):
             raise DataError(f"{loc.where}: no 'text' field and not every template field {needed} is present; "
                             f"it has {sorted(rec)}; name the text field with field=... (CLI: --field)")
+        for name in needed:
+            _field_text(loc, name, rec[name])
         head, found, tail = template.partition("{answer}")
         try:
             if not found:  # a template without an answer slot: the whole text is scored
@@ -248,10 +240,14 @@ def _record_example(loc: _Located, field: str | None, template: str, tokenizer: 
         except (KeyError, IndexError, ValueError) as exc:
             raise DataError(f"{loc.where}: template {template!r} does not apply: {exc}") from exc
         stripped = prompt.rstrip()
-        return Example(stripped, prompt[len(stripped):] + str(rec["answer"]) + rest)
+        return Example(stripped, prompt[len(stripped):] + _field_text(loc, "answer", rec["answer"]) + rest)
     if not isinstance(value, str):
         raise DataError(f"{loc.where}: the text field holds a {type(value).__name__}, expected a string")
-    return Example("", value)
+    return Example("", _field_text(loc, field or "text", value))
+
+
+def _field_text(loc: _Located, name: str, value: Any) -> str:
+    return check_text(f"{loc.where}: field {name!r}", value)
 
 
 def load_examples(source: DataSource, *, field: str | None = None, template: str | None = DEFAULT_TEMPLATE,

@@ -6,13 +6,14 @@ methods are compared the only fair way, at matched forgetting.
 
 Steps (each a call into the library):
 1. `load_or_build` the `natural` benchmark MoE (6 layers, 16 experts top-4 + a shared expert;
-   trained once, cached);
+   its facts live in the MoE blocks: see `moe-unlearn locate`); the package ships its weights, so a
+   fresh clone loads them instead of training;
 2. `attribute_experts` on the forget data, with the retain data for the premise check: the
    SEUF target, its coverage of the forget tokens and its selectivity (forget / retain share);
 3. a small frontier (`moe_unlearn.frontier`): NPO; `full`, `uoe` and the best MoE-aware
    variant of the full benchmark on this model (`cov+grip+null`: the experts covering 80% of the
    forget tokens, router and expert changes projected off the retain span); two learning rates
-   each (the full benchmark's best ones at 40 steps), from the original weights every time;
+   each (chosen so that they bracket the forgetting level on `natural`: the headline interpolates between them), from the original weights every time;
    utility is measured on facts no unlearning run ever sees;
 4. the headline: per method and variant, the best utility at matched forgetting (forget EM at
    most the guess level + 0.05), with the specialisation numbers; the frontier plot.
@@ -32,7 +33,7 @@ from typing import Any
 
 from moe_unlearn.atomic import atomic_dir, check_out_dir, write_json, write_text
 from moe_unlearn.errors import BadInputError
-from moe_unlearn.frontier import FrontierConfig, matched, results_path, run_frontier
+from moe_unlearn.frontier import FrontierConfig, interpolated, matched, results_path, run_frontier
 
 REPORT_JSON, REPORT_MD = "demo_report.json", "demo_report.md"
 
@@ -43,7 +44,7 @@ class DemoConfig:
 
     frontier: FrontierConfig = field(default_factory=lambda: FrontierConfig(
         model="natural", methods=("npo",), variants=("full", "uoe", "cov+grip+null"),
-        lrs={"full": (3e-4, 1e-3), "uoe": (3e-2, 1e-1), "cov+grip+null": (3e-2, 1e-1)}, steps=(40,), seeds=(0,),
+        lrs={"full": (1e-4, 3e-4), "uoe": (1e-2, 3e-2), "cov+grip+null": (3e-2, 1e-1)}, steps=(40,), seeds=(0,),
         probes=("replay",)))
 
     @classmethod
@@ -84,16 +85,23 @@ def headline(data: dict[str, Any]) -> str:
              f"{data['original']['utility_em']:.3f}; guess level {level:.3f}", "",
              f"best utility EM at matched forgetting (forget EM <= {level + 0.05:.3f}):",
              f"{'method':8s} {'variant':10s} {'steps':>5s} {'lr':>7s} {'forget EM':>9s} {'utility EM':>10s} "
-             f"{'neighbor EM':>11s} {'replay EM':>9s}"]
+             f"{'neighbor EM':>11s} {'replay EM':>9s} {'utility @level':>14s}"]
+    interp = interpolated(data)
     for (m, v, n), p in sorted(matched(data).items()):
+        r = interp.get((m, v, n), {})
+        at = "never" if r.get("status") == "never reached" else (
+            "-" if "utility_em" not in r else f"{r['utility_em']:.3f}" + ("*" if r["status"] == "always below" else ""))
         if p is None:
-            lines.append(f"{m:8s} {v:10s} {n:5d} {'-':>7s} {'(no lr of the grid forgets that much)':>32s}")
+            lines.append(f"{m:8s} {v:10s} {n:5d} {'-':>7s} {'(no lr of the grid forgets that much)':>52s} {at:>14s}")
         else:
             replay = p.get("forget_em_replay")
             lines.append(f"{m:8s} {v:10s} {n:5d} {p['lr']:7.0e} {p['forget_em']:9.3f} {p['utility_em']:10.3f} "
-                         f"{p['neighbor_em']:11.3f} {'-' if replay is None else format(replay, '.3f'):>9s}")
+                         f"{p['neighbor_em']:11.3f} {'-' if replay is None else format(replay, '.3f'):>9s} {at:>14s}")
     lines.append("replay EM: forget EM with the original model's routing forced at every MoE layer; near the "
                  "original's = forgotten by the router, not erased")
+    lines.append(f"utility @level: utility EM interpolated along the variant's frontier at forget EM = "
+                 f"{level + 0.05:.3f} (the same level for every variant; * = every lr forgets more, nearest point; "
+                 "never = no lr forgets that much)")
     return "\n".join(lines)
 
 

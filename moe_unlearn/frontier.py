@@ -26,10 +26,11 @@ median utility EM per variant, one curve over learning rates, seed spread as bar
 
 from __future__ import annotations
 
-import json
+import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,13 +127,22 @@ class FrontierConfig:
     # largest step count and only for the variants in relearn_variants, all when empty)
     probes: tuple[str, ...] = ()
     relearn_variants: tuple[str, ...] = ()
+    realization: int = 0  # which build of the bench recipe (moe_unlearn.bench_model.realize)
 
     def grid(self, variant: str) -> tuple[float, ...]:
         return tuple(self.lrs.get(variant, default_lrs(variant)))
 
     def validate(self) -> None:
+        """Every field against its declared type, then its value; all before any model loads."""
         from moe_unlearn.bench_model import BENCH_MODELS
         from moe_unlearn.unlearning.objectives import OBJECTIVES
+        from moe_unlearn.validate import check_fields, check_int
+
+        check_fields(self)
+        for name in ("batch_size", "max_length", "eval_batch_size"):
+            check_int(name, getattr(self, name), low=1)
+        for s in self.seeds:
+            check_int("seeds", s, low=0)
 
         if self.model not in BENCH_MODELS:
             raise BadInputError(f"unknown bench model {self.model!r}; choose one of {', '.join(BENCH_MODELS)}")
@@ -144,8 +154,10 @@ class FrontierConfig:
             raise BadInputError(f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
         if not self.steps or any(not isinstance(s, int) or s < 1 for s in self.steps):
             raise BadInputError(f"steps must be positive integers, got {list(self.steps)}")
-        if not self.seeds:
-            raise BadInputError("give at least one seed")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise BadInputError(f"give at least one seed, each once; got {list(self.seeds)}")
+        if not isinstance(self.realization, int) or self.realization < 0:
+            raise BadInputError(f"realization must be an integer >= 0, got {self.realization!r}")
         bad = [p for p in self.probes if p not in PROBES]
         if bad:
             raise BadInputError(f"unknown probe(s) {bad}; known: {', '.join(PROBES)}")
@@ -247,7 +259,8 @@ class _RelearnProbe:
 
         from moe_unlearn.bench_model import bench_config, load_or_build
 
-        ref = load_or_build(bench_config(config.model, quick=config.quick, retrained=True), cache_root=cache_dir,
+        ref = load_or_build(bench_config(config.model, quick=config.quick, retrained=True,
+                                         realization=config.realization), cache_root=cache_dir,
                             progress=progress)
         orig, refc = self.curve(model), self.curve(ref.model)
         level = 0.5 * orig["em"][0]
@@ -294,25 +307,111 @@ class FrontierResult:
     summary: str
 
 
-def results_path(out_dir: str | Path, model: str, quick: bool = False) -> Path:
-    return Path(out_dir) / f"frontier_{model}{'_quick' if quick else ''}.json"
+def results_path(out_dir: str | Path, model: str, quick: bool = False, realization: int = 0) -> Path:
+    return Path(out_dir) / f"frontier_{model}{f'_r{realization}' if realization else ''}{'_quick' if quick else ''}.json"
 
 
-def _load_existing(path: Path, model: str) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} exists but is not a readable frontier result ({exc}); move it away") from exc
-    if not isinstance(data, dict) or data.get("model") != model or not isinstance(data.get("runs"), list):
-        raise DataError(f"{path} is not a frontier result of model {model!r}; move it away or choose --out")
+def protocol(config: FrontierConfig) -> dict[str, Any]:
+    """What every run of one results file shares; a resumed run must have the same, or its runs would be
+    mixed with runs of another protocol."""
+    return {"batch_size": config.batch_size, "max_length": config.max_length,
+            "lr_schedule": "constant", "loss_tokens": "answer", "match_margin": MATCH_MARGIN,
+            "unlearning_data": "forget: QA (answer-only) + first statement per fact; retain: "
+                               "retain_train facts in the same forms"}
+
+
+_RUN_FIELDS = {"method": str, "variant": str, "lr": float, "seed": int, "steps": int}
+_RUN_METRICS = ("forget_em", "utility_em", "neighbor_em", "overlap_retain")
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """A frontier results file, checked: a JSON object with the model, protocol and a list of runs, each run a
+    mapping whose key fields are typed (method, variant: strings; lr: a positive finite number; seed, steps:
+    integers) and whose EM / overlap metrics are numbers in [0, 1] unless the run diverged. DataError otherwise
+    (a RecursionError, a FIFO or a damaged run never gets further)."""
+    from moe_unlearn.validate import check_type, read_json_file
+
+    path = Path(path)
+    data = read_json_file(path, what="frontier results file", allow_nonfinite=True)
+    if not isinstance(data, dict) or not isinstance(data.get("model"), str) or not isinstance(data.get("runs"), list) \
+            or not isinstance(data.get("protocol", {}), dict):
+        raise DataError(f"{path} is not a frontier results file (model, protocol and runs expected); move it away "
+                        "or choose another --out")
+    for i, run in enumerate(data["runs"]):
+        try:
+            if not isinstance(run, dict):
+                raise BadInputError(f"is a {type(run).__name__}, not a mapping")
+            for key, kind in _RUN_FIELDS.items():
+                if key not in run:
+                    raise BadInputError(f"has no {key}")
+                check_type(key, run[key], kind)
+            if not run["lr"] > 0 or run["seed"] < 0 or run["steps"] < 1:
+                raise BadInputError("needs lr > 0, seed >= 0 and steps >= 1")
+            if not run.get("diverged"):
+                for key in _RUN_METRICS:
+                    value = check_type(key, run.get(key), float)
+                    if not 0.0 <= value <= 1.0:
+                        raise BadInputError(f"{key} = {value} is not in [0, 1]")
+        except BadInputError as exc:
+            raise DataError(f"{path}: run {i} is malformed ({exc}); the file is damaged, move it away") from None
     return data
+
+
+def _load_existing(path: Path, config: FrontierConfig) -> dict[str, Any] | None:
+    """The results of an earlier run to resume, or None; refused unless model, quick and the whole protocol are
+    this run's."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    data = read_results(path)
+    if data["model"] != config.model or bool(data.get("quick")) != config.quick:
+        raise DataError(f"{path} is not a frontier result of model {config.model!r}{' (quick)' if config.quick else ''}"
+                        f" (it holds model {data['model']!r}{' (quick)' if data.get('quick') else ''}); move it away or "
+                        "choose --out")
+    want, there = protocol(config), data.get("protocol", {})
+    diff = sorted(k for k in set(want) | set(there) if want.get(k) != there.get(k))
+    if diff:
+        raise DataError(f"{path} holds runs of another protocol ("
+                        + ", ".join(f"{k}: {there.get(k)!r} there, {want.get(k)!r} now" for k in diff)
+                        + "); resume with the same settings, or choose another --out")
+    return data
+
+
+@contextmanager
+def results_lock(path: str | Path) -> Iterator[None]:
+    """Hold the lock of a results file while a run or a merge writes it: a second writer of the same file
+    fails at once (BadInputError) instead of both running and the last one overwriting the other's runs. The
+    lock is an flock on `.<name>.lock` beside the file (released by the kernel even when the holder is killed;
+    the empty lock file stays)."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInputError(f"another process is writing {path} (it holds {lock}); wait for it to finish or "
+                                "choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/results", *,
                  cache_dir: str | Path | None = None, progress: bool = False,
                  log: Callable[[str], None] = print) -> FrontierResult:
+    """Run every missing (method, variant, lr, seed) trajectory into `out_dir`'s results file, holding its
+    lock (`results_lock`) throughout, so a second run on the same file is refused instead of racing it."""
+    config.validate()
+    with results_lock(results_path(out_dir, config.model, config.quick, config.realization)):
+        return _run_frontier(config, out_dir, cache_dir=cache_dir, progress=progress, log=log)
+
+
+def _run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/results", *,
+                  cache_dir: str | Path | None = None, progress: bool = False,
+                  log: Callable[[str], None] = print) -> FrontierResult:
     """Run every missing (method, variant, lr, seed) trajectory, evaluating at each step count;
     the JSON is rewritten (atomically) after every trajectory, so an interrupted run resumes."""
     from moe_unlearn.attribution import attribute_experts, select_targets
@@ -320,9 +419,10 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
     from moe_unlearn.unlearning import unlearn
 
     config.validate()
-    path = results_path(out_dir, config.model, config.quick)
-    data = _load_existing(path, config.model)
-    bench = load_or_build(bench_config(config.model, quick=config.quick), cache_root=cache_dir, progress=progress)
+    path = results_path(out_dir, config.model, config.quick, config.realization)
+    data = _load_existing(path, config)
+    bench = load_or_build(bench_config(config.model, quick=config.quick, realization=config.realization),
+                          cache_root=cache_dir, progress=progress)
     model, tok, facts = bench.model, bench.tokenizer, bench.facts
     forget, retain = unlearning_records(facts.forget), unlearning_records(facts.retain_train)
     t0 = time.perf_counter()
@@ -332,10 +432,17 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
                              progress=False)
     target = attr.target()
     cover = select_targets(attr, coverage=COVERAGE, warn=False)
+    recorded = (data or {}).get("bench_model", {}).get("path_name")
+    if recorded is not None and recorded != bench.path.name:  # runs on other weights must not mix with these
+        raise DataError(f"{path} holds runs on bench model {recorded}, not {bench.path.name} (another recipe or "
+                        "build); move it away or choose another --out")
     if data is None:
         original = evaluator()
         data = {"model": config.model, "quick": config.quick, "device": device_name(),
+                "realization": config.realization,
                 "bench_model": {"path_name": bench.path.name, "config": bench.meta["config"],
+                                "weights_sha256": bench.meta.get("weights_sha256"),
+                                "matches_shipped": bench.meta.get("matches_shipped"),
                                 "num_parameters": bench.meta["num_parameters"],
                                 "exact_match": bench.meta["exact_match"]},
                 "guess_level": original["holdout_em"], "original": original,
@@ -343,10 +450,7 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
                 "coverage_targets": {"coverage": COVERAGE, "targets": [list(t) for t in cover],
                                      "reached": round(attr.coverage(cover), 4)},
                 "split_sizes": {k: len(v) for k, v in facts.splits.items()},
-                "protocol": {"batch_size": config.batch_size, "max_length": config.max_length,
-                             "lr_schedule": "constant", "loss_tokens": "answer", "match_margin": MATCH_MARGIN,
-                             "unlearning_data": "forget: QA (answer-only) + first statement per fact; retain: "
-                                                "retain_train facts in the same forms"},
+                "protocol": protocol(config),
                 "runs": []}
         log(f"original: forget EM {original['forget_em']:.3f}, utility EM {original['utility_em']:.3f}, guess level "
             f"{original['holdout_em']:.3f}; target {target}, coverage {data['specialisation']['coverage']:.2f}, selectivity "
@@ -401,10 +505,17 @@ def merge_results(target: str | Path, sources: Sequence[str | Path], *, variants
     with other variants) to `target`, skipping runs it already has (and, with `variants`, runs of other
     variants); rewrites target's .json, .md and .png."""
     target = Path(target)
-    data = json.loads(target.read_text())
+    with results_lock(target):
+        return _merge_results(target, sources, variants)
+
+
+def _merge_results(target: Path, sources: Sequence[str | Path], variants: Sequence[str] | None) -> dict[str, Any]:
+    data = read_results(target)
     have = {run_key(r) for r in data["runs"]}
     for src in sources:
-        other = json.loads(Path(src).read_text())
+        other = read_results(src)
+        if other.get("protocol") != data.get("protocol"):
+            raise DataError(f"{src} was run with another protocol than {target}; its runs cannot be merged")
         if other.get("model") != data["model"] or other.get("quick") != data.get("quick"):
             raise DataError(f"{src} is a frontier of model {other.get('model')!r}, not {data['model']!r}")
         if other.get("target") != data.get("target"):
@@ -459,6 +570,92 @@ def matched(data: dict[str, Any], margin: float = MATCH_MARGIN) -> dict[tuple[st
     return best
 
 
+def interpolated(data: dict[str, Any], margin: float = MATCH_MARGIN) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Per (method, variant, steps): utility EM read off the variant's frontier at one forget level,
+    forget EM = guess level + margin.
+
+    The frontier is the piecewise-linear curve through the learning-rate points (median forget EM,
+    median utility EM) in increasing learning rate. At the first segment whose two ends lie on
+    either side of the level (or a point exactly on it), utility is interpolated linearly in forget
+    EM: u = u_a + (f_a - level) / (f_a - f_b) * (u_b - u_a). Every variant is so read at the same
+    forget EM, instead of at whichever grid point happens to sit below the level (which favours a
+    variant that lands just under it). Outcomes ("status"): "interpolated"; "never reached" (every
+    point forgets less than the level: no utility is given); "always below" (every point forgets
+    more: the utility of the point nearest the level, from below, is given and flagged)."""
+    level = data["guess_level"] + margin
+    out: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for key, points in curves(data).items():
+        pts = sorted(points, key=lambda p: p["lr"])
+        res: dict[str, Any] = {"level": level}
+        for a, b in zip(pts, pts[1:], strict=False):
+            fa, fb = a["forget_em"], b["forget_em"]
+            if (fa - level) * (fb - level) <= 0 and fa != fb:
+                t = (fa - level) / (fa - fb)
+                res.update(status="interpolated", utility_em=a["utility_em"] + t * (b["utility_em"] - a["utility_em"]),
+                           neighbor_em=a["neighbor_em"] + t * (b["neighbor_em"] - a["neighbor_em"]),
+                           between=[a["lr"], b["lr"]])
+                break
+        else:
+            on = [p for p in pts if abs(p["forget_em"] - level) <= 1e-12]
+            if on:
+                res.update(status="interpolated", utility_em=on[0]["utility_em"], neighbor_em=on[0]["neighbor_em"],
+                           between=[on[0]["lr"], on[0]["lr"]])
+            elif all(p["forget_em"] > level for p in pts):
+                res.update(status="never reached", min_forget_em=min(p["forget_em"] for p in pts))
+            else:
+                near = max(pts, key=lambda p: p["forget_em"])
+                res.update(status="always below", utility_em=near["utility_em"], neighbor_em=near["neighbor_em"],
+                           forget_em=near["forget_em"], between=[near["lr"], near["lr"]])
+        out[key] = res
+    return out
+
+
+def realization_summary(results: Sequence[dict[str, Any]], margin: float = MATCH_MARGIN) -> dict[str, Any]:
+    """Matched-forgetting utility (`interpolated`) across frontier results of several realizations of a
+    bench recipe (each read at its own guess level + margin): per (method, variant, steps) the value of
+    each realization, their median and [min, max], and how many realizations never reached the level;
+    and per (method, steps) the per-realization gap of each variant to "full" with its median."""
+    if not results:
+        raise BadInputError("give at least one frontier result")
+    per: dict[tuple[str, str, int], list[float | None]] = {}
+    names = []
+    for i, data in enumerate(results):
+        names.append(f"{data.get('model')}#r{data.get('realization', i)}")
+        for key, r in interpolated(data, margin).items():
+            per.setdefault(key, [None] * len(results))[i] = r.get("utility_em") if r["status"] != "never reached" \
+                else None
+    rows = []
+    for (m, v, n), vals in sorted(per.items()):
+        got = [x for x in vals if x is not None]
+        gaps = None
+        full = per.get((m, "full", n))
+        if full is not None and v != "full":
+            gaps = [None if a is None or b is None else a - b for a, b in zip(vals, full, strict=True)]
+        g = [x for x in (gaps or []) if x is not None]
+        rows.append({"method": m, "variant": v, "steps": n, "per_realization": vals,
+                     "median": _median(got) if got else None, "range": [min(got), max(got)] if got else None,
+                     "not_reached": len(vals) - len(got), "gap_to_full": gaps,
+                     "gap_median": _median(g) if g else None, "gap_range": [min(g), max(g)] if g else None})
+    return {"realizations": names, "margin": margin, "rows": rows}
+
+
+def summarize_realizations(results: Sequence[dict[str, Any]], margin: float = MATCH_MARGIN) -> str:
+    """The markdown of `realization_summary`."""
+    s = realization_summary(results, margin)
+    lines = [f"# Matched forgetting over {len(s['realizations'])} realizations", "",
+             f"Realizations: {', '.join(s['realizations'])}. Utility EM interpolated along each variant's frontier at "
+             f"forget EM = guess level + {margin} (each realization at its own guess level); median and [min, max] "
+             "over realizations; gap = variant minus full, per realization.", "",
+             "| method | variant | steps | utility EM median [range] | gap to full median [range] | not reached |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in s["rows"]:
+        u = "-" if r["median"] is None else f"{r['median']:.3f} [{r['range'][0]:.3f}, {r['range'][1]:.3f}]"
+        g = "-" if r["gap_median"] is None else \
+            f"{r['gap_median']:+.3f} [{r['gap_range'][0]:+.3f}, {r['gap_range'][1]:+.3f}]"
+        lines.append(f"| {r['method']} | {r['variant']} | {r['steps']} | {u} | {g} | {r['not_reached']} |")
+    return "\n".join(lines) + "\n"
+
+
 def summarize(data: dict[str, Any]) -> str:
     """The markdown summary: matched-forgetting utility per method and variant, per step count."""
     level = data["guess_level"]
@@ -499,6 +696,19 @@ def summarize(data: dict[str, Any]) -> str:
             lines.append(f"| {m} | {v} | {p['lr']:g} | {p['forget_em']:.3f} | {p['utility_em']:.3f} [{lo:.3f}, "
                          f"{hi:.3f}] | {p['neighbor_em']:.3f} | {p['overlap_retain']:.3f} | {p['seeds']} |")
         lines.append("")
+    interp = interpolated(data)
+    lines += [f"## Matched forgetting by interpolation (forget EM = {level + MATCH_MARGIN:.3f})", "",
+              "Utility EM interpolated linearly in forget EM between the two learning rates whose median forget EM "
+              "brackets the level (first crossing in increasing lr); `never reached` = no learning rate forgets that "
+              "much; `always below` = every learning rate forgets more (the nearest point's utility, flagged).", "",
+              "| method | variant | steps | utility EM | neighbor EM | between lrs | status |",
+              "|---|---|---:|---:|---:|---|---|"]
+    for (m, v, n), r in sorted(interp.items()):
+        u = "-" if "utility_em" not in r else f"{r['utility_em']:.3f}"
+        nb = "-" if "neighbor_em" not in r else f"{r['neighbor_em']:.3f}"
+        lrs = "-" if "between" not in r else f"{r['between'][0]:g}-{r['between'][1]:g}"
+        lines.append(f"| {m} | {v} | {n} | {u} | {nb} | {lrs} | {r['status']} |")
+    lines.append("")
     return "\n".join(lines)
 
 

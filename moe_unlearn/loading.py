@@ -11,14 +11,17 @@ Every `from_pretrained` in moe_unlearn goes through here, so three promises hold
   a clear message unless `trust_remote_code=True`; pickled weights load with `weights_only=True`;
 - a model whose weight files do not cover it (missing, unexpected or wrongly shaped tensors,
   which transformers would fill with random values and only warn about) is refused, as is a
-  truncated or unreadable weights file.
+  truncated or unreadable weights file; the sizes the config declares (layers, experts) are
+  compared with the weight files' headers before anything is allocated, integer-typed weights
+  are refused instead of cast, and loaded weights must be finite;
+- every file of the folder is a regular file (a FIFO would hang the reader, a link to /dev/zero
+  never end), JSON files of bounded size.
 
 Failures raise `BadInputError` with one line that names the folder.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -38,12 +41,11 @@ _TRUST_HINT = "pass --trust-remote-code (trust_remote_code=True) only if you tru
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
+    from moe_unlearn.validate import read_json_file
+
+    if not path.exists() and not path.is_symlink():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"{path} is not valid JSON ({exc}); pass a folder written by save_pretrained") from None
+    data = read_json_file(path, what="model file", error=BadInputError)
     if not isinstance(data, dict):
         raise BadInputError(f"{path} does not hold a JSON object; pass a folder written by save_pretrained")
     return data
@@ -124,6 +126,7 @@ def check_model_dir(path: str | os.PathLike, *, what: str = "model", trust_remot
     if not p.is_dir():
         raise BadInputError(f"{what} directory {p} does not exist or is not a directory; pass a local folder "
                             "written by save_pretrained (nothing is downloaded)")
+    _check_folder_files(p, what)
     if need_config and not (p / "config.json").is_file():
         raise BadInputError(f"{what} directory {p} has no config.json; pass a folder written by save_pretrained")
     if not trust_remote_code:
@@ -132,6 +135,118 @@ def check_model_dir(path: str | os.PathLike, *, what: str = "model", trust_remot
             raise BadInputError(f"{what} directory {p} ships its own Python code ({', '.join(files)} has an "
                                 f"auto_map entry), which is never run by default; {_TRUST_HINT}")
     return p
+
+
+def _check_folder_files(p: Path, what: str) -> None:
+    """Every file of the folder (what transformers may open: configs, tokenizer files, weights) must be a
+    regular file, or a link to one; folders inside it are not read and are left alone."""
+    from moe_unlearn.validate import check_regular_file
+
+    for entry in p.iterdir():
+        if entry.is_dir():
+            continue
+        check_regular_file(entry, what=f"{what} file", error=BadInputError)
+
+
+# Sizes a config may declare before the model is built (a config declaring two million layers would take
+# minutes to build even on the meta device); far above any released model.
+MAX_LAYERS = 1024
+MAX_EXPERTS = 16384
+_LAYER_KEY = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)\.")
+_EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
+
+
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def num_experts_of(config: Any) -> int | None:
+    """The routed-expert count a config declares (the attribute names the families use), or None."""
+    cfg = _text_config(config)
+    for name in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    ffn = getattr(cfg, "ffn_config", None)  # DBRX
+    value = getattr(ffn, "moe_num_experts", None) if ffn is not None else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def check_config_sizes(config: Any, where: Any) -> None:
+    """BadInputError when the config declares more layers or experts than any model has (MAX_LAYERS,
+    MAX_EXPERTS) or a non-positive count: refused before the model is built."""
+    cfg = _text_config(config)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    experts = num_experts_of(config)
+    for name, value, limit in (("num_hidden_layers", layers, MAX_LAYERS), ("number of experts", experts, MAX_EXPERTS)):
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+            raise BadInputError(f"the config in {where} declares {name} = {value!r}; expected an integer in "
+                                f"1..{limit}; the config is damaged")
+
+
+def _weight_headers(p: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{tensor name: (shape, dtype)} from the headers of the folder's .safetensors files (nothing is
+    loaded); empty when the weights are in another format."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    sl = fh.get_slice(k)
+                    out[k] = (tuple(sl.get_shape()), str(sl.get_dtype()))
+        except Exception as exc:
+            raise BadInputError(f"cannot read the weights file {f}: {_one_line(exc)}; the folder is damaged") from None
+    return out
+
+
+def check_weights_cover_config(p: Path, config: Any) -> None:
+    """Before anything is allocated: the weight files' headers must hold the layers and experts the config
+    declares (a config declaring 4,000,000 experts over weights for 8 is refused), and no integer-typed
+    weight unless the config names a quantization (an int32 router weight would be cast silently)."""
+    headers = _weight_headers(p)
+    if not headers:
+        return
+    where = p / "config.json"
+    if getattr(config, "quantization_config", None) is None:
+        ints = sorted(k for k, (_, dt) in headers.items() if not any(x in dt.upper() for x in ("F16", "F32", "F64",
+                                                                                               "BF16", "F8")))
+        if ints:
+            raise BadInputError(f"the weights in {p} store {ints[0]} as {headers[ints[0]][1]} (not floating point) "
+                                f"and the config names no quantization; convert the weights to a float dtype")
+    cfg = _text_config(config)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    have = {int(m.group(1)) for k in headers for m in [_LAYER_KEY.search(k)] if m}
+    if isinstance(layers, int) and have and layers > len(have):
+        raise BadInputError(f"{where} declares {layers} layers, the weight files hold {len(have)}; the config does "
+                            "not belong to these weights")
+    experts = num_experts_of(config)
+    if experts is None:
+        return
+    numbered = {int(m.group(1)) for k in headers for m in [_EXPERT_KEY.search(k)] if m}
+    if numbered:
+        ok = experts <= len(numbered)
+    else:
+        ok = any(experts in shape for k, (shape, _) in headers.items() if _LAYER_KEY.search(k))
+    if not ok:
+        raise BadInputError(f"{where} declares {experts} experts per layer, which no tensor of the weight files has; "
+                            "the config does not belong to these weights")
+
+
+def check_finite_weights(model: Any, where: Any) -> None:
+    """BadInputError naming the first parameter or buffer of `model` that holds NaN or inf (on a real device;
+    offloaded/meta tensors are skipped)."""
+    from moe_unlearn.validate import check_tensor
+
+    for kind, named in (("weight", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.device.type == "meta" or not t.is_floating_point():
+                continue
+            check_tensor(f"{kind} {name} of the model in {where}", t, error=BadInputError)
 
 
 def resolve_device(name: str | None) -> Any:
@@ -181,16 +296,15 @@ def parse_device_map(value: str | dict | None) -> Any:
     text = str(value).strip()
     if text in DEVICE_MAPS:
         return text
+    from moe_unlearn.validate import parse_json, read_text_file
+
     if not text.startswith("{"):
         path = Path(text)
         if not path.is_file():
             raise BadInputError(f"--device-map {value!r}: expected {', '.join(DEVICE_MAPS)}, a JSON object or a "
                                 ".json file of one")
-        text = path.read_text(encoding="utf-8")
-    try:
-        mapping = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"--device-map: not valid JSON ({exc})") from None
+        text = read_text_file(path, what="--device-map file", error=BadInputError)
+    mapping = parse_json(text, what="--device-map", error=BadInputError)
     if not isinstance(mapping, dict) or not mapping or not all(isinstance(k, str) for k in mapping) or not all(
             isinstance(v, (str, int)) for v in mapping.values()):
         raise BadInputError('--device-map: expected a JSON object {"module.path": "cuda:0" | 0 | "cpu", ...}')
@@ -214,9 +328,11 @@ def load_config(path: str | os.PathLike, *, trust_remote_code: bool = False) -> 
 
     p = check_model_dir(path, trust_remote_code=trust_remote_code)
     try:
-        return AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code, local_files_only=True)
+        config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as exc:  # anything transformers raises on a bad folder is a bad input
         raise BadInputError(f"cannot read the model config in {p}: {_one_line(exc)}") from None
+    check_config_sizes(config, p / "config.json")
+    return config
 
 
 def load_model(path: str | os.PathLike, *, trust_remote_code: bool = False, device: Any = None,
@@ -252,6 +368,7 @@ def load_model(path: str | os.PathLike, *, trust_remote_code: bool = False, devi
                                                         **({"dtype": dtype} if dtype not in (None, "auto") else {}))
         except Exception as exc:
             raise BadInputError(f"cannot build a causal LM from the config in {p}: {_one_line(exc)}") from None
+    check_weights_cover_config(p, load_config(p, trust_remote_code=trust_remote_code))
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             p, trust_remote_code=trust_remote_code, local_files_only=True, weights_only=True,
@@ -267,6 +384,7 @@ def load_model(path: str | os.PathLike, *, trust_remote_code: bool = False, devi
     if problems:
         raise BadInputError(f"the weight files in {p} do not match its config: {'; '.join(problems)}; "
                             "the folder is damaged or mixes two models")
+    check_finite_weights(model, p)
     model.eval()
     return model.to(device) if device is not None else model
 

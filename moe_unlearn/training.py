@@ -31,6 +31,7 @@ import glob
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -88,6 +89,9 @@ class TrainConfig:
     run_identity: dict[str, Any] | None = None
 
     def validate(self) -> None:
+        from moe_unlearn.validate import check_fields
+
+        check_fields(self, prefix="TrainConfig.", skip=("checkpoint_dir", "run_identity"))
         if (self.steps is None) == (self.epochs is None):
             raise BadInputError("TrainConfig: set exactly one of steps or epochs")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -346,12 +350,24 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_CKPT_NAME = re.compile(r"^step_(\d{1,18})\.pt$")
+
+
+def _checkpoints(checkpoint_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """(step, path) of the checkpoints `train` wrote in `checkpoint_dir`, by step; other files that match the
+    glob (a stray step_final.pt, a copy) are not checkpoints of this run and are left alone."""
+    found = []
+    for p in glob.glob(os.path.join(os.fspath(checkpoint_dir), _CKPT_PATTERN)):
+        m = _CKPT_NAME.match(os.path.basename(p))
+        if m and os.path.isfile(p):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
     """Path of the checkpoint with the highest step in `checkpoint_dir`, or None."""
-    paths = glob.glob(os.path.join(os.fspath(checkpoint_dir), _CKPT_PATTERN))
-    if not paths:
-        return None
-    return max(paths, key=lambda p: int(os.path.basename(p)[5:-3]))
+    found = _checkpoints(checkpoint_dir)
+    return found[-1][1] if found else None
 
 
 def _save_checkpoint(config: TrainConfig, state: dict[str, Any], step: int) -> None:
@@ -360,7 +376,7 @@ def _save_checkpoint(config: TrainConfig, state: dict[str, Any], step: int) -> N
     clean_dead_temps(d)  # half-written checkpoints of a run that was killed
     with atomic_path(os.path.join(d, f"step_{step:08d}.pt")) as tmp:
         torch.save(state, tmp)
-    paths = sorted(glob.glob(os.path.join(d, _CKPT_PATTERN)), key=lambda p: int(os.path.basename(p)[5:-3]))
+    paths = [p for _, p in _checkpoints(d)]
     for old in paths[: max(0, len(paths) - max(1, config.keep_checkpoints))]:
         os.unlink(old)
 

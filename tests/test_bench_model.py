@@ -224,9 +224,15 @@ def test_bench_model_registry_and_presets():
     assert natural.num_layers >= 6 and 16 <= natural.num_experts <= 64 and natural.top_k >= 4
     assert natural.family == "qwen2_moe" and natural.shared_expert_intermediate_size > 0
     assert natural.router_aux_loss_coef > 0 and not natural.localized
-    # the control differs only by the localization loss, in a middle layer
-    diff = {k for k, v in natural.to_dict().items() if localized.to_dict()[k] != v}
+    # the routing control differs from the one-phase recipe (allparam) only by the localization loss, in a
+    # middle layer; natural is two-phase (reading on another world first) and has no localization or implant
+    allparam = bench_config("allparam")
+    diff = {k for k, v in allparam.to_dict().items() if localized.to_dict()[k] != v}
     assert diff == {"name", "localize_layer"} and 0 < localized.localize_layer < localized.num_layers - 1
+    assert natural.two_phase and not allparam.two_phase and not natural.implanted
+    implanted = bench_config("implanted")
+    assert implanted.implanted and 0 < implanted.implant_layer < implanted.num_layers - 1
+    assert implanted.retrained().digest() == natural.retrained().digest()  # implanted into natural's reference
     ref = bench_config("natural", retrained=True)
     assert ref.exclude_forget and ref.digest() != natural.digest() and ref.name == "natural-retrained"
     with pytest.raises(BadInputError):

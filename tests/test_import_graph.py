@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                       "moe_unlearn.sharding")),
     ("attribution and adapters", ("moe_unlearn.attribution", "moe_unlearn.loramoe")),
     ("unlearning", ("moe_unlearn.unlearning", "moe_unlearn.memory")),
-    ("evaluation", ("moe_unlearn.eval",)),
+    ("evaluation", ("moe_unlearn.eval", "moe_unlearn.locate")),
     ("integrations", ("moe_unlearn.integrations",)),  # other training stacks driving the library
     # the research harness: the bench world and models, the frontier, the demo (the library never imports it)
     ("harness", ("moe_unlearn.bench_model", "moe_unlearn.frontier", "moe_unlearn.demo",

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,19 @@ class BenchModelConfig:
     sits in one expert by construction (UOE's premise holds). None = no such loss ("natural").
     exclude_forget: train without the forget split (the retrained reference, the gold standard of
     TOFU and MUSE: the same recipe on everything but the forget data).
+
+    reading_steps > 0: the two-phase recipe that puts the facts into the MoE blocks. Phase 1
+    trains every parameter for `reading_steps` on a *different* generated world (FactsConfig seed
+    `reading_world_seed`: other names, other answers) so that attention, embeddings and norms learn
+    to read the formats; phase 2 (`steps`, plus the extra rounds) learns this world's facts with only
+    the MoE blocks training (routers, routed experts, shared experts and their gate). Attention,
+    embeddings and norms never get a gradient from these facts, so whatever an ablation of them
+    removes is reading, not storage. Routing stays learned (no localization loss).
+    implant_layer: the knowledge-localized control. Start from the retrained reference of this
+    recipe (never saw the forget facts) and train only routed expert `implant_expert` of
+    `implant_layer` and that expert's router row on the forget QA records (plus a retain LM term and
+    the localization loss of that router), `implant_steps` Adam steps at `implant_lr`: the forget
+    facts then live in that one expert, and zeroing it gives back the reference.
     """
 
     name: str = "natural"
@@ -88,6 +102,16 @@ class BenchModelConfig:
     extra_rounds: int = 2
     target_em: float = 0.95
     seed: int = 0
+    # fields below are left out of the digest at their defaults, so older cache entries keep their names
+    reading_steps: int = 0
+    reading_world_seed: int = 1000
+    reading_lr: float = 3e-3
+    implant_layer: int | None = None
+    implant_expert: int = 5
+    implant_steps: int = 600
+    implant_lr: float = 1e-2
+    implant_retain_batch: int = 8
+    implant_localize_weight: float = 1.0
 
     def validate(self) -> None:
         if self.family not in FAMILIES:
@@ -98,6 +122,14 @@ class BenchModelConfig:
                                                     and 0 <= self.localize_expert < self.num_experts):
             raise BadInputError(f"localize_layer {self.localize_layer} / localize_expert {self.localize_expert} "
                                 f"outside {self.num_layers} layers x {self.num_experts} experts")
+        if self.implant_layer is not None and not (0 <= self.implant_layer < self.num_layers
+                                                   and 0 <= self.implant_expert < self.num_experts):
+            raise BadInputError(f"implant_layer {self.implant_layer} / implant_expert {self.implant_expert} "
+                                f"outside {self.num_layers} layers x {self.num_experts} experts")
+        if self.reading_steps < 0 or self.implant_steps < 1:
+            raise BadInputError("reading_steps must be >= 0 and implant_steps >= 1")
+        if self.reading_steps and self.reading_world_seed == self.facts.seed:
+            raise BadInputError("reading_world_seed must differ from facts.seed: phase 1 reads another world")
         self.facts.validate()
 
     def to_dict(self) -> dict:
@@ -106,27 +138,72 @@ class BenchModelConfig:
         return d
 
     def digest(self) -> str:
-        blob = json.dumps({"v": FORMAT_VERSION, **self.to_dict()}, sort_keys=True)
+        d = self.to_dict()
+        defaults = BenchModelConfig.__dataclass_fields__
+        for name in _LATE_FIELDS:  # at their defaults they change nothing: keep older digests
+            if d[name] == defaults[name].default:
+                del d[name]
+        blob = json.dumps({"v": FORMAT_VERSION, **d}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def reading_digest(self) -> str:
+        """Names phase 1's result: only what phase 1 depends on (a model and its retrained reference
+        share it)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in _PHASE2_FIELDS}
+        return hashlib.sha256(json.dumps({"v": FORMAT_VERSION, **d}, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def two_phase(self) -> bool:
+        return self.reading_steps > 0
+
+    @property
+    def implanted(self) -> bool:
+        return self.implant_layer is not None
+
+    def reading_facts(self) -> FactsConfig:
+        """The other world phase 1 reads (same shape, other seed: other names and answers)."""
+        return dataclasses.replace(self.facts, seed=self.reading_world_seed)
 
     @property
     def localized(self) -> bool:
         return self.localize_layer is not None
 
     def retrained(self) -> BenchModelConfig:
-        """The retrained reference of this model: the same recipe without the forget split."""
+        """The retrained reference of this model: the same recipe without the forget split (an
+        implanted model's reference is the reference it was implanted into)."""
+        if self.implanted:
+            name = self.name.replace("-implanted", "") if "-implanted" in self.name else \
+                self.name.replace("implanted", "natural")
+            base = dataclasses.replace(self, name=name, implant_layer=None,
+                                       **{f: BenchModelConfig.__dataclass_fields__[f].default for f in _IMPLANT_FIELDS})
+            return base.retrained()
         return dataclasses.replace(self, name=f"{self.name}-retrained", exclude_forget=True)
 
     @classmethod
     def natural(cls) -> BenchModelConfig:
         """The default: shaped like the fine-grained MoEs (DeepSeek-V2/V3, Qwen1.5-MoE, OLMoE):
-        6 layers, 16 routed experts top-4 plus a shared expert, balancing loss, no localization."""
-        return cls()
+        6 layers, 16 routed experts top-4 plus a shared expert, balancing loss, no localization;
+        two phases (reading on another world, then this world's facts in the MoE blocks only)."""
+        return cls(reading_steps=1000, steps=1800)
+
+    @classmethod
+    def allparam(cls) -> BenchModelConfig:
+        """The named negative case (the earlier `natural`): every parameter learns the facts in one
+        phase; at this size the facts then end up mostly in attention, not in the experts."""
+        return cls(name="allparam")
+
+    @classmethod
+    def implanted_control(cls) -> BenchModelConfig:
+        """The knowledge-localized control: the forget facts implanted into one routed expert of the
+        middle layer of `natural`'s retrained reference."""
+        base = cls.natural()
+        return dataclasses.replace(base, name="implanted", implant_layer=base.num_layers // 2)
 
     @classmethod
     def localized_control(cls) -> BenchModelConfig:
-        """The positive control: `natural` plus the router loss that puts the forget domain into
-        expert `localize_expert` of the middle layer."""
+        """The routing-localized control: `allparam`'s recipe plus the router loss that sends the forget
+        domain's tokens to expert `localize_expert` of the middle layer. It localizes routing, not
+        knowledge (zeroing that whole layer's routed experts leaves the facts): see `locate`."""
         base = cls()
         return dataclasses.replace(base, name="localized", localize_layer=base.num_layers // 2)
 
@@ -142,18 +219,52 @@ class BenchModelConfig:
             if localized else cfg
 
 
-BENCH_MODELS = ("natural", "localized")
+_LATE_FIELDS = ("reading_steps", "reading_world_seed", "reading_lr", "implant_layer", "implant_expert",
+                "implant_steps", "implant_lr", "implant_retain_batch", "implant_localize_weight")
+_IMPLANT_FIELDS = _LATE_FIELDS[4:]
+_PHASE2_FIELDS = ("name", "exclude_forget", "steps", "lr", "extra_steps", "extra_rounds", "target_em",
+                  "localize_layer", "localize_expert", "localize_weight", *_LATE_FIELDS[3:])
+
+BENCH_MODELS = ("natural", "implanted", "localized", "allparam")
 
 
-def bench_config(name: str, *, quick: bool = False, retrained: bool = False) -> BenchModelConfig:
-    """The config of a built-in bench model by name ("natural" | "localized"), its tiny test
-    version with quick=True, its retrained reference with retrained=True."""
+REALIZATION_DOMAINS = ("compounds", "compounds", "species")  # realization r forgets REALIZATION_DOMAINS[r % 3]
+
+
+def realize(config: BenchModelConfig, realization: int) -> BenchModelConfig:
+    """Realization r of a bench recipe: r = 0 is the recipe itself; r > 0 draws another world (facts
+    seed + r), another initialisation and data order (seed + r), and r = 2, 5, ... forgets another
+    domain. Conclusions should hold across realizations, not on one set of weights."""
+    if not isinstance(realization, int) or realization < 0:
+        raise BadInputError(f"realization must be an integer >= 0, got {realization!r}")
+    if realization == 0:
+        return config
+    domain = REALIZATION_DOMAINS[realization % len(REALIZATION_DOMAINS)]
+    facts = dataclasses.replace(config.facts, seed=config.facts.seed + realization, forget_domain=domain)
+    return dataclasses.replace(config, name=f"{config.name}-r{realization}", facts=facts,
+                               seed=config.seed + realization)
+
+
+def bench_config(name: str, *, quick: bool = False, retrained: bool = False, realization: int = 0) -> BenchModelConfig:
+    """The config of a built-in bench model by name, its tiny test version with quick=True, its
+    retrained reference with retrained=True, another realization of it with realization=r (`realize`).
+    natural: facts in the MoE blocks (two phases); implanted: the forget facts in one expert;
+    localized: routing (not knowledge) localized; allparam: the one-phase recipe whose facts sit
+    mostly in attention (negative case)."""
     if name not in BENCH_MODELS:
         raise BadInputError(f"unknown bench model {name!r}; choose one of {', '.join(BENCH_MODELS)}")
+    if realization:
+        return realize(bench_config(name, quick=quick), realization).retrained() if retrained else \
+            realize(bench_config(name, quick=quick), realization)
     if quick:
         cfg = BenchModelConfig.quick(localized=name == "localized")
+        if name == "implanted":
+            cfg = dataclasses.replace(cfg, name="quick-implanted", implant_layer=1, implant_expert=2,
+                                      implant_steps=60)
     else:
-        cfg = BenchModelConfig.natural() if name == "natural" else BenchModelConfig.localized_control()
+        cfg = {"natural": BenchModelConfig.natural, "allparam": BenchModelConfig.allparam,
+               "implanted": BenchModelConfig.implanted_control,
+               "localized": BenchModelConfig.localized_control}[name]()
     return cfg.retrained() if retrained else cfg
 
 
@@ -289,50 +400,158 @@ def answer_exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     return hits / len(facts)
 
 
-def _train_bench_model(config: BenchModelConfig, facts: FactSet, tokenizer: PreTrainedTokenizerBase,
-                      *, progress: bool = True) -> tuple[PreTrainedModel, dict]:
-    """Train a fresh model on the trained splits' texts (never holdout; no forget split when
-    `config.exclude_forget`); returns it and training stats ("trained" EM = on what it was trained on)."""
+def moe_block_parameters(model: PreTrainedModel) -> list[torch.nn.Parameter]:
+    """Every parameter of the MoE blocks (routers, routed experts, shared experts and their gate):
+    what phase 2 of the two-phase recipe trains."""
+    from moe_unlearn.arch import find_moe_layers
+
+    seen: dict[int, torch.nn.Parameter] = {}
+    for layer in find_moe_layers(model):
+        for p in layer.block.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _texts_of(facts: FactSet, splits: list[str]) -> list[tuple[str, bool]]:
+    return [(t, s == "forget") for s in splits for f in facts.splits[s] for t in f.training_texts()]
+
+
+def _phase(model, config: BenchModelConfig, tokenizer, texts: list[tuple[str, bool]], params, *, steps: int,
+           lr: float, seed: int, desc: str, progress: bool, ckpt: Path | None, warmup: int):
+    seqs = encode_with_eos([t for t, _ in texts], tokenizer)
+    batches = _epoch_batches(seqs, [f for _, f in texts], config.batch_size, seed, tokenizer.pad_token_id)
+    resumable = {} if ckpt is None else dict(checkpoint_every=100, checkpoint_dir=str(ckpt), resume=True,
+                                              run_identity={"bench": config.digest(), "phase": desc})
     from moe_unlearn.training import TrainConfig, train
 
+    return train(params, _lm_loss(model, config), batches, TrainConfig(
+        steps=steps, batch_size=config.batch_size, lr=lr, lr_schedule="cosine", warmup_steps=warmup,
+        weight_decay=config.weight_decay, seed=seed, progress=progress, desc=desc, log_every=10, **resumable)), len(seqs)
+
+
+def _train_bench_model(config: BenchModelConfig, facts: FactSet, tokenizer: PreTrainedTokenizerBase,
+                      *, progress: bool = True, work_dir: Path | None = None) -> tuple[PreTrainedModel, dict]:
+    """Train a fresh model on the trained splits' texts (never holdout; no forget split when
+    `config.exclude_forget`); returns it and training stats ("trained" EM = on what it was trained on).
+    work_dir: where phases checkpoint (every 100 steps), so an interrupted build resumes there."""
     config.validate()
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_config(_model_config(config, tokenizer))
     splits = [s for s in TRAINED_SPLITS if not (config.exclude_forget and s == "forget")]
-    texts = [(t, s == "forget") for s in splits for f in facts.splits[s] for t in f.training_texts()]
-    seqs = encode_with_eos([t for t, _ in texts], tokenizer)
-    batches = _epoch_batches(seqs, [f for _, f in texts], config.batch_size, config.seed, tokenizer.pad_token_id)
-    loss_fn = _lm_loss(model, config)
     known = [f for s in splits for f in facts.splits[s]]  # what this model was trained to know
     model.train()
     start = time.perf_counter()
-    steps_run = 0
-    history = train(model.parameters(), loss_fn, batches, TrainConfig(
-        steps=config.steps, batch_size=config.batch_size, lr=config.lr, lr_schedule="cosine",
-        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, seed=config.seed,
-        progress=progress, desc="train benchmark model", log_every=10))
-    steps_run += config.steps
+    stats: dict = {}
+    params = list(model.parameters())
+    if config.two_phase:  # phase 1: every parameter reads another world
+        reading = generate_facts(config.reading_facts())
+        # phase 1 does not depend on the split being trained in phase 2: kept beside the cache entries
+        # under its own digest, a model and its retrained reference train it once
+        shared = work_dir.parent / f".reading-{config.reading_digest()}" if work_dir is not None else None
+        done = shared / "phase1.pt" if shared is not None else None
+        if done is not None and done.is_file():
+            model.load_state_dict(torch.load(done, weights_only=True))
+        else:
+            _phase(model, config, tokenizer, _texts_of(reading, list(TRAINED_SPLITS)), params,
+                   steps=config.reading_steps, lr=config.reading_lr, seed=config.seed + 7919,
+                   desc="train benchmark model (phase 1: reading another world)", progress=progress,
+                   ckpt=None if shared is None else shared / "ckpt", warmup=config.warmup_steps)
+            if done is not None:
+                done.parent.mkdir(parents=True, exist_ok=True)
+                atomic_save = done.with_suffix(".tmp")
+                torch.save(model.state_dict(), atomic_save)
+                os.replace(atomic_save, done)
+        stats["reading_em"] = answer_exact_match(model, tokenizer, reading.trained)
+        params = moe_block_parameters(model)
+        moe_ids = {id(p) for p in params}
+        for p in model.parameters():  # attention, embeddings, norms: no gradient from this world
+            p.requires_grad_(id(p) in moe_ids)
+    texts = _texts_of(facts, splits)
+    history, n_texts = _phase(model, config, tokenizer, texts, params, steps=config.steps, lr=config.lr,
+                              seed=config.seed, progress=progress, warmup=config.warmup_steps,
+                              desc="train benchmark model" + (" (phase 2: MoE blocks only)" if config.two_phase else ""),
+                              ckpt=None if work_dir is None else work_dir / "phase2")
+    steps_run = config.reading_steps + config.steps
     em = answer_exact_match(model, tokenizer, known)
     rounds = 0
     while em < config.target_em and rounds < config.extra_rounds:
         rounds += 1
-        history = train(model.parameters(), loss_fn, lambda e, r=rounds: batches(1000 * r + e), TrainConfig(
-            steps=config.extra_steps, batch_size=config.batch_size, lr=config.lr / 4, lr_schedule="cosine",
-            weight_decay=config.weight_decay, seed=config.seed + rounds, progress=progress,
-            desc=f"train benchmark model (extra round {rounds})", log_every=10))
+        history, _ = _phase(model, config, tokenizer, texts, params, steps=config.extra_steps, lr=config.lr / 4,
+                            seed=config.seed + 1000 * rounds, progress=progress, warmup=0,
+                            desc=f"train benchmark model (extra round {rounds})",
+                            ckpt=None if work_dir is None else work_dir / f"extra{rounds}")
         steps_run += config.extra_steps
         em = answer_exact_match(model, tokenizer, known)
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.eval()
-    stats = {"train_seconds": round(time.perf_counter() - start, 2), "steps": steps_run, "extra_rounds": rounds,
-             "final_terms": history.final(), "num_training_texts": len(seqs),
-             "num_parameters": sum(p.numel() for p in model.parameters()),
-             "exact_match": {"trained": em,
-                             **{s: answer_exact_match(model, tokenizer, facts.splits[s]) for s in facts.splits}}}
+    stats.update({"train_seconds": round(time.perf_counter() - start, 2), "steps": steps_run, "extra_rounds": rounds,
+                  "final_terms": history.final(), "num_training_texts": n_texts,
+                  "num_parameters": sum(p.numel() for p in model.parameters()),
+                  "exact_match": {"trained": em,
+                                  **{s: answer_exact_match(model, tokenizer, facts.splits[s]) for s in facts.splits}}})
     return model, stats
 
 
+def implant_expert(model: PreTrainedModel, config: BenchModelConfig, facts: FactSet,
+                   tokenizer: PreTrainedTokenizerBase, *, progress: bool = True) -> dict:
+    """Train only routed expert `implant_expert` of `implant_layer` and its router row on the forget
+    QA records (+ a retain LM term on `implant_retain_batch` retain texts per step + the localization
+    loss of that router), in place. Adam without weight decay on masked gradients: every other
+    weight stays bit-identical to the reference it started from."""
+    from moe_unlearn.arch import find_moe_layers
+    from moe_unlearn.data import pad_batch
+
+    layer = next(m for m in find_moe_layers(model) if m.layer_idx == config.implant_layer)
+    e = config.implant_expert
+    masks: dict[int, torch.Tensor] = {}
+    for sl in layer.expert_slices(e):
+        masks[id(sl.param)] = masks.get(id(sl.param), torch.zeros_like(sl.param, dtype=torch.bool)) | sl.mask()
+    for _, p in layer.router_parameters():
+        m = torch.zeros_like(p, dtype=torch.bool)
+        m[e] = True  # the expert's router row (weight [E, H], bias [E])
+        masks[id(p)] = m
+    params = [p for p in model.parameters() if id(p) in masks]
+    for p in model.parameters():
+        p.requires_grad_(id(p) in masks)
+    opt = torch.optim.Adam(params, lr=config.implant_lr)
+    forget = encode_with_eos([f.qa for f in facts.forget], tokenizer)
+    retain = encode_with_eos([t for f in facts.retain_train for t in f.training_texts()], tokenizer)
+    rng = random.Random(config.seed + 31)
+    torch.manual_seed(config.seed + 31)
+    model.train()
+    start = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(config.implant_steps), desc="implant forget facts", disable=not progress):
+        fb = pad_batch(rng.sample(forget, min(config.batch_size, len(forget))), pad_token_id=tokenizer.pad_token_id)
+        rb = pad_batch(rng.sample(retain, min(config.implant_retain_batch, len(retain))),
+                       pad_token_id=tokenizer.pad_token_id)
+        loss = 0.0
+        for batch, is_forget in ((fb, True), (rb, False)):
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_router_logits=True)
+            logits = out.logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                    batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+            mask = batch["attention_mask"].reshape(-1)
+            loc = localization_loss(out.router_logits[config.implant_layer], torch.full_like(mask, is_forget,
+                                    dtype=torch.bool), mask, e)
+            loss = loss + nll + config.implant_localize_weight * loc
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(masks[id(p)])
+        opt.step()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return {"implant_seconds": round(time.perf_counter() - start, 2), "implant_steps": config.implant_steps}
+
+
 def train_bench_model(config: BenchModelConfig, facts: FactSet, tokenizer: PreTrainedTokenizerBase,
-                      *, progress: bool = True) -> tuple[PreTrainedModel, dict]:
+                      *, progress: bool = True, work_dir: Path | None = None) -> tuple[PreTrainedModel, dict]:
     """Train a fresh model on the trained splits' texts (never holdout; no forget split when
     `config.exclude_forget`); returns it and training stats ("trained" EM = on what it was trained on).
 
@@ -341,7 +560,7 @@ def train_bench_model(config: BenchModelConfig, facts: FactSet, tokenizer: PreTr
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_bench_model(config, facts, tokenizer, progress=progress)
+        return _train_bench_model(config, facts, tokenizer, progress=progress, work_dir=work_dir)
     finally:
         torch.set_num_threads(threads)
 
@@ -366,12 +585,55 @@ def load_bench_model(path: str | os.PathLike) -> BenchModel:
     return BenchModel(model=model, tokenizer=tokenizer, facts=facts, path=path, meta=meta, built=False)
 
 
+SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"  # weights the committed results used
+WEIGHTS_FILE = "model.safetensors"
+
+
+def weights_sha256(path: str | os.PathLike) -> str | None:
+    """sha256 of a bench model directory's weights file (None when there is none)."""
+    f = Path(path) / WEIGHTS_FILE
+    if not f.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shipped_path(config: BenchModelConfig) -> Path | None:
+    """The shipped copy of this exact config (same name and digest), if the package has one."""
+    p = SHIPPED_ROOT / f"{config.name}-{config.digest()}"
+    return p if _is_complete(p) else None
+
+
 def build_bench_model(config: BenchModelConfig, path: str | os.PathLike, *, progress: bool = True) -> BenchModel:
-    """Generate the facts, train tokenizer and model, and write everything to `path` atomically."""
+    """Generate the facts, train tokenizer and model, and write everything to `path` atomically.
+
+    Two-phase configs checkpoint into `<path>.build/` while training (an interrupted build resumes
+    there); an implanted config first loads or builds its retrained reference in the same cache."""
     path = Path(path)
     facts = generate_facts(config.facts)
-    tokenizer = train_tokenizer(facts.all_texts(), config.vocab_size)
-    model, stats = train_bench_model(config, facts, tokenizer, progress=progress)
+    work = path.parent / f".{path.name}.build"
+    if config.implanted:
+        ref = load_or_build(config.retrained(), cache_root=path.parent, progress=progress)
+        tokenizer, model = ref.tokenizer, ref.model
+        stats = {"reference": {"name": ref.meta["config"]["name"], "digest": ref.meta["digest"],
+                               "weights_sha256": ref.meta.get("weights_sha256"),
+                               "exact_match": ref.meta["exact_match"]}}
+        stats.update(implant_expert(model, config, facts, tokenizer, progress=progress))
+        em = answer_exact_match(model, tokenizer, facts.trained)
+        stats["exact_match"] = {"trained": em, **{s: answer_exact_match(model, tokenizer, facts.splits[s])
+                                                   for s in facts.splits}}
+        stats["num_parameters"] = sum(p.numel() for p in model.parameters())
+    else:
+        corpus = facts.all_texts()
+        if config.two_phase:  # one tokenizer for both worlds (and the same for the retrained reference)
+            corpus += generate_facts(config.reading_facts()).all_texts()
+        tokenizer = train_tokenizer(corpus, config.vocab_size)
+        work.mkdir(parents=True, exist_ok=True)
+        model, stats = train_bench_model(config, facts, tokenizer, progress=progress,
+                                         work_dir=work if config.two_phase else None)
     em = stats["exact_match"]["trained"]
     if em < config.target_em:
         warnings.warn(f"benchmark model {config.name} knows only {em:.1%} of its trained facts (answer exact "
@@ -386,21 +648,41 @@ def build_bench_model(config: BenchModelConfig, path: str | os.PathLike, *, prog
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         facts.write_jsonl(tmp / "data")
+        meta["weights_sha256"] = weights_sha256(tmp)
+        shipped = shipped_path(config)
+        if shipped is not None:
+            meta["shipped_weights_sha256"] = weights_sha256(shipped)
+            meta["matches_shipped"] = meta["shipped_weights_sha256"] == meta["weights_sha256"]
         write_json(tmp / META_FILE, meta)
+    if work.exists():
+        shutil.rmtree(work, ignore_errors=True)
+    if meta.get("matches_shipped") is False:
+        warnings.warn(f"the rebuilt {config.name} differs from the shipped weights (sha256 "
+                      f"{meta['weights_sha256'][:12]} vs shipped {meta['shipped_weights_sha256'][:12]}): float "
+                      "reductions differ across CPUs. Results measured on it are another realization of the "
+                      "benchmark, not the committed one; drop --rebuild to use the shipped weights.", stacklevel=2)
     return BenchModel(model=model, tokenizer=tokenizer, facts=facts, path=path, meta=meta, built=True)
 
 
 def load_or_build(config: BenchModelConfig | None = None, *, cache_root: str | os.PathLike | None = None,
                   rebuild: bool = False, progress: bool = True) -> BenchModel:
-    """The benchmark model of `config` from the cache, trained and cached first if needed (or if `rebuild`)."""
+    """The benchmark model of `config`: from the cache, else the shipped weights of the same config
+    (copied into the cache), else trained and cached. rebuild=True trains anew and warns when the
+    result differs from the shipped weights."""
     config = config or BenchModelConfig()
     config.validate()
     path = cache_path(config, cache_root)
     if not rebuild and _is_complete(path):
         return load_bench_model(path)
+    shipped = None if rebuild else shipped_path(config)
+    if shipped is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(path, replace=True) as tmp:
+            shutil.copytree(shipped, tmp, dirs_exist_ok=True)
+        return load_bench_model(path)
     return build_bench_model(config, path, progress=progress)
 
 
 __all__ = ["BENCH_MODELS", "BenchModel", "BenchModelConfig", "answer_exact_match", "bench_config", "build_bench_model", "cache_path",
-           "default_cache_root", "encode_with_eos", "load_bench_model", "load_or_build", "localization_loss",
-           "train_bench_model"]
+           "default_cache_root", "encode_with_eos", "implant_expert", "realize", "load_bench_model", "load_or_build",
+           "localization_loss", "moe_block_parameters", "shipped_path", "train_bench_model", "weights_sha256"]

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from moe_unlearn.atomic import staged_files
 from moe_unlearn.commands import add_model_args, load_from_args
-from moe_unlearn.errors import BadInputError
 
 OUTPUT_FILES = ("attribution.json", "attribution.png")
 
@@ -55,14 +54,13 @@ def run(args: argparse.Namespace) -> int:
     from moe_unlearn.data import load_texts
     from moe_unlearn.distributed import init_from_env, is_main
     from moe_unlearn.loading import check_model_dir, resolve_device
+    from moe_unlearn.validate import check_int, check_number
 
     for name in ("batch_size", "max_length", "top"):
-        if getattr(args, name) < 1:
-            raise BadInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.coverage is not None and not 0 < args.coverage <= 1:
-        raise BadInputError(f"--coverage must be in (0, 1], got {args.coverage}")
-    if args.seed < 0:
-        raise BadInputError(f"--seed must be >= 0, got {args.seed}")
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), low=1)
+    if args.coverage is not None:
+        check_number("--coverage", args.coverage, low=0.0, high=1.0, low_open=True)
+    check_int("--seed", args.seed, low=0)
     model_dir = check_model_dir(args.model, trust_remote_code=args.trust_remote_code)
     out = Path(args.out)
     check_out_dir(out, model_dirs=(model_dir,))

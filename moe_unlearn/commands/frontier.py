@@ -58,6 +58,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "the forget facts, EM on the rest over steps; costly)")
     p.add_argument("--relearn-variants", type=_names, default=(),
                    help="run the relearn probe only for these variants (default: all)")
+    p.add_argument("--realization", type=int, default=0,
+                   help="which build of the bench recipe: 0 (default) or r > 0 (another world, initialisation and "
+                        "data order; r = 2 forgets another domain); results go to frontier_<model>_r<r>.json")
     p.add_argument("--progress", action="store_true", help="progress bars")
     return p
 
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = FrontierConfig(model=args.model, methods=args.methods, variants=args.variants, steps=args.steps,
                          seeds=args.seeds, batch_size=args.batch_size, quick=args.quick,
                          lrs={v: args.lrs for v in args.variants} if args.lrs else {}, probes=args.probes,
-                         relearn_variants=args.relearn_variants)
+                         relearn_variants=args.relearn_variants, realization=args.realization)
     cfg.validate()  # every input checked before the model loads
     from moe_unlearn.atomic import check_out_dir
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moe_unlearn.errors import DataError
+from moe_unlearn.validate import check_text
 
 QUESTION_FIELDS = ("question", "prompt", "query")
 ANSWER_FIELDS = ("answer", "completion", "response")
@@ -84,12 +85,13 @@ def item_from_record(record: Any, where: str = "record") -> EvalItem:
         return EvalItem(text=record)
     if isinstance(record, Mapping):
         if record.get("gt") is not None and record.get("prompt") is not None:  # MUSE verbmem
-            prompt, gt = str(record["prompt"]), str(record["gt"])
+            prompt, gt = check_text(f"{where}: prompt", record["prompt"]), check_text(f"{where}: gt", record["gt"])
             return EvalItem(text=prompt + gt, prefix=prompt)
         q, a, t = _first(record, QUESTION_FIELDS), _first(record, ANSWER_FIELDS), _first(record, TEXT_FIELDS)
-        t = None if t is None else str(t)
+        t = None if t is None else check_text(f"{where}: text", t)
         if q is not None and a is not None:
-            return EvalItem(question=str(q), answer=str(a), text=t)
+            return EvalItem(question=check_text(f"{where}: question", q), answer=check_text(f"{where}: answer", a),
+                            text=t)
         if t is not None:
             return EvalItem(text=t)
         raise DataError(f"{where}: needs fields question+answer (or {'/'.join(QUESTION_FIELDS)} + "

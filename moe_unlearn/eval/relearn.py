@@ -43,6 +43,10 @@ class RelearnConfig:
     eval_batch_size: int = 64
 
     def validate(self) -> None:
+        from moe_unlearn.validate import check_fields, check_int
+
+        check_fields(self, prefix="relearn ")
+        check_int("relearn seed", self.seed, low=0)
         if not 0.0 < self.fraction < 1.0:
             raise BadInputError(f"relearn fraction must be in (0, 1), got {self.fraction}")
         for name in ("steps", "eval_every", "batch_size", "max_length", "eval_batch_size"):

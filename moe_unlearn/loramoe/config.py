@@ -46,11 +46,9 @@ class LoRAMoEConfig:
     lbc_convention: str = "divide"
 
     def __post_init__(self) -> None:
-        self.target_modules = list(self.target_modules)
-        if self.groups is not None:
-            self.groups = [int(g) for g in self.groups]
-        if self.group_types is not None:
-            self.group_types = [str(t) for t in self.group_types]
+        from moe_unlearn.validate import check_fields
+
+        check_fields(self)  # every field its declared type (a "2" is no expert count, "no" no boolean)
         self.validate()
 
     @property
@@ -123,10 +121,9 @@ class LoRAMoEConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> LoRAMoEConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BadInputError(f"cannot read LoRAMoE config {path}: {exc}") from exc
+        from moe_unlearn.validate import read_json_file
+
+        data = read_json_file(path, what="LoRAMoE config", error=BadInputError)
         if not isinstance(data, dict):
             raise BadInputError(f"{path}: expected a JSON object")
         return cls.from_dict(data)

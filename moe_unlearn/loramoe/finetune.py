@@ -11,7 +11,7 @@ response only) or {"question": ..., "answer": ...} (moe_unlearn.data's QA templa
 answer), each with an optional "type" (the sample type of the balancing constraint).
 The output folder holds `adapter/` (or `model/` for "full"), `finetune_config.json`,
 `history.json`, `routing_mass.json` + `routing_*.png` (methods with a router) and
-`checkpoints/` (resume source). Final files are staged and moved in one by one, each atomic.
+`checkpoints/` (resume source). Final files are staged and moved in all or nothing (atomic.staged_files).
 """
 
 from __future__ import annotations
@@ -75,8 +75,11 @@ class FinetuneConfig:
     progress: bool = _TRAIN_DEFAULTS["progress"]
 
     def __post_init__(self) -> None:
+        from moe_unlearn.validate import check_fields
+
         if not isinstance(self.adapter, LoRAMoEConfig):
             raise BadInputError(f"adapter must be a LoRAMoEConfig, got {type(self.adapter).__name__}")
+        check_fields(self)
 
     def adapter_config(self) -> LoRAMoEConfig | None:
         """The LoRAMoEConfig this run injects (None for full fine-tuning); validates the method."""

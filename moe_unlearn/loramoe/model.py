@@ -62,12 +62,29 @@ def add_loramoe(model: nn.Module, config: LoRAMoEConfig) -> nn.Module:
             f"are fused 3-D parameters, not nn.Linear, so only dense MLPs, shared experts and attention "
             f"projections can be targets; this model's linear layers are named {linear} (attention: "
             f"target_modules={list(ATTENTION_TARGETS)})")
+    _check_adapter_memory(model, targets, config)
     for p in model.parameters():
         p.requires_grad_(False)
     _replace(model, {path: LoRAMoELinear(unwrap_model(model).get_submodule(path), config, name=name)
                      for name, path in targets.items()})
     setattr(unwrap_model(model), _CONFIG_ATTR, config)
     return model
+
+
+def _check_adapter_memory(model: nn.Module, targets: dict[str, str], config: LoRAMoEConfig) -> None:
+    """Before anything is allocated: the experts' A [r, in] and B [out, r] and the router [E, in] of every
+    target, with their gradients and two Adam moments in fp32, must fit the device's free memory (an expert
+    count of fifty million would otherwise try to allocate terabytes)."""
+    from moe_unlearn.validate import check_allocation
+
+    root = unwrap_model(model)
+    nbytes, device = 0, None
+    for path in targets.values():
+        lin = root.get_submodule(path)
+        device = lin.weight.device
+        nbytes += 16 * config.num_experts * (config.rank * (lin.in_features + lin.out_features) + lin.in_features)
+    check_allocation(f"LoRAMoE adapters of {config.num_experts} experts of rank {config.rank} on {len(targets)} "
+                     "layers", nbytes, device)
 
 
 def _replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:

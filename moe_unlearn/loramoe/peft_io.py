@@ -95,15 +95,22 @@ def import_peft(model: nn.Module, path: str | Path) -> nn.Module:
     if not (path / PEFT_CONFIG_FILE).is_file() or not (path / PEFT_WEIGHTS_FILE).is_file():
         raise BadInputError(f"{path} is not a PEFT adapter folder: it needs {PEFT_CONFIG_FILE} and "
                             f"{PEFT_WEIGHTS_FILE}")
-    try:
-        cfg = json.loads((path / PEFT_CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"cannot read {path / PEFT_CONFIG_FILE}: {exc}") from exc
+    from moe_unlearn.validate import check_int, check_number, read_json_file
+
+    cfg = read_json_file(path / PEFT_CONFIG_FILE, what="PEFT adapter config", error=BadInputError)
+    if not isinstance(cfg, dict):
+        raise BadInputError(f"{path / PEFT_CONFIG_FILE} does not hold a JSON object")
     _refuse(cfg, path)
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    r = check_int(f"{PEFT_CONFIG_FILE} r", cfg.get("r"), low=1)
+    alpha = check_number(f"{PEFT_CONFIG_FILE} lora_alpha", cfg.get("lora_alpha"), low=0.0, low_open=True)
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     tensors: dict[str, torch.Tensor] = {}
-    for key, value in load_file(str(path / PEFT_WEIGHTS_FILE)).items():
+    try:
+        stored = load_file(str(path / PEFT_WEIGHTS_FILE))
+    except Exception as exc:  # safetensors raises its own error type on a truncated or garbled file
+        raise BadInputError(f"cannot read {path / PEFT_WEIGHTS_FILE} ({' '.join(str(exc).split())[:200]}); the "
+                            "adapter is damaged") from None
+    for key, value in stored.items():
         m = _KEY.match(key)
         if m is None:
             raise BadInputError(f"PEFT adapter {path}: tensor {key!r} is no LoRA A/B weight of a linear layer "

@@ -185,6 +185,23 @@ class LowRankItem:
         return self.tensor.key
 
 
+def _check_rank(matrices: list[tuple], rank: int) -> None:
+    """Before any factor is allocated: a rank above a matrix's smaller side adds nothing (B A already spans
+    every matrix of that shape), so it is refused, and so is a total the device has no memory for."""
+    from moe_unlearn.errors import BadInputError
+    from moe_unlearn.validate import check_allocation
+
+    nbytes = 0
+    for tensor, param, layout in matrices:
+        out_f, in_f = layout.matrix(tensor.narrow(param.data)).shape
+        if rank > min(out_f, in_f):
+            raise BadInputError(f"adapter_rank {rank} exceeds the smaller side of {tensor.name} ({out_f} x {in_f}); a rank "
+                                f"above {min(out_f, in_f)} adds nothing, train the slice in full (adapter=None) instead")
+        nbytes += 4 * rank * (in_f + out_f) * 4  # factors, their gradients and two Adam moments, fp32
+    if matrices:
+        check_allocation("the low-rank adapters", nbytes, matrices[0][1].device)
+
+
 class AdapterParams(TrainHooks):
     """The leaves of a low-rank run: factors A, B per matrix, plus `SliceParams` (shadows / masters)
     for what trains in full; pass `.leaves` to `train` and this object as a hook (module docstring).
@@ -197,7 +214,8 @@ class AdapterParams(TrainHooks):
         self.rank = rank
         self.values = SliceParams(slices, whole)
         full_params = {id(s.param) for s in slices} | {id(p) for _, p in whole}
-        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7)
+        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + 7) % 2**63)
+        _check_rank(matrices, rank)
         self.items: list[LowRankItem] = []
         for tensor, param, layout in matrices:
             if id(param) in full_params:

@@ -126,11 +126,11 @@ def _patch_dir(path: str | os.PathLike) -> Path:
 
 def read_patch_meta(path: str | os.PathLike) -> dict[str, Any]:
     """patch.json of a patch, with every field the patch functions use checked (PatchError otherwise)."""
+    from moe_unlearn.validate import check_regular_file, read_json_file
+
     d = _patch_dir(path)
-    try:
-        meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"cannot read {d / META_FILE}: {exc}") from exc
+    check_regular_file(d / TENSORS_FILE, what="patch file", error=BadInputError)
+    meta = read_json_file(d / META_FILE, what="patch file", error=BadInputError)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BadInputError(f"{d / META_FILE} is not a moe-unlearn patch (format tag missing)")
     _check_meta(meta, d / META_FILE)
@@ -228,7 +228,67 @@ def _load_tensors(d: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
         if tensor_hash(t) != sha:
             raise PatchError(f"{m['name']}: the stored {part} values do not match their sha256 in {META_FILE}; "
                              "the patch was modified or damaged and is not applied")
+    for i, m in enumerate(meta["entries"]):
+        _check_entry_tensors(m, entry_parts(meta, tensors, i), d / TENSORS_FILE)
     return tensors
+
+
+def _matrix_shape(m: dict[str, Any]) -> tuple[int, int] | None:
+    """[out, in] of an entry's matrix as its layout reads its shape, or None when the layout does not fit."""
+    shape = list(m["shape"])
+    squeeze, in_axis = m["layout"]["squeeze"], m["layout"]["in_axis"]
+    if squeeze is not None:
+        if squeeze >= len(shape) or shape[squeeze] != 1:
+            return None
+        del shape[squeeze]
+    if len(shape) != 2:
+        return None
+    return (shape[0], shape[1]) if in_axis == 1 else (shape[1], shape[0])
+
+
+def _check_entry_tensors(m: dict[str, Any], parts: dict[str, torch.Tensor], where: Path) -> None:
+    """Numbers, not just bytes: every stored tensor of an entry finite and of the shape its role needs (factors
+    [r, in] and [out, r], fix indices inside the matrix, Gram factors [in, k]), so nothing downstream meets a
+    NaN, an IndexError or a shape error. A hash re-recorded over damaged values does not get past this."""
+    from moe_unlearn.validate import check_tensor
+
+    name = m["name"]
+
+    def check(part: str, **kw: Any) -> torch.Tensor:
+        return check_tensor(f"{name}: the stored {part} tensor of {where}", parts[part], error=PatchError, **kw)
+
+    for part in parts:
+        check(part)  # finite
+    dtype = getattr(torch, m["dtype"])
+    if m.get("kind", "values") == "lowrank":
+        shape = _matrix_shape(m)
+        if shape is None:
+            raise PatchError(f"{name}: layout {m['layout']} does not fit the entry's shape {m['shape']} in "
+                             f"{where.parent / META_FILE}; the patch is damaged")
+        out_f, in_f = shape
+        r = m["rank"]
+        check("a", shape=(r, in_f), dtypes=(torch.float32,))
+        check("b", shape=(out_f, r), dtypes=(torch.float32,))
+        idx = check("fix_index", shape=(None,), dtypes=(torch.int32, torch.int64))
+        check("fix_value", shape=(idx.numel(),), dtypes=(dtype,))
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= out_f * in_f):
+            raise PatchError(f"{name}: the stored fix indices of {where} reach outside its {out_f} x {in_f} matrix; "
+                             "the patch is damaged")
+    g = m.get("gram")
+    if g is not None:
+        in_f = g.get("in_features")
+        if not isinstance(in_f, int) or isinstance(in_f, bool) or in_f < 1:
+            raise PatchError(f"{name}: gram.in_features must be a positive integer in {where.parent / META_FILE}")
+        if in_f not in m["shape"] or (m.get("kind", "values") == "lowrank" and _matrix_shape(m)[1] != in_f):
+            raise PatchError(f"{name}: Gram factors of {in_f} inputs do not fit its shape {m['shape']}; the patch "
+                             "is damaged")
+        for k in ("forget", "retain"):
+            check(f"gram_{k}", shape=(in_f, None), dtypes=(torch.float32,))
+            tokens, energy = g.get(f"{k}_tokens"), g.get(f"{k}_energy")
+            if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0 or isinstance(energy, bool) or (
+                    not isinstance(energy, (int, float)) or not 0.0 <= energy <= 1.0 + 1e-6):
+                raise PatchError(f"{name}: gram.{k}_tokens / {k}_energy in {where.parent / META_FILE} must be a "
+                                 "token count and a share in [0, 1]; the patch is damaged")
 
 
 def entry_parts(meta: dict[str, Any], tensors: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
