@@ -566,6 +566,17 @@ def _select_layers(all_layers: list[MoELayer], wanted: Sequence[int] | None) -> 
     return [by_idx[w] for w in sorted(set(wanted))]
 
 
+def _idle_passes(batches: Any, rank: int, world_size: int) -> int:
+    """How many forward passes rank `rank` runs fewer than the busiest rank (batches i mod world are
+    rank i's; empty ones are skipped)."""
+    runs = [0] * world_size
+    for i, batch in enumerate(batches):
+        mask = batch["attention_mask"]
+        if mask.shape[1] and bool(mask.any()):
+            runs[i % world_size] += 1
+    return max(runs) - runs[rank]
+
+
 def attribute_experts(
     model: nn.Module,
     data: DataSource | TokenizedBatches,
@@ -598,9 +609,12 @@ def attribute_experts(
     forget tokens' top-K per layer in memory for `coverage` of target sets (int16, T x K per layer).
     """
     from moe_unlearn.distributed import all_reduce_, check_not_sharded, world
+    from moe_unlearn.sharding import is_fsdp2
 
     model = unwrap_model(model)
-    check_not_sharded(model)
+    sharded = is_fsdp2(model)  # FSDP2: every rank must run the same number of forward passes
+    if not sharded:
+        check_not_sharded(model)
     rank, world_size = world()
     if keep_token_routing:  # every rank needs every token's routing (coverage, premise): no split
         rank, world_size = 0, 1
@@ -638,7 +652,8 @@ def attribute_experts(
     accs = {layer.layer_idx: _LayerAccumulator(E, device) for layer in moe_layers}
     token_topk: dict[int, list[torch.Tensor]] = {layer.layer_idx: [] for layer in moe_layers}
     num_seqs = num_tokens = 0
-    runner = getattr(model, "base_model", model)  # the decoder only: the LM head is not needed
+    # the decoder only (the LM head is not needed); a sharded model through its root, which FSDP2 must run first
+    runner = model if sharded else getattr(model, "base_model", model)
     was_training = model.training
     model.eval()
     try:
@@ -681,6 +696,9 @@ def attribute_experts(
                 num_seqs += int((seq_len > 0).sum())
                 num_tokens += int(seq_len.sum())
                 seq_offset += B
+            if sharded:  # the ranks with fewer non-empty batches run idle passes: FSDP2 gathers in step
+                for _ in range(_idle_passes(batches, rank, world_size)):
+                    runner(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
             cap.clear()
     finally:
         model.train(was_training)

@@ -156,7 +156,7 @@ class GradAllReduce(TrainHooks):
         return average_terms(terms)
 
 
-def _is_sharded(p: torch.Tensor) -> str | None:
+def sharded_kind(p: torch.Tensor) -> str | None:
     """Why `p` is not a whole local tensor, or None."""
     try:
         from torch.distributed.tensor import DTensor
@@ -178,7 +178,7 @@ def check_not_sharded(model: nn.Module) -> None:
     model they would see only this rank's shard (or an empty placeholder) and train nothing.
     Called before any work, so nothing is half-done."""
     for name, p in model.named_parameters():
-        why = _is_sharded(p)
+        why = sharded_kind(p)
         if why is not None:
             raise BadInputError(
                 f"parameter {name} is a {why}: moe-unlearn needs whole tensors on each rank (it trains "

@@ -20,9 +20,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "moe_unlearn.atomic", "moe_unlearn.testing", "moe_unlearn.kernels", "moe_unlearn.log",
               "moe_unlearn.config_aliases")),
     ("model access", ("moe_unlearn.arch", "moe_unlearn.ops", "moe_unlearn.data", "moe_unlearn.loading",
-                      "moe_unlearn.identity", "moe_unlearn.training", "moe_unlearn.distributed")),
+                      "moe_unlearn.identity", "moe_unlearn.training", "moe_unlearn.distributed",
+                      "moe_unlearn.sharding")),
     ("attribution and adapters", ("moe_unlearn.attribution", "moe_unlearn.loramoe")),
-    ("unlearning", ("moe_unlearn.unlearning",)),
+    ("unlearning", ("moe_unlearn.unlearning", "moe_unlearn.memory")),
     ("evaluation", ("moe_unlearn.eval", "moe_unlearn.locate")),
     ("integrations", ("moe_unlearn.integrations",)),  # other training stacks driving the library
     # the research harness: the bench world and models, the frontier, the demo (the library never imports it)

@@ -80,7 +80,8 @@ class DecoderStack:
         """Causal mask, position ids and rotary embeddings for a [B, S] batch (right padding or none)."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        embeds_like = self.embed_tokens.weight.new_empty((input_ids.shape[0], input_ids.shape[1], 1))
+        w = self.embed_tokens.weight  # a plain tensor of its dtype / device even when w is an FSDP2 shard
+        embeds_like = torch.empty((input_ids.shape[0], input_ids.shape[1], 1), dtype=w.dtype, device=w.device)
         embeds_like = embeds_like.expand(-1, -1, self.config.hidden_size)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         kwargs = dict(config=self.config, inputs_embeds=embeds_like, attention_mask=attention_mask,

@@ -6,7 +6,8 @@ save_pretrained into OUT). OUT must be new or empty and must not be the model di
 The run's options are an `UnlearnConfig`: flags, or `--config run.yaml|run.json` (a mapping of
 its field names, plus model / forget / retain), flags overriding the file. patch.json stores
 the config and the data paths, so `moe-unlearn unlearn --config OLD/patch.json --out NEW`
-replays a run. Under `torchrun` / `accelerate launch` it runs data parallel (rank 0 writes).
+replays a run. Under `torchrun` / `accelerate launch` it runs data parallel (rank 0 writes), or
+with --shard fsdp2 (or an accelerate FSDP config) each rank stores a shard of every layer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import json
 
 from moe_unlearn.commands import add_model_args, load_from_args
-from moe_unlearn.unlearning.config import UnlearnConfig
+from moe_unlearn.unlearning.config import UnlearnConfig, read_run_file
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -35,6 +36,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="method hyperparameter, e.g. --set beta=0.1 --set retain_loss=kl")
     p.add_argument("--no-prefix-cache", action="store_true", default=None, help="run the whole model every step")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--plan", action="store_true",
+                   help="print the per-rank memory estimate computed from the model's config.json (no weights "
+                        "loaded, nothing written) and exit; with --shard fsdp2 --nproc N for N ranks")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="--plan: the number of ranks (default: WORLD_SIZE, else 1)")
     p.add_argument("--chat-template", dest="template", action="store_const", const="chat", default=None,
                    help="render QA records with the tokenizer's chat template (same as --template chat)")
     add_config_flags(p)
@@ -138,14 +144,68 @@ def check_inputs(args: argparse.Namespace, cfg, model_dir: str, forget: str, ret
     return mdir
 
 
+def print_plan(args: argparse.Namespace) -> int:
+    """--plan: the memory per rank of a uoe / topm run, from the config alone (moe_unlearn.memory)."""
+    import os
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig
+
+    from moe_unlearn.arch.target import ExpertTarget
+    from moe_unlearn.errors import BadInputError
+    from moe_unlearn.loading import parse_dtype
+    from moe_unlearn.memory import estimate, meta_model
+
+    model_dir = args.model or (read_run_file(args.config).get("model") if args.config else None)
+    if not model_dir or not (Path(model_dir) / "config.json").is_file():
+        raise BadInputError("--plan needs --model DIR holding a config.json (the weights are not read)")
+    if (args.scope or "uoe") not in ("uoe", "topm"):
+        raise BadInputError(f"--plan estimates uoe / topm runs (one or a few target experts), got --scope {args.scope}")
+    nproc = args.nproc if args.nproc is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if nproc < 1:
+        raise BadInputError(f"--nproc must be >= 1, got {nproc}")
+    shard = args.shard
+    if shard is not None and nproc < 2:
+        raise BadInputError(f"--shard {shard} shards over several ranks: give --nproc N (N >= 2)")
+    targets = [tuple(ExpertTarget.parse(t)) for t in args.target or []]
+    if any(isinstance(e, str) for _, e in targets):
+        raise BadInputError("--plan estimates routed-expert targets (L:E), not shared experts")
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BadInputError(f"{model_dir}/config.json cannot be read: {' '.join(str(exc).split())[:200]}") from None
+    dtype = parse_dtype(args.dtype)
+    model = meta_model(config, dtype if isinstance(dtype, torch.dtype) else None)
+    print(estimate(model, [(int(ly), int(e)) for ly, e in targets], world_size=nproc, shard=shard).report())
+    return 0
+
+
+def launch_sharding(args: argparse.Namespace, cfg) -> None:
+    """--shard, else what an accelerate launcher's config asks for (FSDP -> fsdp2, DeepSpeed refused);
+    refused before loading: sharding without several processes, a device map with several."""
+    import os
+
+    from moe_unlearn.sharding import check_launch, shard_from_launcher
+
+    if cfg.shard is None:
+        cfg.shard = shard_from_launcher()
+    check_launch(cfg.shard, args.device_map, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def run(args: argparse.Namespace) -> int:
     from moe_unlearn.distributed import init_from_env, is_main
     from moe_unlearn.unlearning import unlearn
 
+    if args.plan:
+        return print_plan(args)
     cfg, model_dir, forget, retain = build_config(args)  # bad options fail before the model is read
     check_inputs(args, cfg, model_dir, forget, retain)
+    launch_sharding(args, cfg)
     init_from_env(args.device)  # under torchrun / accelerate launch: data parallel over the ranks
     args.model = model_dir
+    if cfg.shard and args.device is None:  # each rank's shards go to its GPU as the model is sharded
+        args.device = "cpu"
     model, tokenizer = load_from_args(args)
     res = unlearn(model, forget, retain, tokenizer=tokenizer, config=cfg)
     if not is_main():

@@ -91,6 +91,9 @@ def check_unlearn_config(cfg: UnlearnConfig, *, has_retain: bool,
                                 "(use ga, graddiff, npo, simnpo or rmu)")
         if cfg.adapter is not None:
             raise BadInputError("sam_rho perturbs the trained tensors themselves; it does not combine with an adapter")
+    if cfg.shard is not None and (cfg.merge or cfg.gradient_checkpointing):
+        raise BadInputError(f"shard={cfg.shard!r} cannot be combined with "
+                            f"{'merge=True (write a patch; it applies to the stock model)' if cfg.merge else 'gradient_checkpointing'}")
     if cfg.coverage is not None and not scope.picks_several:
         several = [n for n, s in SCOPES.items() if s.picks_several]
         raise BadInputError(f"coverage={cfg.coverage} selects several experts: use scope "

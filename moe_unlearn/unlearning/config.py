@@ -144,6 +144,12 @@ def _lr_schedules():
     return LR_SCHEDULES
 
 
+def _shard_modes():
+    from moe_unlearn.sharding import SHARD_MODES
+
+    return SHARD_MODES
+
+
 def _loss_tokens():
     from moe_unlearn.data import LOSS_TOKENS
 
@@ -245,6 +251,10 @@ class UnlearnConfig:
     prefix_cache: bool = option(True, kind="bool", cli=False,
                                 help="run only the layers from the first trained one (CLI: --no-prefix-cache)")
     prefix_cache_mb: float = option(1024, kind="float", low=0.0, help="memory bound of the prefix cache (1024)")
+    shard: str | None = option(None, kind="str", optional=True, choices=_shard_modes,
+                               help="fsdp2 (under torchrun): shard every layer over the ranks with FSDP2, the trained "
+                                    "tensors kept whole; for models larger than one device (default: a whole copy "
+                                    "per rank)")
     gradient_checkpointing: bool = option(False, kind="bool",
                                           help="recompute the activations of the layers above the target in "
                                                "backward (less memory)")

@@ -27,10 +27,11 @@ from torch import nn
 
 from moe_unlearn.arch.forcing import ForcedRouting
 from moe_unlearn.arch.wrappers import is_peft_layer, unwrap_model
-from moe_unlearn.distributed import check_not_sharded
 from moe_unlearn.distributed import world as dist_world
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.loading import input_device
+from moe_unlearn.sharding import prepare as prepare_shards
+from moe_unlearn.sharding import resolve_shard
 from moe_unlearn.training import TrainHooks
 from moe_unlearn.unlearning.batches import Batches, make_batches
 from moe_unlearn.unlearning.checks import check_unlearn_config
@@ -88,14 +89,16 @@ def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any
     out_dir: new (or empty) directory for the patch (or, with merge=True, the merged model);
       None writes nothing. The model's own directory is refused.
     Under torch.distributed (torchrun) the data is split over the ranks and the trained slices'
-    gradients are averaged (moe_unlearn.distributed); only rank 0 writes.
+    gradients are averaged (moe_unlearn.distributed); only rank 0 writes. shard="fsdp2" (or a
+    model already wrapped with fully_shard) shards every layer over the ranks with FSDP2, the
+    trained tensors kept whole (moe_unlearn.sharding); the model is left sharded.
     The model is left in its original train/eval mode with the unlearned weights in place; on a
     NaN/inf loss the original weights are restored, TrainingDiverged is raised and nothing is written.
     """
     t0 = time.perf_counter()
     cfg = UnlearnConfig.build(config, **options)
     model = unwrap_model(model)  # DDP / FSDP1 / DeepSpeed / PEFT wrappers: train the model inside
-    check_not_sharded(model)  # FSDP2 / ZeRO-3 shards: one clear error before any work
+    shard = resolve_shard(cfg.shard, model)  # sharded parameters without shard="fsdp2": one clear error, no work
     rank, world_size = dist_world()
     cfg.progress = cfg.progress and rank == 0
     mdir = model_dir_of(model, cfg.model_dir)
@@ -110,13 +113,15 @@ def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any
     targets = choose_targets(cfg, model, forget, retain, tokenizer)
     plan = make_plan(cfg, method, hp, model, targets)
     check_room(cfg, model, plan, mdir)
+    # FSDP2: every layer sharded over the ranks, the tensors the plan trains kept whole (moe_unlearn.sharding)
+    stack_ok = prepare_shards(model, [t.name for t in plan.tensors]) if shard else True
     world = World(input_device(model), rank, world_size)  # the first device of a device_map model
     was_training = model.training  # references and steps run in eval mode (no dropout); fit() restores it
     ref = compute_references(cfg, method.objective, hp, model, plan, batches, world.device)
     if not method.trains:
         outcome = apply_edit(method, model, plan, ref)
     else:
-        runner = Runner(model, start=plan.start, cache_bytes=int(cfg.prefix_cache_mb * 2**20),
+        runner = Runner(model, start=plan.start if stack_ok else None, cache_bytes=int(cfg.prefix_cache_mb * 2**20),
                         cache=cfg.prefix_cache, hidden_layer=plan.hidden_layer,
                         need_logits=method.objective.needs_logits)
         forced = ForcedRouting(plan.layers) if ref.forced_routing is not None else None

@@ -1,0 +1,248 @@
+"""FSDP2 sharded unlearning: models larger than one device, one shard of them per rank.
+
+With `shard="fsdp2"` (CLI `--shard fsdp2`, under torchrun) every decoder layer, the embedding, the
+final norm and the lm_head become FSDP2 units (`torch.distributed.fsdp.fully_shard`): each rank
+stores 1/world of each, and a layer is gathered whole only while it runs. The parameters that hold
+a trained tensor (the target layer's fused expert tensors and its router, for uoe) are kept whole
+on every rank through `ignored_params`; they train exactly as in data parallel (shadow leaves,
+gradients all-reduced by `GradAllReduce`), so the patch equals the one-process patch with
+grad_accum = world * grad_accum, and rank 0 writes it from whole tensors.
+
+Why the trained block is kept whole rather than the expert dimension sharded with owner-rank
+updates: autograd materialises the gradient of the whole fused tensor before the slice hook keeps
+the expert's part, so the backward of the target layer needs the whole block (gathered) plus its
+whole gradient either way; keeping the block resident adds nothing to that peak, and every rank
+can then update the trained slices itself (no owner rank, no broadcast of the update).
+
+The embedding, norm and lm_head are units of their own because the prefix cache
+(moe_unlearn.arch.stack) calls them outside the model's own forward. A model the user already
+wrapped with `fully_shard` is accepted when the tensors the run trains are whole on each rank
+(wrapped with them in `ignored_params`); otherwise it is refused with one message, never trained
+silently on a shard.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_unlearn.errors import BadInputError
+
+SHARD_MODES = ("fsdp2",)
+
+
+def _dtensor_type() -> Any:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return ()
+    return DTensor
+
+
+def is_dtensor(p: torch.Tensor) -> bool:
+    return isinstance(p, _dtensor_type())
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether any module of `model` is an FSDP2 unit (wrapped with `fully_shard`)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def local_param_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters this rank stores (its shard of each sharded one, whole ones whole)."""
+    total = 0
+    for p in model.parameters():
+        t = p.to_local() if is_dtensor(p) else p
+        total += t.numel() * t.element_size()
+    return total
+
+
+def shard_from_launcher(env: Mapping[str, str] | None = None) -> str | None:
+    """The sharding an `accelerate launch` config asks for: its FSDP plugin maps onto "fsdp2"; a
+    DeepSpeed ZeRO-3 config (or one whose stage is not said) is refused (ZeRO-3's backward fails once
+    everything but the trained slices is frozen, which is what unlearning does); ZeRO-1/2 keep whole
+    parameters, so they run data parallel. None when no launcher asks for sharding."""
+    env = os.environ if env is None else env
+
+    def on(name: str) -> bool:
+        return str(env.get(name, "")).strip().lower() in ("1", "true", "yes")
+
+    if on("ACCELERATE_USE_DEEPSPEED") and str(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")).strip() == "3":
+        raise BadInputError("accelerate launch with a DeepSpeed ZeRO-3 config is not supported (its backward fails "
+                            "once all but the trained slices are frozen); launch with an FSDP config, or torchrun "
+                            "with --shard fsdp2")
+    if on("ACCELERATE_USE_FSDP"):
+        return "fsdp2"
+    return None
+
+
+def check_launch(shard: str | None, device_map: Any, world_size: int) -> None:
+    """Refusals before any loading: data parallel or sharding over ranks cannot be combined with a
+    device map (under torchrun every rank's map would span every visible GPU)."""
+    if shard is not None and world_size <= 1:
+        raise BadInputError(f"--shard {shard} shards the model over several processes: launch with torchrun "
+                            "--nproc_per_node N (or accelerate launch with an FSDP config)")
+    if device_map is not None and world_size > 1:
+        how = "--shard fsdp2 shards the model over the ranks" if shard else "launch one process for --device-map"
+        raise BadInputError(f"--device-map cannot be combined with {world_size} processes (each rank's map would "
+                            f"span every visible GPU): {how}; or give --device-map in a single process")
+
+
+def resolve_shard(shard: str | None, model: nn.Module) -> str | None:
+    """The sharding of a run, checked before any work: `shard`, else "fsdp2" for a model the user
+    already wrapped with `fully_shard`, else the accelerate launcher's; None = whole model per rank."""
+    from moe_unlearn.distributed import sharded_kind
+
+    shard = shard or ("fsdp2" if is_fsdp2(model) else None) or shard_from_launcher()
+    if shard is None:
+        from moe_unlearn.distributed import check_not_sharded
+
+        check_not_sharded(model)
+        return None
+    if shard not in SHARD_MODES:
+        raise BadInputError(f"shard must be one of {', '.join(SHARD_MODES)} or None, got {shard!r}")
+    for name, p in model.named_parameters():
+        why = sharded_kind(p)
+        if why is not None and not is_dtensor(p):
+            raise BadInputError(f"parameter {name} is a {why}; shard={shard!r} shards the model with FSDP2 itself: "
+                                "pass the model unwrapped")
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise BadInputError(f"shard={shard!r} shards the model over the ranks of torch.distributed: launch with "
+                            "torchrun (or accelerate launch) and init the process group first")
+    return shard
+
+
+def trained_parameters(model: nn.Module, names: Iterable[str]) -> list[nn.Parameter]:
+    """The parameters named `names` (those holding a trained tensor), each once."""
+    from moe_unlearn.arch.wrappers import canonical_parameters
+
+    params = canonical_parameters(model)
+    out: dict[int, nn.Parameter] = {}
+    for n in names:
+        p = params[n]
+        out[id(p)] = p
+    return list(out.values())
+
+
+def shard_units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(decoder layers, [embedding, final norm, lm_head]) of a transformers decoder."""
+    from moe_unlearn.arch.discovery import adapter_for, decoder_layers
+
+    layers = list(decoder_layers(model, adapter_for(model).decoder_layer_lists)[1])
+    base = getattr(model, "model", None)
+    edges = [model.get_input_embeddings(), getattr(base, "norm", None), model.get_output_embeddings()]
+    return layers, [m for m in edges if m is not None]
+
+
+def shard_model(model: nn.Module, keep: Iterable[nn.Parameter]) -> nn.Module:
+    """Wrap `model` in place with FSDP2: each decoder layer, the embedding, the final norm and the
+    lm_head (one unit with the embedding when tied), then the root; the parameters in `keep` stay
+    whole on every rank (`ignored_params`). Returns the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    keep = set(keep)
+
+    def ignored(mods: nn.Module | list[nn.Module]) -> set[nn.Parameter] | None:
+        own = {p for m in (mods if isinstance(mods, list) else [mods]) for p in m.parameters()}
+        return (own & keep) or None
+
+    layers, (embed, *rest) = shard_units(model)
+    for layer in layers:
+        fully_shard(layer, ignored_params=ignored(layer))
+    head = rest[-1] if rest else None
+    tied = head is not None and getattr(head, "weight", None) is getattr(embed, "weight", None)
+    first = [embed, head] if tied else embed
+    fully_shard(first, ignored_params=ignored(first))
+    for m in rest[:-1] if tied else rest:
+        fully_shard(m, ignored_params=ignored(m))
+    fully_shard(model, ignored_params=keep or None)
+    _move_kept(model, keep)
+    _backward_prefetch(model, layers, [embed, *rest], keep)
+    _reshard_after_no_grad(model)
+    return model
+
+
+def _reshard_after_no_grad(model: nn.Module) -> None:
+    """Every FSDP2 unit of `model` frees its gathered parameters after a forward without autograd (once
+    per unit, however many runs see the model)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule) and not getattr(m, "_moe_unlearn_reshards", False):
+            m.register_forward_hook(_reshard_without_graph)
+            m._moe_unlearn_reshards = True
+
+
+def _reshard_without_graph(module: nn.Module, args: Any, output: Any) -> None:
+    """After a forward without autograd (the prefix cache's, the references'), free the gathered
+    unit: no backward will need it. Called outside the model's own forward, FSDP2 would otherwise
+    keep it gathered (measured: the embedding and the layers below the target stayed whole)."""
+    if not torch.is_grad_enabled():
+        module.reshard()
+
+
+@torch.no_grad()
+def _move_kept(model: nn.Module, keep: set[nn.Parameter]) -> None:
+    """fully_shard moves the shards to the mesh's device (a model loaded on the CPU lands on each
+    rank's GPU); the parameters kept whole are not its to move, so they follow here."""
+    device = next((p.to_local().device for p in model.parameters() if is_dtensor(p)), None)
+    if device is None:
+        return
+    for p in keep:
+        if p.device != device:
+            p.data = p.data.to(device)
+
+
+def _backward_prefetch(model: nn.Module, layers: list[nn.Module], edges: list[nn.Module],
+                       keep: set[nn.Parameter]) -> None:
+    """Explicit backward prefetch: each unit gathers the one the backward reaches next. FSDP2's
+    implicit order replays the forward order, which includes the layers the prefix cache ran without
+    a graph: gathered for a backward that never comes, they would stay whole on every rank."""
+    from torch.distributed.fsdp import FSDPModule
+
+    def trains(m: nn.Module) -> bool:
+        return any(p in keep for p in m.parameters())
+
+    low = min((i for i, layer in enumerate(layers) if trains(layer)), default=0)
+    embed, *rest = edges
+    chain = [m for m in rest[::-1] if isinstance(m, FSDPModule)]  # lm_head, norm (tied: one unit with embed)
+    chain += layers[low:][::-1] + ([embed] if trains(embed) and embed not in chain else [])
+    for m, nxt in itertools.pairwise(chain):
+        m.set_modules_to_backward_prefetch([nxt])
+
+
+def prepare(model: nn.Module, trained_names: Iterable[str]) -> bool:
+    """Shard `model` for a run that trains the parameters `trained_names` (FSDP2 units, those whole),
+    or check a model the user already sharded. Returns whether the prefix cache can run on it (its
+    embedding, norm and lm_head callable outside the model's forward)."""
+    keep = trained_parameters(model, trained_names)
+    if not is_fsdp2(model):
+        shard_model(model, keep)
+        return True
+    from moe_unlearn.arch.wrappers import canonical_parameters
+
+    split = [n for n, p in canonical_parameters(model).items() if is_dtensor(p) and any(p is k for k in keep)]
+    if split:
+        raise BadInputError(f"the model is sharded with fully_shard and the run trains {', '.join(split[:3])}, which "
+                            "are sharded too: wrap it keeping them whole (fully_shard(..., ignored_params=...), see "
+                            "moe_unlearn.sharding.shard_model), or pass the unwrapped model with shard='fsdp2'")
+    from torch.distributed.fsdp import FSDPModule
+
+    _reshard_after_no_grad(model)
+    _, edges = shard_units(model)
+    return all(isinstance(m, FSDPModule) or not any(is_dtensor(p) for p in m.parameters()) for m in edges)
+
+
+__all__ = ["SHARD_MODES", "check_launch", "is_fsdp2", "local_param_bytes", "prepare", "resolve_shard",
+           "shard_from_launcher", "shard_model", "shard_units", "trained_parameters"]
