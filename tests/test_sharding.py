@@ -38,9 +38,14 @@ def _clean_env() -> dict:
 
 def test_fsdp2_two_ranks_bit_identical_to_one_process(tmp_path):
     single = tmp_path / "single"
-    _fsdp_worker.run(str(single), grad_accum=2)  # one process, no sharding, 2 micro-batches per step
-    _fsdp_worker.attribution(str(tmp_path / "attr_single.pt"))
-    _fsdp_worker.evaluation(str(tmp_path / "eval_single.json"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run (OMP_NUM_THREADS=1): CPU matmuls sum in a per-thread order
+    try:
+        _fsdp_worker.run(str(single), grad_accum=2)  # one process, no sharding, 2 micro-batches per step
+        _fsdp_worker.attribution(str(tmp_path / "attr_single.pt"))
+        _fsdp_worker.evaluation(str(tmp_path / "eval_single.json"))
+    finally:
+        torch.set_num_threads(threads)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "tests" / "_fsdp_worker.py"), str(tmp_path), "1",
                            ",".join(MODES + ("attr", "eval_fsdp2"))],
