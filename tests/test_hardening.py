@@ -12,6 +12,7 @@ import stat
 
 import pytest
 import torch
+from _hardening_common import FORGET, KW, save_tiny
 from _tiny_tokenizer import word_tokenizer
 from safetensors.torch import load_file, save_file
 
@@ -24,20 +25,11 @@ from moe_unlearn.training import TrainConfig, TrainHooks, train
 from moe_unlearn.unlearning import apply_patch, unlearn
 from moe_unlearn.unlearning.patch import TENSORS_FILE
 
-FORGET = [" ".join(f"w{(3 * i + j) % 40}" for j in range(7)) for i in range(6)]
-KW = dict(batch_size=3, max_length=16, progress=False, lr=1e-2)
-
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A saved tiny qwen3_moe with its tokenizer, and forget/retain files."""
-    root = tmp_path_factory.mktemp("hard")
-    model_dir = root / "model"
-    tiny_model("qwen3_moe").save_pretrained(model_dir)
-    word_tokenizer().save_pretrained(model_dir)
-    forget = root / "forget.txt"
-    forget.write_text("\n".join(FORGET) + "\n")
-    return root, model_dir, forget
+    return save_tiny(tmp_path_factory.mktemp("hard"))
 
 
 def _copy_model(saved, tmp_path, name="m"):

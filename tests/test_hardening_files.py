@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+from _hardening_common import FORGET, KW, save_tiny
 from _tiny_tokenizer import word_tokenizer
 from safetensors.torch import load_file, save_file
 
@@ -25,20 +26,12 @@ from moe_unlearn.unlearning import apply_patch, revert_patch, unlearn
 from moe_unlearn.unlearning.patch import META_FILE, TENSORS_FILE, tensor_hash
 from moe_unlearn.validate import check_fields, check_type, parse_json, read_json_file
 
-FORGET = [" ".join(f"w{(3 * i + j) % 40}" for j in range(7)) for i in range(6)]
-KW = dict(batch_size=3, max_length=16, progress=False, lr=1e-2)
 GATE = "model.layers.0.mlp.gate.weight"
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hard3")
-    model_dir = root / "model"
-    tiny_model("qwen3_moe").save_pretrained(model_dir)
-    word_tokenizer().save_pretrained(model_dir)
-    forget = root / "forget.txt"
-    forget.write_text("\n".join(FORGET) + "\n")
-    return root, model_dir, forget
+    return save_tiny(tmp_path_factory.mktemp("hard3"))
 
 
 def _err(capsys) -> str:

@@ -1,6 +1,6 @@
 """Backend choice for the ops: CUDA extension, Triton or torch, decided per call.
 
-Rules (issue 6):
+Rules:
 - `backend=` (kwarg) wins, else the environment variable MOE_UNLEARN_BACKEND
   (torch | triton | cuda; empty or "auto" = choose automatically).
 - Automatic choice: on a CUDA tensor the first backend of AUTO_PREFERENCE[op] that is
