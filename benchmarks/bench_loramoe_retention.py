@@ -23,22 +23,28 @@ Results go to benchmarks/results/loramoe_retention_<device type>.json.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_loramoe_retention.py            # ~5 min on a CPU
     .venv/bin/python benchmarks/bench_loramoe_retention.py --seeds 0 --methods loramoe,lora,full
 
---setting dense is LoRAMoE's own setting (the paper's claim: with much instruction data, full
-fine-tuning damages world knowledge and LoRAMoE keeps it). A small dense LLaMA-style model
-(moe_unlearn.bench_model.dense) knows the facts; the fine-tuning data are many records of three
-rule tasks that need no world knowledge (`demo_task.instruction_task_records`, type "task") plus a
-share of QA replay of trained facts (type "world"); adapters wrap the FFN linears
-(gate/up/down_proj). Methods: loramoe (E=6, r=4, alpha 32, two groups of 3, LBC delta 0.1, weight
-0.1), lora_wide (one LoRA of rank E*r: equal parameters, routers aside), full, loramoe_nolbc.
-Matched task accuracy: each method runs its lr grid with seed 0; the rule picks, per method, the
-smallest lr whose accuracy on a validation split of the task data (inputs never trained, never the
-world-knowledge evaluation) reaches --task-target, or the lr of best validation accuracy if none
-does; the other seeds then run at that lr. Reported: retention of the held facts (trained facts
-not replayed, known before), task accuracy on a test split, and the router mass per group by data
-type (training task / world data, held world questions, task test inputs). The run is resumable:
-finished runs recorded in the JSON are skipped (the JSON is rewritten after every run).
+--setting matched --model dense|moe is LoRAMoE's own question (with much instruction data, full
+fine-tuning damages world knowledge; LoRAMoE keeps it) asked at matched task accuracy. The base model
+knows the facts world: --model dense is a 4-layer LLaMA (0.5M parameters, `dense_matched_config`, built
+through the shared loop and cached), --model moe the shipped bench MoE ("natural", Qwen2-MoE, 1.9M
+parameters). The fine-tuning data: 3,000 records of three word tasks (`demo_task.word_task_records`:
+first / last word of a list, swap two words; the words are the facts' answer words, no record states a
+fact), type "task", plus QA replay of a quarter of the trained facts (type "world") repeated to a 10%
+share. World-knowledge EM is measured on the other three quarters (never in the fine-tuning data).
+Adapters wrap gate/up/down_proj and q/k/v/o_proj: on the MoE these are the shared expert and attention
+(its routed experts are fused 3-D tensors, which LoRAMoE cannot wrap), through `finetune`, the code
+`moe-unlearn loramoe train` runs. Methods (`MATCHED_METHODS`): full, lora (one LoRA of rank E*r),
+loramoe_nolbc, loramoe_divide and loramoe_official (LBC weight 0.1 in the two conventions),
+loramoe_topk (top-2 router, LBC divide). Tuning (seed 0, the task validation split only; the test split
+and the world facts never enter): full fine-tuning's lr grid sets the target, --match x its best
+validation accuracy; per method the cheapest grid point (fewest steps, smallest lr) reaching it; a method
+that misses gets one more round at twice the steps. Then --seeds at the chosen point: task test
+accuracy, world-knowledge EM, router group mass by data type per layer group before and after training,
+step time (and its ratio to lora's). Each finished run is written to
+benchmarks/results/loramoe_matched_<model>.json at once and skipped on a rerun (resumable).
 
-    nice -n 10 OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_loramoe_retention.py --setting dense
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_loramoe_retention.py --setting matched --model dense
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_loramoe_retention.py --setting matched --model moe
 """
 
 from __future__ import annotations
@@ -62,12 +68,14 @@ from moe_unlearn.bench_model.dense import DenseBenchConfig, load_or_build_dense,
 from moe_unlearn.loading import load_model
 from moe_unlearn.loramoe.config import FFN_TARGETS, LoRAMoEConfig
 from moe_unlearn.loramoe.demo_task import (
+    WORD_TASKS,
     fact_records,
-    instruction_task_records,
     new_domain_facts,
     prompt_response_hits,
+    word_task_records,
 )
 from moe_unlearn.loramoe.finetune import FinetuneConfig, encode_records, finetune, make_batches
+from moe_unlearn.loramoe.model import add_loramoe
 from moe_unlearn.loramoe.observe import observe_routing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,10 +84,10 @@ from harness import device_name  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 METHODS = ("loramoe", "lora", "full", "loramoe_nolbc", "lora_wide")
-DENSE_METHODS = ("loramoe", "lora_wide", "full", "loramoe_nolbc")
+MATCHED_METHODS = ("full", "lora", "loramoe_divide", "loramoe_nolbc", "loramoe_official", "loramoe_topk")
 # per setting: steps, batch size, adapter / full lr grid centre, default methods
 SETTING_DEFAULTS = {"moe": dict(steps=300, batch_size=16, lr_adapter=5e-4, lr_full=5e-5, methods=METHODS),
-                    "dense": dict(steps=200, batch_size=16, lr_adapter=4e-3, lr_full=6e-4, methods=DENSE_METHODS)}
+                    "matched": dict(steps=None, batch_size=16, lr_adapter=None, lr_full=None, methods=MATCHED_METHODS)}
 
 
 def bench_config(name: str) -> BenchModelConfig:
@@ -96,8 +104,7 @@ def bench_config(name: str) -> BenchModelConfig:
 
 def method_config(method: str, lr: float, seed: int, args: argparse.Namespace) -> FinetuneConfig:
     common = dict(steps=args.steps, batch_size=args.batch_size, max_length=64, seed=seed, progress=False, lr=lr)
-    targets = list(FFN_TARGETS) if args.setting == "dense" else ATTENTION
-    adapter = dict(target_modules=targets, rank=args.rank, alpha=args.alpha, dropout=0.05)
+    adapter = dict(target_modules=ATTENTION, rank=args.rank, alpha=args.alpha, dropout=0.05)
     if method in ("loramoe", "loramoe_nolbc"):
         half = args.experts // 2
         return FinetuneConfig(**common, method="loramoe", adapter=LoRAMoEConfig(
@@ -119,7 +126,8 @@ def select(per_lr: dict[str, dict], floor: float, tie: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=tuple(SETTING_DEFAULTS), default="moe",
-                    help="moe: the MoE bench model, attention adapters; dense: LoRAMoE's own setting (FFN adapters)")
+                    help="moe: knowledge injection on the demo MoE, attention adapters; matched: see the docstring")
+    ap.add_argument("--model", choices=tuple(MATCHED_DEFAULTS), default="dense", help="matched only: base model")
     ap.add_argument("--bench", choices=("quick", "small", "default"), default="small", help="moe setting only")
     ap.add_argument("--methods", default=None, help="default: every method of the setting")
     ap.add_argument("--steps", type=int, default=None)
@@ -138,22 +146,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--retention-floor", type=float, default=0.5)
     ap.add_argument("--tie", type=float, default=0.02)
-    ap.add_argument("--task-train", type=int, default=3000, help="dense: task records trained on")
-    ap.add_argument("--task-val", type=int, default=300, help="dense: task validation records (lr choice)")
-    ap.add_argument("--task-test", type=int, default=300, help="dense: task test records (reported)")
+    ap.add_argument("--task-train", type=int, default=3000, help="matched: task records trained on")
+    ap.add_argument("--task-val", type=int, default=300, help="matched: task validation records (tuning)")
+    ap.add_argument("--task-test", type=int, default=300, help="matched: task test records (reported)")
     ap.add_argument("--world-share", type=float, default=0.1,
-                    help="dense: share of world-type (fact QA replay) records in the training mix")
-    ap.add_argument("--task-target", type=float, default=0.9,
-                    help="dense: validation task accuracy an lr must reach to be chosen (smallest such lr)")
+                    help="matched: share of world-type (fact QA replay) records in the training mix")
+    ap.add_argument("--match", type=float, default=0.95,
+                    help="matched: the validation task accuracy to reach, as a share of full fine-tuning's best")
+    ap.add_argument("--lrs-full", default=None, help="matched: full fine-tuning's lr grid, comma-separated")
+    ap.add_argument("--lrs-adapter", default=None, help="matched: the adapter methods' lr grid")
     ap.add_argument("--plot", default=None, metavar="JSON",
-                    help="dense: only draw the plot of a (possibly partial) result JSON, beside it")
+                    help="matched: only draw the plot of a (possibly partial) result JSON, beside it")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/loramoe_retention_<dev>.json)")
     args = ap.parse_args(argv)
     if args.plot:
-        print(f"wrote {plot_dense(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix('.png'))}")
+        print(f"wrote {plot_matched(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix('.png'))}")
         return 0
     defaults = SETTING_DEFAULTS[args.setting]
+    if args.setting == "matched":
+        md = MATCHED_DEFAULTS[args.model]
+        args.steps = args.steps or md["steps"]
+        args.lrs_full = [float(x) for x in args.lrs_full.split(",")] if args.lrs_full else list(md["lrs_full"])
+        args.lrs_adapter = ([float(x) for x in args.lrs_adapter.split(",")] if args.lrs_adapter
+                            else list(md["lrs_adapter"]))
     for key in ("steps", "batch_size", "lr_adapter", "lr_full"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
@@ -161,14 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         args.methods = ",".join(defaults["methods"])
     device = torch.device(args.device)
     methods = args.methods.split(",")
-    known = METHODS if args.setting == "moe" else DENSE_METHODS
+    known = METHODS if args.setting == "moe" else MATCHED_METHODS
     unknown = sorted(set(methods) - set(known))
     if unknown:
         ap.error(f"unknown method(s) {unknown} for --setting {args.setting}; known: {','.join(known)}")
     grid = [float(m) for m in args.lr_grid.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    if args.setting == "dense":
-        return run_dense(args, methods, grid, seeds, device)
+    if args.setting == "matched":
+        return run_matched(args, methods, seeds, device)
 
     t0 = time.perf_counter()
     bench = load_or_build(bench_config(args.bench), progress=True)
@@ -264,175 +280,253 @@ def _write(out: Path, payload: dict) -> None:
     tmp.replace(out)
 
 
-DENSE_SPEC_KEYS = ("steps", "batch_size", "experts", "rank", "alpha", "lbc_weight", "convention", "lr_adapter",
-                   "lr_full", "lr_grid", "data_seed", "replay", "task_train", "task_val", "task_test",
-                   "world_share", "task_target")
+# -- the matched comparison (--setting matched): every method tuned to full fine-tuning's task accuracy ------
+
+# the bench MoE's FFNs are routed experts (fused 3-D tensors, no nn.Linear, so no adapter there): the adapters
+# wrap its shared expert's linears and attention; the dense model gets the same set (its MLP and attention)
+MATCHED_TARGETS = list(FFN_TARGETS) + ATTENTION
+MATCHED_DEFAULTS = {  # per model: steps, lr grids (full; adapters); sized for a shared 2-core CPU
+    "dense": dict(steps=300, lrs_full=(1e-3, 3e-3), lrs_adapter=(1e-3, 3e-3)),
+    "moe": dict(steps=200, lrs_full=(3e-4, 1e-3), lrs_adapter=(1e-3, 3e-3)),
+}
+MATCHED_SPEC_KEYS = ("model", "steps", "batch_size", "experts", "rank", "alpha", "lbc_weight", "data_seed", "replay",
+                     "task_train", "task_val", "task_test", "world_share", "match", "lrs_full", "lrs_adapter")
 
 
-def _routing_by_type(model, tok, named_records: dict[str, list[dict]], expert_group: list[int]) -> dict:
-    """type -> [group mass share], over (up to 8 batches of) each named record set."""
-    out = {}
+def dense_matched_config() -> DenseBenchConfig:
+    """The dense model of the matched comparison: 4 layers, hidden 96 (about 0.6M parameters), close to the
+    bench MoE's active parameters per token (6 layers, hidden 96, shared expert + 4 of 16 routed experts)."""
+    return DenseBenchConfig(name="facts-dense-m", hidden_size=96, num_layers=4, intermediate_size=256, steps=900)
+
+
+def matched_method_config(method: str, lr: float, steps: int, seed: int, args: argparse.Namespace) -> FinetuneConfig:
+    """full; lora = one LoRA of rank E*r (the experts' parameters, routers aside); loramoe_* = E experts of rank
+    r, two groups (world, task), dense router (topk: top-2) and the LBC off / divide / official convention."""
+    common = dict(steps=steps, batch_size=args.batch_size, max_length=64, seed=seed, progress=False, lr=lr)
+    adapter = dict(target_modules=MATCHED_TARGETS, rank=args.rank, alpha=args.alpha, dropout=0.05)
+    if method == "full":
+        return FinetuneConfig(**common, method="full", adapter=LoRAMoEConfig(**adapter))
+    if method == "lora":
+        return FinetuneConfig(**common, method="lora",
+                              adapter=LoRAMoEConfig(**{**adapter, "rank": args.rank * args.experts}))
+    variant = method.removeprefix("loramoe_")
+    half = args.experts // 2
+    return FinetuneConfig(**common, method="loramoe", adapter=LoRAMoEConfig(
+        **adapter, num_experts=args.experts, groups=[half, args.experts - half], group_types=["world", "task"],
+        lbc_delta=0.1, router="topk" if variant == "topk" else "dense", top_k=2,
+        lbc_convention="official" if variant == "official" else "divide",
+        lbc_weight=0.0 if variant == "nolbc" else args.lbc_weight))
+
+
+def _routing_by_group(model, tok, named_records: dict[str, list[dict]], expert_group: list[int]) -> dict:
+    """layer group ('q_proj', 'shared_expert_down_proj', ...) -> type -> [mass share per expert group], the mean
+    over the group's layers, on up to 4 batches of 64 of each named record set; plus 'all' (every layer)."""
+    from moe_unlearn.loramoe.observe import _layer_groups
+
+    obs = None
     for label, recs in named_records.items():
         examples = encode_records([{**r, "type": label} for r in recs], tok, 64)
         batches = make_batches(examples, 64, tok.pad_token_id, seed=0, shuffle=False)(0)
-        out.update(observe_routing(model, batches, max_batches=8).summary(expert_group))
+        o = observe_routing(model, batches, max_batches=4)
+        if obs is None:
+            obs = o
+        else:
+            for layer, per in o.mass.items():
+                obs.mass.setdefault(layer, {}).update(per)
+                obs.tokens.setdefault(layer, {}).update(o.tokens[layer])
+    per_layer = obs.group_mass(expert_group)
+    out = {}
+    for kind, layers in {**_layer_groups(list(per_layer)), "all": list(per_layer)}.items():
+        types = per_layer[layers[0]]
+        out[kind] = {t: [statistics.fmean(per_layer[la][t][g] for la in layers) for g in range(len(types[t]))]
+                     for t in types}
     return out
 
 
-def choose_dense_lr(seed0: dict[float, dict], target: float) -> tuple[float, bool]:
-    """The smallest lr whose validation task accuracy reaches `target` (True), else the best one (False)."""
-    ok = sorted(lr for lr, r in seed0.items() if r["task_val_acc"] >= target)
+def matched_choice(rows: list[dict], target: float) -> tuple[dict, bool]:
+    """The cheapest (fewest steps, then smallest lr) tuning row whose validation task accuracy reaches
+    `target` (True); else the row of best validation accuracy (False)."""
+    ok = sorted((r for r in rows if r["task_val_acc"] >= target), key=lambda r: (r["steps"], r["lr"]))
     if ok:
         return ok[0], True
-    return max(seed0, key=lambda lr: (seed0[lr]["task_val_acc"], -lr)), False
+    return max(rows, key=lambda r: (r["task_val_acc"], -r["steps"], -r["lr"])), False
 
 
-def run_dense(args: argparse.Namespace, methods: list[str], grid: list[float], seeds: list[int],
-              device: torch.device) -> int:
-    """LoRAMoE's own setting; see the module docstring. Resumable through the result JSON."""
-    out = Path(args.out) if args.out else RESULTS / f"loramoe_retention_dense_{device.type}.json"
-    spec = {k: getattr(args, k) for k in DENSE_SPEC_KEYS}
+def run_matched(args: argparse.Namespace, methods: list[str], seeds: list[int], device: torch.device) -> int:
+    """See the module docstring (--setting matched). Resumable: each finished (method, lr, steps, seed) run is
+    written to the result JSON as it ends and skipped when found there."""
+    out = Path(args.out) if args.out else RESULTS / f"loramoe_matched_{args.model}.json"
+    spec = {k: getattr(args, k) for k in MATCHED_SPEC_KEYS}
     runs: list[dict] = []
     if out.is_file():
         old = json.loads(out.read_text())
-        if old.get("spec") == spec:
-            runs = old.get("runs", [])
-            print(f"resuming: {len(runs)} finished runs in {out}")
-        else:
+        if old.get("spec") != spec:
             raise SystemExit(f"{out} holds a run with another spec; pass --out for a new file or delete it")
+        runs = old.get("runs", [])
+        print(f"resuming: {len(runs)} finished runs in {out}", flush=True)
     t0 = time.perf_counter()
-    bench = load_or_build_dense(DenseBenchConfig(), progress=False)
+    if args.model == "dense":
+        bench = load_or_build_dense(dense_matched_config(), progress=False)
+        world_all = world_facts(bench.facts)
+    else:
+        from moe_unlearn.bench_model.build import bench_config as named_config
+        from moe_unlearn.bench_model.build import load_bench_model, shipped_path
+
+        bench = load_bench_model(shipped_path(named_config("natural")))
+        world_all = sorted(bench.facts.trained, key=lambda f: f.id)
     build_s = time.perf_counter() - t0
-    tok, facts = bench.tokenizer, bench.facts
-    trained = world_facts(facts)
+    tok = bench.tokenizer
     rng = random.Random(args.data_seed)
-    replayed = set(rng.sample(range(len(trained)), int(args.replay * len(trained))))
-    world = fact_records([trained[i] for i in sorted(replayed)], type_label="world")
-    held = fact_records([f for i, f in enumerate(trained) if i not in replayed], type_label="held_world")
+    replayed = set(rng.sample(range(len(world_all)), int(args.replay * len(world_all))))
+    world = fact_records([world_all[i] for i in sorted(replayed)], type_label="world")
+    held = fact_records([f for i, f in enumerate(world_all) if i not in replayed], type_label="held_world")
     seen: set = set()
-    task_train = instruction_task_records(args.task_train, seed=args.data_seed, exclude=seen)
-    task_val = instruction_task_records(args.task_val, seed=args.data_seed + 1, exclude=seen)
-    task_test = instruction_task_records(args.task_test, seed=args.data_seed + 2, exclude=seen)
+    task_train = word_task_records(args.task_train, seed=args.data_seed, exclude=seen)
+    task_val = word_task_records(args.task_val, seed=args.data_seed + 1, exclude=seen)
+    task_test = word_task_records(args.task_test, seed=args.data_seed + 2, exclude=seen)
     copies = max(1, round(args.world_share * len(task_train) / ((1 - args.world_share) * len(world))))
     train_records = task_train + world * copies
     random.Random(args.data_seed + 3).shuffle(train_records)
+    routing_sets = {"world": world, "task": task_train[:256], "held_world": held, "task_test": task_test}
 
     base = bench.model.to(device)
-    known_ids = [i for i, k in enumerate(prompt_response_hits(base, tok, held)) if k]
+    held_before = prompt_response_hits(base, tok, held)
+    known_ids = [i for i, k in enumerate(held_before) if k]
     base_val = sum(prompt_response_hits(base, tok, task_val)) / len(task_val)
-    print(f"dense base: knows {len(known_ids)}/{len(held)} held facts; task val acc {base_val:.3f}; "
-          f"train mix {len(task_train)} task + {len(world)}x{copies} world")
+    print(f"{args.model} base: knows {len(known_ids)}/{len(held)} held facts; task val acc {base_val:.3f}; "
+          f"train mix {len(task_train)} task + {len(world)}x{copies} world", flush=True)
+    summary: dict[str, dict] = {}
 
-    def payload(summary: dict) -> dict:
-        return {**_header(device, args), "spec": spec, "args": vars(args),
-                "bench_model": {"path_name": bench.path.name, **{k: bench.meta.get(k) for k in
-                                ("digest", "exact_match", "steps", "num_parameters", "train_seconds")}},
-                "bench_build_seconds": round(build_s, 1),
-                "selection_rule": (f"per method, on seed {seeds[0]}: the smallest lr of the grid whose task "
-                                   f"accuracy on the validation split reaches {args.task_target} (else the lr "
-                                   f"of best validation accuracy, flagged); other seeds run at that lr"),
+    def payload() -> dict:
+        return {**_header(device, args), "benchmark": "loramoe_matched", "spec": spec, "args": vars(args),
+                "model": {"kind": args.model, "path_name": bench.path.name,
+                          "num_parameters": sum(p.numel() for p in base.parameters()),
+                          **{k: bench.meta.get(k) for k in ("digest", "exact_match", "steps")}},
+                "adapter_targets": MATCHED_TARGETS, "load_seconds": round(build_s, 1),
+                "selection_rule": (f"tuning on seed {seeds[0]} and the task validation split only: full fine-tuning "
+                                   f"runs its lr grid; target = {args.match} x its best validation accuracy; per "
+                                   f"method the cheapest (fewest steps, then smallest lr) grid point reaching the "
+                                   f"target (full included); a method that reaches it at no lr gets one more round "
+                                   f"at 2x steps; if still short, its best point, flagged reached_target=false"),
                 "data": {"task_train": len(task_train), "task_val": len(task_val), "task_test": len(task_test),
-                         "world_replay_facts": len(world), "world_copies": copies,
+                         "task_types": list(WORD_TASKS), "world_replay_facts": len(world), "world_copies": copies,
                          "world_share": len(world) * copies / len(train_records), "held_facts": len(held),
                          "known_before": len(known_ids), "base_task_val_acc": base_val,
                          "task_example": task_train[0]},
                 "summary": summary, "runs": runs}
 
-    def run(method: str, lr: float, seed: int) -> dict:
+    def run(method: str, lr: float, steps: int, seed: int) -> dict:
         for r in runs:
-            if (r["method"], r["lr"], r["seed"]) == (method, lr, seed):
+            if (r["method"], r["lr"], r["steps"], r["seed"]) == (method, lr, steps, seed):
                 return r
+        cfg = matched_method_config(method, lr, steps, seed, args)
+        adapter = cfg.adapter_config()
+        routed = adapter is not None and adapter.router != "none"
+        before = None
+        if routed:  # the same init finetune makes (its seed, then add_loramoe), observed before any step
+            model = load_model(bench.path, device=device)
+            torch.manual_seed(seed)
+            add_loramoe(model, adapter)
+            before = _routing_by_group(model.eval(), tok, routing_sets, adapter.expert_group())
         model = load_model(bench.path, device=device)
-        cfg = method_config(method, lr, seed, args)
         t = time.perf_counter()
         res = finetune(model, tok, train_records, cfg)
         wall = time.perf_counter() - t
         hits = prompt_response_hits(model, tok, held)
-        adapter = cfg.adapter_config()
-        routing = None
-        if adapter is not None and adapter.router != "none":
-            routing = _routing_by_type(model, tok, {"world": world, "task": task_train[:256], "held_world": held,
-                                                    "task_test": task_test}, adapter.expert_group())
-        r = {"method": method, "lr": lr, "seed": seed,
+        r = {"method": method, "lr": lr, "steps": steps, "seed": seed,
+             "world_em": sum(hits) / len(hits),
              "retention": sum(hits[i] for i in known_ids) / max(1, len(known_ids)),
              "task_val_acc": sum(prompt_response_hits(model, tok, task_val)) / len(task_val),
              "task_test_acc": sum(prompt_response_hits(model, tok, task_test)) / len(task_test),
              "replayed_fact_em": sum(prompt_response_hits(model, tok, world)) / len(world),
              "trainable_params": res.trainable_params, "train_seconds": round(wall, 2),
-             "final_terms": res.history.final(), "routing_group_mass": routing}
+             "step_ms": round(1000 * wall / steps, 2), "final_terms": res.history.final(),
+             "routing_before": before,
+             "routing_after": _routing_by_group(model, tok, routing_sets, adapter.expert_group()) if routed else None}
         runs.append(r)
-        _write(out, payload({}))
-        print(f"{method:14s} lr={lr:.2e} seed={seed} retention={r['retention']:.3f} val={r['task_val_acc']:.3f} "
-              f"test={r['task_test_acc']:.3f} {wall:.1f}s", flush=True)
+        _write(out, payload())
+        print(f"{method:17s} lr={lr:.1e} steps={steps} seed={seed} world_em={r['world_em']:.3f} "
+              f"val={r['task_val_acc']:.3f} test={r['task_test_acc']:.3f} {r['step_ms']:.0f} ms/step", flush=True)
         return r
 
-    summary: dict[str, dict] = {}
-    for method in methods:  # phase 1: the lr grid on the first seed
-        centre = args.lr_full if method == "full" else args.lr_adapter
-        seed0 = {centre * m: run(method, centre * m, seeds[0]) for m in grid}
-        lr, reached = choose_dense_lr(seed0, args.task_target)
-        summary[method] = {"chosen_lr": lr, "reached_target": reached,
-                           "grid": {f"{k:.2e}": {"task_val_acc": v["task_val_acc"], "retention": v["retention"]}
-                                    for k, v in seed0.items()}}
-    for method in methods:  # phase 2: the other seeds at the chosen lr
-        lr = summary[method]["chosen_lr"]
-        rs = [run(method, lr, s) for s in seeds]
-        stat = {}
-        for key in ("retention", "task_val_acc", "task_test_acc", "replayed_fact_em"):
+    order = ["full"] + [m for m in methods if m != "full"]  # full first: it sets the target
+    target = None
+    for method in order:  # per method: tuning on seed 0 (validation split only), then every seed there
+        lrs = args.lrs_full if method == "full" else args.lrs_adapter
+        rows = [run(method, lr, args.steps, seeds[0]) for lr in lrs]
+        if target is None:
+            target = args.match * max(r["task_val_acc"] for r in rows)
+        choice, reached = matched_choice(rows, target)
+        if not reached:  # one more round: twice the steps at every lr
+            rows += [run(method, lr, 2 * args.steps, seeds[0]) for lr in lrs]
+            choice, reached = matched_choice(rows, target)
+        if method not in methods:
+            continue
+        summary[method] = {"method": method, "chosen": {"lr": choice["lr"], "steps": choice["steps"]},
+                           "reached_target": reached, "target_val_acc": target,
+                           "grid": [{k: r[k] for k in ("lr", "steps", "task_val_acc")} for r in rows]}
+        rs = [run(method, choice["lr"], choice["steps"], s) for s in seeds]
+        stat = {"seeds": seeds, "trainable_params": rs[0]["trainable_params"]}
+        for key in ("task_test_acc", "world_em", "retention", "task_val_acc", "replayed_fact_em", "step_ms"):
             vals = [r[key] for r in rs]
-            stat[key] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)}
-        if rs[0]["routing_group_mass"]:
-            types = rs[0]["routing_group_mass"]
-            stat["routing_group_mass_mean"] = {
-                t: [statistics.fmean(r["routing_group_mass"][t][g] for r in rs) for g in range(len(types[t]))]
-                for t in types}
-        summary[method].update({"seeds": len(rs), "trainable_params": rs[0]["trainable_params"], **stat})
-        print(f"chosen {method:14s} lr={lr:.2e} retention={stat['retention']['mean']:.3f} "
-              f"[{stat['retention']['min']:.3f}, {stat['retention']['max']:.3f}] "
-              f"task_test={stat['task_test_acc']['mean']:.3f}")
-    _write(out, payload(summary))
-    print(f"wrote {out} and {plot_dense(payload(summary), out.with_suffix('.png'))}")
+            stat[key] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals), "per_seed": vals}
+        stat["task_accuracy"] = stat["task_test_acc"]["mean"]
+        stat["world_em_mean"] = stat["world_em"]["mean"]
+        for when in ("routing_before", "routing_after"):
+            if rs[0][when]:
+                stat[when] = {kind: {t: [statistics.fmean(r[when][kind][t][g] for r in rs) for g in range(len(v))]
+                                     for t, v in per.items()} for kind, per in rs[0][when].items()}
+        summary[method].update(stat)
+        _write(out, payload())
+    if "lora" in summary:
+        for m in summary.values():
+            m["step_time_vs_lora"] = m["step_ms"]["mean"] / summary["lora"]["step_ms"]["mean"]
+    _write(out, payload())
+    for m in summary.values():
+        print(f"chosen {m['method']:17s} lr={m['chosen']['lr']:.1e} steps={m['chosen']['steps']} "
+              f"reached={m['reached_target']} task={m['task_accuracy']:.3f} world_em={m['world_em_mean']:.3f} "
+              f"step x{m.get('step_time_vs_lora', float('nan')):.2f}", flush=True)
+    print(f"wrote {out} and {plot_matched(payload(), out.with_suffix('.png'))}")
     return 0
 
 
-def plot_dense(payload: dict, path: Path) -> Path:
-    """Left: world-knowledge retention against test task accuracy, every run (chosen lr filled).
-    Right: router mass on the world group by data type, per LoRAMoE variant (mean over its runs at the
-    chosen lr, or over all its runs while the summary is not written yet)."""
+def plot_matched(payload: dict, path: Path) -> Path:
+    """Left: world-knowledge EM against test task accuracy, every run (o = chosen point, x = tuning points).
+    Right: router mass on the world group by data type, before / after training, per LoRAMoE variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs, summary = payload["runs"], payload.get("summary") or {}
-    methods = [m for m in DENSE_METHODS if any(r["method"] == m for r in runs)]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods = [m for m in MATCHED_METHODS if any(r["method"] == m for r in runs)]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
     for i, m in enumerate(methods):
-        chosen = summary.get(m, {}).get("chosen_lr")
+        c = (summary.get(m) or {}).get("chosen") or {}
         rs = [r for r in runs if r["method"] == m]
         for r in rs:
-            filled = chosen is not None and r["lr"] == chosen
-            ax.scatter(r["task_test_acc"], r["retention"], color=f"C{i}", marker="o" if filled else "x",
-                       label=m if r is rs[0] else None, alpha=0.9)
+            filled = (r["lr"], r["steps"]) == (c.get("lr"), c.get("steps"))
+            ax.scatter(r["task_test_acc"], r["world_em"], color=f"C{i}", marker="o" if filled else "x",
+                       label=m if r is rs[0] else None, alpha=0.85)
     ax.set_xlabel("task accuracy (test split)")
-    ax.set_ylabel("world knowledge kept (held facts)")
-    ax.set_title("dense model, FFN adapters (o = chosen lr, x = other lr)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("world-knowledge EM (facts never in the task data)")
+    ax.set_title(f"{payload['model']['kind']} model (o = chosen, x = tuning grid)")
+    ax.legend(fontsize=7)
     types = ["world", "task", "held_world", "task_test"]
-    variants = [m for m in ("loramoe", "loramoe_nolbc") if m in methods]
-    width = 0.8 / max(1, len(variants))
-    for j, m in enumerate(variants):
-        chosen = summary.get(m, {}).get("chosen_lr")
-        rs = [r for r in runs if r["method"] == m and r["routing_group_mass"] and (chosen is None or r["lr"] == chosen)]
-        if not rs:
-            continue
-        vals = [statistics.fmean(r["routing_group_mass"][t][0] for r in rs) for t in types]
-        bx.bar([k + j * width for k in range(len(types))], vals, width, label=f"{m} ({len(rs)} runs)", color=f"C{j}")
+    variants = [m for m in methods if m.startswith("loramoe") and (summary.get(m) or {}).get("routing_after")]
+    width = 0.8 / max(1, 2 * len(variants))
+    k = 0
+    for m in variants:
+        for when, hatch in (("routing_before", "//"), ("routing_after", None)):
+            vals = [summary[m][when]["all"][t][0] for t in types]
+            bx.bar([x + k * width for x in range(len(types))], vals, width, color=f"C{methods.index(m)}",
+                   hatch=hatch, alpha=0.5 if hatch else 1.0, label=f"{m} {when.split('_')[1]}")
+            k += 1
     bx.axhline(0.5, color="grey", lw=0.8, ls="--")
-    bx.set_xticks([k + width * (len(variants) - 1) / 2 for k in range(len(types))], types)
-    bx.set_ylabel("router mass on the world group (experts 0-2)")
-    bx.set_title("routing by data type")
-    bx.legend(fontsize=8)
+    bx.set_xticks([x + width * (k - 1) / 2 for x in range(len(types))], types)
+    bx.set_ylabel("router mass on the world group (all layers)")
+    bx.set_title("routing by data type (hatched = before training)")
+    bx.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -124,3 +124,39 @@ def instruction_task_records(n: int, *, seed: int = 0, type_label: str = "task",
         out.append({"prompt": f"{task} {string} =", "response": " " + answer, "type": type_label, "task": task,
                     "digits": string})
     return out
+
+
+# -- word tasks the model's vocabulary already spells (the matched LoRAMoE benchmark) ---------------
+
+WORD_TASKS = ("first", "last", "swap")
+
+
+def word_task_records(n: int, *, seed: int = 0, type_label: str = "task",
+                      exclude: set[tuple[str, tuple[str, ...]]] | None = None) -> list[dict[str, Any]]:
+    """n distinct {"prompt", "response", "type", "task", "words"} records of three rule tasks over the
+    answer words of the facts world (POOLS), so every token is one the model already reads and writes,
+    while no record states a fact (no entity, no attribute):
+
+    - first: "first: amber violin desert =" -> " amber";
+    - last:  "last: amber violin desert =" -> " desert";
+    - swap:  "swap: amber violin =" -> " violin amber".
+
+    Unlike `instruction_task_records` (digits the facts never contain, so their embeddings and output
+    rows are untrained and only full fine-tuning learns them), adapters can learn these. The (task,
+    words) pairs are distinct and skip `exclude` (which is extended): splits drawn with one shared set
+    are disjoint by input. Tasks are interleaved, so any prefix is balanced.
+    """
+    rng = random.Random(f"word-tasks-{seed}")
+    words = sorted({w for pool in POOLS.values() for w in pool})
+    seen = exclude if exclude is not None else set()
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        task = WORD_TASKS[len(out) % len(WORD_TASKS)]
+        picked = tuple(rng.sample(words, 2 if task == "swap" else 3))
+        if (task, picked) in seen:
+            continue
+        seen.add((task, picked))
+        answer = {"first": picked[0], "last": picked[-1], "swap": f"{picked[1]} {picked[0]}"}[task]
+        out.append({"prompt": f"{task}: {' '.join(picked)} =", "response": " " + answer, "type": type_label,
+                    "task": task, "words": list(picked)})
+    return out
