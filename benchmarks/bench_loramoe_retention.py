@@ -287,7 +287,7 @@ def _write(out: Path, payload: dict) -> None:
 MATCHED_TARGETS = list(FFN_TARGETS) + ATTENTION
 MATCHED_DEFAULTS = {  # per model: steps, lr grids (full; adapters); sized for a shared 2-core CPU
     "dense": dict(steps=300, lrs_full=(1e-3, 3e-3), lrs_adapter=(1e-3, 3e-3)),
-    "moe": dict(steps=200, lrs_full=(3e-4, 1e-3), lrs_adapter=(1e-3, 3e-3)),
+    "moe": dict(steps=200, lrs_full=(3e-4, 1e-3), lrs_adapter=(3e-3,)),
 }
 MATCHED_SPEC_KEYS = ("model", "steps", "batch_size", "experts", "rank", "alpha", "lbc_weight", "data_seed", "replay",
                      "task_train", "task_val", "task_test", "world_share", "match", "lrs_full", "lrs_adapter")

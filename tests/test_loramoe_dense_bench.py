@@ -1,5 +1,5 @@
-"""The dense benchmark pieces of LoRAMoE's own setting: the rule tasks need no facts and their splits are
-disjoint; the dense model builds through the shared loop, caches, and loads back identical."""
+"""The pieces of the matched LoRAMoE benchmark: the word tasks state no fact, their answers follow the rule
+and their splits are disjoint; the dense model builds through the shared loop, caches, and loads back identical."""
 
 from __future__ import annotations
 
@@ -7,23 +7,29 @@ import torch
 
 from moe_unlearn.bench_model import FactsConfig
 from moe_unlearn.bench_model.dense import DenseBenchConfig, dense_cache_path, load_or_build_dense
-from moe_unlearn.loramoe.demo_task import INSTRUCTION_TASKS, instruction_task_records
+from moe_unlearn.bench_model.facts import POOLS, generate_facts
+from moe_unlearn.loramoe.demo_task import WORD_TASKS, word_task_records
 
 
-def test_instruction_tasks_answers_and_disjoint_splits():
+def test_word_tasks_answers_disjoint_splits_and_no_facts():
     seen: set = set()
-    train = instruction_task_records(300, seed=0, exclude=seen)
-    val = instruction_task_records(60, seed=1, exclude=seen)
-    key = lambda r: (r["task"], r["digits"])  # noqa: E731
+    train = word_task_records(300, seed=0, exclude=seen)
+    val = word_task_records(60, seed=1, exclude=seen)
+    key = lambda r: (r["task"], tuple(r["words"]))  # noqa: E731
     assert not {key(r) for r in train} & {key(r) for r in val}
     assert len({key(r) for r in train}) == 300
-    assert {r["task"] for r in train} == set(INSTRUCTION_TASKS)
+    assert {r["task"] for r in train} == set(WORD_TASKS)
+    vocab = {w for pool in POOLS.values() for w in pool}
     for r in train + val:
-        last = int(r["digits"][-1])
-        want = {"last": str(last), "next": str((last + 1) % 10), "parity": "odd" if last % 2 else "even"}[r["task"]]
-        assert r["prompt"] == f"{r['task']} {r['digits']} =" and r["response"] == " " + want
+        w = r["words"]
+        assert set(w) <= vocab and len(set(w)) == len(w)
+        want = {"first": w[0], "last": w[-1], "swap": f"{w[1]} {w[0]}"}[r["task"]]
+        assert r["prompt"] == f"{r['task']}: {' '.join(w)} =" and r["response"] == " " + want
         assert r["type"] == "task"
-    assert instruction_task_records(5, seed=0) == train[:5]  # deterministic
+    assert word_task_records(5, seed=0) == train[:5]  # deterministic
+    world = generate_facts(FactsConfig(entities_per_domain=12, neighbor_entities=4, holdout_entities=6))
+    entities = {f.entity for f in world.trained + world.holdout}
+    assert not any(e in r["prompt"] for r in train for e in entities)  # no record names an entity
 
 
 def test_dense_model_builds_caches_and_reloads(tmp_path):

@@ -93,39 +93,6 @@ def fact_records(facts: Sequence[Any], type_label: str = "world") -> list[dict[s
     return [{"prompt": f.prompt, "response": f.qa[len(f.prompt):], "type": type_label} for f in facts]
 
 
-# -- instruction tasks that need no world knowledge (the dense LoRAMoE benchmark) -------------------
-
-INSTRUCTION_TASKS = ("last", "next", "parity")
-
-
-def instruction_task_records(n: int, *, seed: int = 0, type_label: str = "task", digits: int = 4,
-                             exclude: set[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
-    """n distinct {"prompt", "response", "type", "task", "digits"} records of three rule tasks on digit
-    strings; digits never occur in the facts, so no answer can come from world knowledge:
-
-    - last:   "last 4729 =" -> " 9" (copy the last digit);
-    - next:   "next 4729 =" -> " 0" (the last digit plus one, mod 10);
-    - parity: "parity 4729 =" -> " odd" (of the last digit).
-
-    The (task, string) pairs are distinct and skip `exclude` (which is extended), so splits drawn with
-    one shared set are disjoint by input.
-    """
-    rng = random.Random(f"instruction-{seed}")
-    seen = exclude if exclude is not None else set()
-    out: list[dict[str, Any]] = []
-    while len(out) < n:
-        task = INSTRUCTION_TASKS[len(out) % len(INSTRUCTION_TASKS)]
-        string = "".join(rng.choice("0123456789") for _ in range(digits))
-        if (task, string) in seen:
-            continue
-        seen.add((task, string))
-        last = int(string[-1])
-        answer = {"last": str(last), "next": str((last + 1) % 10), "parity": "odd" if last % 2 else "even"}[task]
-        out.append({"prompt": f"{task} {string} =", "response": " " + answer, "type": type_label, "task": task,
-                    "digits": string})
-    return out
-
-
 # -- word tasks the model's vocabulary already spells (the matched LoRAMoE benchmark) ---------------
 
 WORD_TASKS = ("first", "last", "swap")
@@ -141,8 +108,9 @@ def word_task_records(n: int, *, seed: int = 0, type_label: str = "task",
     - last:  "last: amber violin desert =" -> " desert";
     - swap:  "swap: amber violin =" -> " violin amber".
 
-    Unlike `instruction_task_records` (digits the facts never contain, so their embeddings and output
-    rows are untrained and only full fine-tuning learns them), adapters can learn these. The (task,
+    Every token is one the facts world already uses: an earlier version on digit strings (characters the
+    facts never contain, so their embeddings and output rows stayed untrained) was learned by full
+    fine-tuning only, never by an adapter. The (task,
     words) pairs are distinct and skip `exclude` (which is extended): splits drawn with one shared set
     are disjoint by input. Tasks are interleaved, so any prefix is balanced.
     """
