@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="matched: share of world-type (fact QA replay) records in the training mix")
     ap.add_argument("--match", type=float, default=0.95,
                     help="matched: the validation task accuracy to reach, as a share of full fine-tuning's best")
+    ap.add_argument("--no-retry", dest="retry", action="store_false",
+                    help="matched: no second round at twice the steps for a method that misses the target")
     ap.add_argument("--lrs-full", default=None, help="matched: full fine-tuning's lr grid, comma-separated")
     ap.add_argument("--lrs-adapter", default=None, help="matched: the adapter methods' lr grid")
     ap.add_argument("--plot", default=None, metavar="JSON",
@@ -407,7 +409,8 @@ def run_matched(args: argparse.Namespace, methods: list[str], seeds: list[int], 
                                    f"runs its lr grid; target = {args.match} x its best validation accuracy; per "
                                    f"method the cheapest (fewest steps, then smallest lr) grid point reaching the "
                                    f"target (full included); a method that reaches it at no lr gets one more round "
-                                   f"at 2x steps; if still short, its best point, flagged reached_target=false"),
+                                   f"at 2x steps (unless --no-retry: retry={args.retry}); if still short, its best "
+                                   f"point, flagged reached_target=false"),
                 "data": {"task_train": len(task_train), "task_val": len(task_val), "task_test": len(task_test),
                          "task_types": list(WORD_TASKS), "world_replay_facts": len(world), "world_copies": copies,
                          "world_share": len(world) * copies / len(train_records), "held_facts": len(held),
@@ -457,7 +460,7 @@ def run_matched(args: argparse.Namespace, methods: list[str], seeds: list[int], 
         if target is None:
             target = args.match * max(r["task_val_acc"] for r in rows)
         choice, reached = matched_choice(rows, target)
-        if not reached:  # one more round: twice the steps at every lr
+        if not reached and args.retry:  # one more round: twice the steps at every lr
             rows += [run(method, lr, 2 * args.steps, seeds[0]) for lr in lrs]
             choice, reached = matched_choice(rows, target)
         if method not in methods:
