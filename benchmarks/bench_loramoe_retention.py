@@ -160,12 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lrs-full", default=None, help="matched: full fine-tuning's lr grid, comma-separated")
     ap.add_argument("--lrs-adapter", default=None, help="matched: the adapter methods' lr grid")
     ap.add_argument("--plot", default=None, metavar="JSON",
-                    help="matched: only draw the plot of a (possibly partial) result JSON, beside it")
+                    help="matched: only add the step-time ratios to a (possibly stopped) result JSON and draw its plot")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/loramoe_retention_<dev>.json)")
     args = ap.parse_args(argv)
-    if args.plot:
-        print(f"wrote {plot_matched(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix('.png'))}")
+    if args.plot:  # a stopped run: its derived step-time ratios, then the figure
+        payload = json.loads(Path(args.plot).read_text())
+        add_step_ratios(payload["summary"])
+        _write(Path(args.plot), payload)
+        print(f"wrote {plot_matched(payload, Path(args.plot).with_suffix('.png'))}")
         return 0
     defaults = SETTING_DEFAULTS[args.setting]
     if args.setting == "matched":
@@ -485,9 +488,7 @@ def run_matched(args: argparse.Namespace, methods: list[str], seeds: list[int], 
                                      for t, v in per.items()} for kind, per in rs[0][when].items()}
         summary[method].update(stat)
         _write(out, payload())
-    if "lora" in summary:
-        for m in summary.values():
-            m["step_time_vs_lora"] = m["step_ms"]["mean"] / summary["lora"]["step_ms"]["mean"]
+    add_step_ratios(summary)
     _write(out, payload())
     for m in summary.values():
         print(f"chosen {m['method']:17s} lr={m['chosen']['lr']:.1e} steps={m['chosen']['steps']} "
@@ -495,6 +496,15 @@ def run_matched(args: argparse.Namespace, methods: list[str], seeds: list[int], 
               f"step x{m.get('step_time_vs_lora', float('nan')):.2f}", flush=True)
     print(f"wrote {out} and {plot_matched(payload(), out.with_suffix('.png'))}")
     return 0
+
+
+def add_step_ratios(summary: dict) -> None:
+    """step_time_vs_lora of every finished method: its mean step time over lora's (same machine, same load)."""
+    lora = summary.get("lora")
+    if lora and "step_ms" in lora:
+        for m in summary.values():
+            if "step_ms" in m:
+                m["step_time_vs_lora"] = m["step_ms"]["mean"] / lora["step_ms"]["mean"]
 
 
 def plot_matched(payload: dict, path: Path) -> Path:
@@ -522,13 +532,15 @@ def plot_matched(payload: dict, path: Path) -> Path:
     types = ["world", "task", "held_world", "task_test"]
     variants = [m for m in methods if m.startswith("loramoe") and (summary.get(m) or {}).get("routing_after")]
     width = 0.8 / max(1, 2 * len(variants))
-    k = 0
+    k, shown = 0, [0.5]
     for m in variants:
         for when, hatch in (("routing_before", "//"), ("routing_after", None)):
             vals = [summary[m][when]["all"][t][0] for t in types]
             bx.bar([x + k * width for x in range(len(types))], vals, width, color=f"C{methods.index(m)}",
                    hatch=hatch, alpha=0.5 if hatch else 1.0, label=f"{m} {when.split('_')[1]}")
+            shown += vals
             k += 1
+    bx.set_ylim(min(shown) - 0.03, max(shown) + 0.03)  # the separation is a few points: zoom on it
     bx.axhline(0.5, color="grey", lw=0.8, ls="--")
     bx.set_xticks([x + width * (k - 1) / 2 for x in range(len(types))], types)
     bx.set_ylabel("router mass on the world group (all layers)")
