@@ -222,13 +222,9 @@ def test_dispatch_rules(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_backends_match_torch(backend, dtype):
-    from moe_unlearn.ops.dispatch import cuda_extension
-
-    if backend == "cuda" and cuda_extension() is None:
-        pytest.skip("moe_unlearn._C not built")
     gen = torch.Generator().manual_seed(5)
     T, E, K, S = 5003, 64, 6, 37
     logits = distinct_logits(T, E, dtype, gen).cuda()
