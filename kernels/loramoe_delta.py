@@ -189,13 +189,14 @@ def _bwd_h_kernel(
         acc = _mm(go, bt, acc, CDT)
     dhg = acc * scale
     h, g = _load_hg(h_ptr, g_ptr, sgt, sge, t64, t_ok, e, c_ok, col, E, r)
+    # dh first: g is dead before the dgates reduction (fewer live registers).
+    tl.store(dh_ptr + t64[:, None] * (E * r) + col[None, :], (dhg * g).to(dh_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & c_ok[None, :])
     dg = tl.sum(tl.reshape(dhg * h, (BLOCK_T, EB, RC)), axis=2)
     eg = (blk // NRC) * EB + tl.arange(0, EB)
     # dg partial of rank chunk (blk % NRC): [NRC, T, E], summed over chunks in a fixed order afterwards.
     dg_base = dg_ptr + (blk % NRC).to(tl.int64) * T * E
     tl.store(dg_base + t64[:, None] * E + eg[None, :], dg, mask=t_ok[:, None] & (eg < E)[None, :])
-    tl.store(dh_ptr + t64[:, None] * (E * r) + col[None, :], (dhg * g).to(dh_ptr.dtype.element_ty),
-             mask=t_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
