@@ -118,6 +118,16 @@ def _load_disk_dataset(path: Path) -> Any:
         raise DataError(f"cannot load {path} as a dataset saved with datasets' save_to_disk: {exc}") from exc
 
 
+def check_data_file(path: str | os.PathLike, *, whole: bool = True) -> int:
+    """The data-size limit (`max_data_bytes`), after checking `path` is a regular file and, when it is read
+    `whole`, no larger than the limit; DataError naming the limit and how to raise it otherwise. Every
+    reader of data files (these, and the LoRAMoE reader that hands .jsonl files to `datasets`) goes
+    through it."""
+    cap = max_data_bytes()
+    check_regular_file(path, what="data file", max_bytes=cap if whole else None, hint=data_limit_hint())
+    return cap
+
+
 def _iter_source(source: DataSource, *, whole: bool = True) -> Iterator[_Located]:
     """The records of `source`. A data file must be a regular file (a FIFO would hang the reader, a link
     to /dev/zero never end) of at most `max_data_bytes()`: checked on its size before anything is read when
@@ -129,9 +139,7 @@ def _iter_source(source: DataSource, *, whole: bool = True) -> Iterator[_Located
             yield from _iter_dataset(_load_disk_dataset(path), str(path))
             return
         suffix = path.suffix.lower()
-        cap = max_data_bytes()
-        check_regular_file(path, what="data file", max_bytes=cap if whole or suffix == ".json" else None,
-                           hint=data_limit_hint())
+        cap = check_data_file(path, whole=whole or suffix == ".json")
         if suffix == ".jsonl":
             yield from _iter_jsonl(path, cap)
         elif suffix == ".json":

@@ -193,6 +193,7 @@ def check_type(name: str, value: Any, annotation: Any) -> Any:
     if annotation is str:
         if not isinstance(value, str):
             raise BadInputError(f"{name} must be a string, got {_short(value)}")
+        _check_text(value, name, BadInputError)  # written to a results file, it could never be read back
         return value
     if annotation in (Path, os.PathLike) or origin is os.PathLike:
         if not isinstance(value, (str, os.PathLike)):

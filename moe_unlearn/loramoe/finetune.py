@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_unlearn.atomic import check_out_dir, staged_files
-from moe_unlearn.data import encode_capped, load_records, pad_batch, pad_token_id
+from moe_unlearn.data import check_data_file, encode_capped, load_records, pad_batch, pad_token_id
 from moe_unlearn.errors import BadInputError, DataError
 from moe_unlearn.loading import input_device
 from moe_unlearn.loramoe.balance import routing_context
@@ -150,8 +150,10 @@ def load_finetune_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a .jsonl/.json file with the `datasets` library (other sources through moe_unlearn.data)
     and check every record has `text` or `prompt` + `response`."""
     path = Path(path)
-    if path.suffix.lower() in (".jsonl", ".json") and path.is_file():
+    if path.suffix.lower() in (".jsonl", ".json") and not path.is_dir():
         from datasets import Dataset
+
+        check_data_file(path)  # a regular file within the data-size limit, before datasets reads it
 
         with tempfile.TemporaryDirectory(prefix="moe_unlearn_ds_") as cache:
             try:

@@ -15,7 +15,6 @@ so adding an option = adding a field here + the code that uses it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -25,7 +24,7 @@ from typing import Any
 
 from moe_unlearn.config_aliases import apply_aliases
 from moe_unlearn.errors import BadInputError
-from moe_unlearn.validate import MAX_ITEMS, MAX_STEPS, MAX_TOKENS, check_int, check_number
+from moe_unlearn.validate import MAX_ITEMS, MAX_STEPS, MAX_TOKENS, check_int, check_number, check_type
 
 _KINDS = ("bool", "int", "float", "str", "path", "dict", "any")
 
@@ -72,8 +71,8 @@ class Option:
                       high=None if self.high is None else int(self.high))
         elif self.kind == "float":
             check_number(name, value, low=self.low, high=self.high, low_open=self.low_open)
-        elif self.kind == "str" and not isinstance(value, str):
-            raise BadInputError(f"{name} must be a string, got {value!r}")
+        elif self.kind == "str":
+            check_type(name, value, str)  # a string, and text (no lone surrogate: patch.json could not be read)
         elif self.kind == "path" and not isinstance(value, (str, os.PathLike)):
             raise BadInputError(f"{name} must be a path, got {value!r}")
         elif self.kind == "dict" and not isinstance(value, Mapping):
@@ -368,24 +367,27 @@ def _yaml_loader():
 def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
     """The run options of a .yaml/.yml/.json file: a flat mapping of UnlearnConfig fields (plus
     "model", "forget", "retain" for the CLI), or a patch.json (its "config" and "inputs")."""
-    p = Path(path)
-    if not p.is_file():
-        raise BadInputError(f"--config {p} does not exist")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
+    from moe_unlearn.validate import MAX_JSON_BYTES, parse_json, read_text_file
 
+    p = Path(path)
+    text = read_text_file(p, what="--config", max_bytes=MAX_JSON_BYTES, error=BadInputError)  # a regular file
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
             data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass: no arbitrary objects
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # yaml.YAMLError / JSONDecodeError: a bad input either way
-        raise BadInputError(f"--config {p} is not valid {p.suffix.lstrip('.') or 'JSON'}: "
-                            f"{' '.join(str(exc).split())[:200]}") from None
+        except (yaml.YAMLError, RecursionError, ValueError) as exc:
+            raise BadInputError(f"--config {p} is not valid yaml: {' '.join(str(exc).split())[:200]}") from None
+    else:
+        data = parse_json(text, what=f"--config {p}", error=BadInputError)  # depth, NaN, surrogates: one error
     if not isinstance(data, dict):
         raise BadInputError(f"--config {p} must hold a mapping of option names to values")
     if "config" in data and isinstance(data["config"], dict):  # a patch.json: replay its run
-        return {**data.get("inputs", {}), **data["config"]}
+        inputs = data.get("inputs") or {}
+        if not isinstance(inputs, dict):
+            raise BadInputError(f"--config {p}: a patch.json's \"inputs\" must be a mapping, got "
+                                f"{type(inputs).__name__}")
+        return {**inputs, **data["config"]}
     return apply_aliases(data)  # TrainingArguments names (learning_rate, max_steps, ...): moe_unlearn.config_aliases
 
 
