@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from moe_unlearn.errors import BadInputError
-from moe_unlearn.validate import MAX_ITEMS, MAX_TOKENS, bounded, check_fields
+from moe_unlearn.validate import MAX_ITEMS, MAX_TOKENS, bounded, check_fields, check_layers
 
 METHODS = ("zero", "mean", "reinit")
 MIN_DROP = 0.01  # floor of the utility drop in selectivity
@@ -130,6 +130,7 @@ class ModelParts:
     def components(self, config: LocateConfig, attribution: Any = None) -> list[Component]:
         out = [Component("embeddings", "embeddings", "embeddings")]
         middle = tuple(config.middle) if config.middle is not None else middle_layers(self.num_layers)
+        check_layers("middle", middle, self.num_layers)
         mid_attn = tuple(x for x in middle if x in self.attention)
         mid_moe = tuple(x for x in middle if x in self.moe)
         for i in sorted(self.attention):

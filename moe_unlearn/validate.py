@@ -287,6 +287,47 @@ def config_positions(config: Any) -> int | None:
     return None
 
 
+def config_layers(config: Any) -> int | None:
+    """The decoder layers a model config declares (`num_hidden_layers`, also inside a nested `text_config`);
+    `config` is a config object or the dict of a config.json. None when unknown."""
+    def get(obj: Any, key: str) -> Any:
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    for cfg in (config, get(config, "text_config")):
+        value = get(cfg, "num_hidden_layers") if cfg is not None else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_layers(name: str, layers: Iterable[int], num_layers: int | None) -> None:
+    """BadInputError when a layer index in `layers` is not a layer of a model with `num_layers` layers: a
+    layer the model does not have would otherwise be skipped silently and reported as if it were measured."""
+    if num_layers is None:
+        return
+    bad = sorted({x for x in layers if not 0 <= x < num_layers})
+    if bad:
+        raise BadInputError(f"{name} names layer(s) {bad}, but the model has {num_layers} layers "
+                            f"(0..{num_layers - 1})")
+
+
+MAX_RANKS = 1 << 20  # processes of one launch (WORLD_SIZE, --nproc)
+
+
+def env_int(name: str, default: int, *, low: int = 0, high: int = MAX_RANKS) -> int:
+    """The integer environment variable `name` (a launcher's WORLD_SIZE, LOCAL_RANK), `default` when unset;
+    BadInputError naming the variable when it is not an integer in [low, high], instead of a ValueError
+    traceback from int()."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise BadInputError(f"environment variable {name}={raw[:40]!r} is not an integer") from None
+    return check_int(f"environment variable {name}", value, low=low, high=high)
+
+
 def check_generation_length(name: str, value: Any, *, positions: int | None = None, low: int = 1) -> int:
     """A number of tokens to generate or compare: an integer in [low, MAX_TOKENS] and, when the model's
     position count is known (`positions`, e.g. `max_position_embeddings` read from config.json before the
