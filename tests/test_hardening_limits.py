@@ -242,3 +242,99 @@ def test_a_ctrl_c_during_imports_or_work_exits_130_quietly(tmp_path):
         assert p.returncode == 130, (delay, p.returncode, err)
         assert "Traceback" not in err and "ImportError" not in err, (delay, err)
         assert err.strip().endswith("interrupted; no half-written output was left"), (delay, err)
+
+
+# -- the third round's probes: run files, strings, launcher variables, layers, cached weights -----------
+
+def test_run_files_go_through_the_checked_readers(tmp_path):
+    from moe_unlearn.config_aliases import apply_aliases
+    from moe_unlearn.unlearning.config import UnlearnConfig, read_run_file
+
+    os.mkfifo(tmp_path / "fifo.yaml")
+    (tmp_path / "inputs.json").write_text(json.dumps({"config": {"steps": 1}, "inputs": [1, 2]}))
+    (tmp_path / "deep.json").write_text("[" * 50_000 + "]" * 50_000)
+    (tmp_path / "nan.json").write_text('{"lr": NaN}')
+    (tmp_path / "deep.yaml").write_text("a: " + "[" * 1_500 + "]" * 1_500)
+    for name, word in (("fifo.yaml", "FIFO"), ("inputs.json", "must be a mapping"), ("deep.json", "too deeply"),
+                       ("nan.json", "not a finite number"), ("missing.yaml", "does not exist")):
+        with pytest.raises(BadInputError, match=word):
+            read_run_file(tmp_path / name)
+    with pytest.raises(BadInputError):  # PyYAML's own nesting limit or ours: one error either way
+        UnlearnConfig.from_dict(read_run_file(tmp_path / "deep.yaml"))
+    for options in ({"template": "Q: {question}\ud800"}, {"field": "\udcff"}, {"lr_scheduler_type": [1]},
+                    {"lr_scheduler_type": {"a": 1}}, {"learning_rate": [1]}):
+        with pytest.raises(BadInputError):  # a lone surrogate would be written to patch.json and never read back
+            UnlearnConfig.from_dict(apply_aliases(options))
+    assert UnlearnConfig.from_dict(apply_aliases({"lr_scheduler_type": "constant_with_warmup"})).lr_schedule == \
+        "constant"
+
+
+@pytest.mark.parametrize("raw, ok", [("4", 4), ("", 1), ("abc", None), ("-1", None), ("0", None), ("9" * 30, None)])
+def test_launcher_variables_are_read_strictly(monkeypatch, raw, ok):
+    from moe_unlearn.validate import env_int
+
+    monkeypatch.setenv("WORLD_SIZE", raw)
+    if ok is None:
+        with pytest.raises(BadInputError, match="WORLD_SIZE"):
+            env_int("WORLD_SIZE", 1, low=1)
+    else:
+        assert env_int("WORLD_SIZE", 1, low=1) == ok
+
+
+def test_layers_the_model_lacks_are_refused(saved, tmp_path, capsys, monkeypatch):
+    from moe_unlearn.locate import LocateConfig, ModelParts
+    from moe_unlearn.testing import tiny_model
+
+    parts = ModelParts(tiny_model("qwen3_moe"))
+    for middle in ((0, 99), (parts.num_layers,)):
+        with pytest.raises(BadInputError, match="the model has"):
+            parts.components(LocateConfig(middle=middle))
+    assert parts.components(LocateConfig(middle=(0, 1)))
+    _, model_dir, _ = saved
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "w1 w2", "answer": "w3"}) + "\n")
+    _no_model_load(monkeypatch)
+    assert main(["locate", "--model", str(model_dir), "--forget", str(qa), "--utility", str(qa), "--out",
+                 str(tmp_path / "loc"), "--middle", "0,99"]) == 2
+    assert "--middle names layer(s) [99]" in _err(capsys)
+    assert not (tmp_path / "loc").exists()
+
+
+def test_bench_entries_are_verified_against_their_recorded_weights(tmp_path):
+    import shutil
+
+    from moe_unlearn.bench_model import bench_config, load_bench_model
+    from moe_unlearn.bench_model.build import shipped_path
+
+    shipped = shipped_path(bench_config("natural"))
+    good, bad, meta = tmp_path / "good", tmp_path / "bad", tmp_path / "meta"
+    for d in (good, bad, meta):
+        shutil.copytree(shipped, d)
+    weights = bad / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last weight: still a valid file, other numbers
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BadInputError, match="changed or damaged.*--rebuild"):
+        load_bench_model(bad)
+    (meta / "bench_meta.json").write_text(json.dumps({"config": 1}))
+    with pytest.raises(BadInputError, match="not the metadata of a benchmark model"):
+        load_bench_model(meta)
+    assert load_bench_model(good).meta["weights_sha256"]
+
+
+def test_reports_and_loramoe_data_are_read_through_the_checks(tmp_path, monkeypatch):
+    from moe_unlearn.eval.report import EvalReport
+    from moe_unlearn.loramoe.finetune import load_finetune_records
+
+    (tmp_path / "r.json").write_text(json.dumps({"splits": 3}))
+    os.mkfifo(tmp_path / "fifo.json")
+    for name, word in (("r.json", "not a report.json"), ("fifo.json", "FIFO")):
+        with pytest.raises(DataError, match=word):
+            EvalReport.from_json(tmp_path / name)
+    lines = "\n".join(json.dumps({"prompt": "w1", "response": "w2"}) for _ in range(20))
+    (tmp_path / "d.jsonl").write_text(lines)
+    monkeypatch.setenv(MAX_DATA_BYTES_ENV, "64")
+    with pytest.raises(DataError, match=MAX_DATA_BYTES_ENV):
+        load_finetune_records(tmp_path / "d.jsonl")
+    monkeypatch.delenv(MAX_DATA_BYTES_ENV)
+    assert len(load_finetune_records(tmp_path / "d.jsonl")) == 20
