@@ -64,9 +64,11 @@ class _Interrupts:
     (nothing is written during imports, so deferring loses nothing)."""
 
     RETRY_S = 0.02
+    MAX_DEFER_S = 10.0  # longer than any import should take; then the interrupt is raised where it is
 
     def __init__(self) -> None:
         self.pending = False
+        self._since = 0.0
         self._timer: Any = None
         self._previous: Any = None
 
@@ -79,7 +81,12 @@ class _Interrupts:
         return False
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self._importing(frame):
+        import time
+
+        if not self.pending:
+            self._since = time.monotonic()
+        # an import that never ends (stuck on a lock or a network mount) must stay interruptible
+        if self._importing(frame) and time.monotonic() - self._since < self.MAX_DEFER_S:
             self.pending = True
             self._retry()
             return
