@@ -244,5 +244,15 @@ def prepare(model: nn.Module, trained_names: Iterable[str]) -> bool:
     return all(isinstance(m, FSDPModule) or not any(is_dtensor(p) for p in m.parameters()) for m in edges)
 
 
-__all__ = ["SHARD_MODES", "check_launch", "is_fsdp2", "local_param_bytes", "prepare", "resolve_shard",
+def load_sharded(path: Any, keep: Iterable[str] = (), *, trust_remote_code: bool = False, device: Any = None,
+                 dtype: Any = None) -> nn.Module:
+    """The model saved in `path`, sharded over the ranks with FSDP2 (`shard_model`), the parameters
+    named in `keep` whole on every rank."""
+    from moe_unlearn.loading import load_model
+
+    model = load_model(path, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+    return shard_model(model, trained_parameters(model, keep))
+
+
+__all__ = ["SHARD_MODES", "check_launch", "is_fsdp2", "load_sharded", "local_param_bytes", "prepare", "resolve_shard",
            "shard_from_launcher", "shard_model", "shard_units", "trained_parameters"]

@@ -97,6 +97,36 @@ def evaluation(out: str, mode: str = "single") -> None:
     Path(out).write_text(json.dumps(rep.to_dict(), default=str))
 
 
+def save_inputs(root: str) -> None:
+    """The saved model, tokenizer and data files the CLI modes read (written once, before the ranks start)."""
+    import json
+
+    root = Path(root)
+    tiny_model("qwen3_moe").save_pretrained(root / "model")
+    word_tokenizer().save_pretrained(root / "model")
+    (root / "forget.txt").write_text("\n".join(FORGET) + "\n")
+    qa = [{"question": f"w{i} w{i + 1}", "answer": f"w{i + 2} w{i + 3}"} for i in range(0, 36, 6)]
+    for name, rows in (("qa_forget", qa[:3]), ("qa_retain", qa[3:]), ("holdout", [{"text": t} for t in RETAIN[:4]])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def cli(root: str, command: str, out: str, shard: bool) -> None:
+    """`moe-unlearn attribute` / `evaluate` (with the one-process patch of `run`, in ROOT/single) on the
+    saved model, sharded with --shard fsdp2 or not; results in OUT."""
+    from moe_unlearn.cli import main as cli_main
+
+    root = Path(root)
+    flags = ["--shard", "fsdp2"] if shard else []
+    if command == "attribute":
+        argv = ["attribute", "--model", str(root / "model"), "--data", str(root / "forget.txt"), "--batch-size", "3",
+                "--max-length", "12", "--stability", "--out", out]
+    else:
+        argv = ["evaluate", "--model", str(root / "model"), "--patch", str(root / "single"), "--forget",
+                str(root / "qa_forget.jsonl"), "--retain", str(root / "qa_retain.jsonl"), "--holdout",
+                str(root / "holdout.jsonl"), "--batch-size", "2", "--max-new-tokens", "4", "--quiet", "--out", out]
+    assert cli_main([*argv, *flags]) == 0
+
+
 def memory_report(model: torch.nn.Module) -> dict:
     """Bytes this rank stores, its share of the sharded parameters (dim 0 split, rounded up, as FSDP2
     pads) and the bytes of the parameters it holds whole."""
@@ -122,6 +152,9 @@ def main(out_root: str, grad_accum: int, modes: list[str]) -> None:
     rank, _ = world()
     for mode in modes:
         out = Path(out_root) / mode
+        if mode.startswith("cli_"):  # cli_attribute, cli_evaluate: the command with --shard fsdp2
+            cli(out_root, mode[4:], str(out), shard=True)
+            continue
         if mode.startswith(("attr", "eval")):
             if mode.startswith("attr"):
                 attribution(str(out.with_name(f"{mode}.rank{rank}.pt")), mode)

@@ -44,11 +44,14 @@ def test_fsdp2_two_ranks_bit_identical_to_one_process(tmp_path):
         _fsdp_worker.run(str(single), grad_accum=2)  # one process, no sharding, 2 micro-batches per step
         _fsdp_worker.attribution(str(tmp_path / "attr_single.pt"))
         _fsdp_worker.evaluation(str(tmp_path / "eval_single.json"))
+        _fsdp_worker.save_inputs(str(tmp_path))
+        for command in ("attribute", "evaluate"):  # the commands in one process: what --shard fsdp2 must equal
+            _fsdp_worker.cli(str(tmp_path), command, str(tmp_path / f"cli_single_{command}"), shard=False)
     finally:
         torch.set_num_threads(threads)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "tests" / "_fsdp_worker.py"), str(tmp_path), "1",
-                           ",".join(MODES + ("attr", "eval_fsdp2"))],
+                           ",".join(MODES + ("attr", "eval_fsdp2", "cli_attribute", "cli_evaluate"))],
                           cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = torch.load(tmp_path / "attr_single.pt")
@@ -64,6 +67,17 @@ def test_fsdp2_two_ranks_bit_identical_to_one_process(tmp_path):
         for report in (got, ev):
             report.pop("meta", None)  # the model's class name (FSDP's) and the wall time
         assert got == ev, rank
+    # the commands with --shard fsdp2: the one-process files (rank 0 wrote them)
+    got, one = (json.loads((tmp_path / d / "attribution.json").read_text())
+                for d in ("cli_attribute", "cli_single_attribute"))
+    assert got.keys() == one.keys() and got["target"] == one["target"] and got["counts"] == one["counts"]
+    for k in ("affinity", "frequency", "mean_score"):  # sums of each rank's share, all-reduced
+        assert torch.allclose(torch.tensor(got[k]), torch.tensor(one[k]), atol=1e-6), k
+    got, one = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("cli_evaluate", "cli_single_evaluate"))
+    for report in (got, one):
+        report["meta"].pop("seconds")
+        report["meta"].pop("model")  # the class name (FSDP's when sharded)
+    assert got == one and got["meta"]["before_patch"] and got["routing"]
     ref = load_file(str(single / "patch.safetensors"))
     model = tiny_model("qwen3_moe")
     params = dict(model.named_parameters())
