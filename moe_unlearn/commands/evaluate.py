@@ -9,7 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moe_unlearn.commands import add_model_args, add_shard_arg, add_template_args, launch_shard, load_from_args
+from moe_unlearn.commands import (
+    add_model_args,
+    add_shard_arg,
+    add_template_args,
+    launch_shard,
+    load_from_args,
+)
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.validate import check_number
 
