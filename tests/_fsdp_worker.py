@@ -18,15 +18,24 @@ from moe_unlearn.unlearning import unlearn
 FORGET = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(6 + i % 3)) for i in range(8)]
 RETAIN = [" ".join(f"w{40 + (i * 5 + j) % 40}" for j in range(7)) for i in range(8)]
 TARGET = "1:2"
+TRAINED = ["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
+           "model.layers.1.mlp.gate.weight"]  # the parameters holding target 1:2's slices and its router
 
 
 def run(out: str, grad_accum: int, mode: str = "single") -> dict:
     """mode: single (one process, no sharding), fsdp2 (shard="fsdp2"), fsdp2_nocache (prefix cache off),
-    user (the model wrapped with fully_shard by the caller, the target layer's trained tensors whole)."""
-    model = tiny_model("qwen3_moe")
+    user (the model wrapped with fully_shard by the caller, the target layer's trained tensors whole),
+    loaded (read sharded from the saved model by `load_sharded`, which reports the bytes each rank read)."""
+    loaded: dict = {}
+    if mode == "loaded":
+        from moe_unlearn.sharding import load_sharded
+
+        model = load_sharded(Path(out).parent / "model", TRAINED, report=loaded)
+    else:
+        model = tiny_model("qwen3_moe")
     opts = dict(method="graddiff", scope="uoe", target=TARGET, steps=2, lr=1e-2, batch_size=2, grad_accum=grad_accum,
                 max_length=12, progress=False, out_dir=out, prefix_cache=mode != "fsdp2_nocache")
-    if mode.startswith("fsdp2"):
+    if mode.startswith("fsdp2") or mode == "loaded":
         opts["shard"] = "fsdp2"
     elif mode == "user":
         from torch.distributed.fsdp import fully_shard
@@ -38,7 +47,7 @@ def run(out: str, grad_accum: int, mode: str = "single") -> dict:
         fully_shard(model, ignored_params=keep)
     peak = PeakLocalBytes(model)
     unlearn(model, FORGET, RETAIN, tokenizer=word_tokenizer(), callbacks=[peak], **opts)
-    return {**memory_report(model), "peak": peak.peak}
+    return {**memory_report(model), "peak": peak.peak, **loaded}
 
 
 class PeakLocalBytes(TrainHooks):
@@ -105,6 +114,7 @@ def save_inputs(root: str) -> None:
     tiny_model("qwen3_moe").save_pretrained(root / "model")
     word_tokenizer().save_pretrained(root / "model")
     (root / "forget.txt").write_text("\n".join(FORGET) + "\n")
+    (root / "retain.txt").write_text("\n".join(RETAIN) + "\n")
     qa = [{"question": f"w{i} w{i + 1}", "answer": f"w{i + 2} w{i + 3}"} for i in range(0, 36, 6)]
     for name, rows in (("qa_forget", qa[:3]), ("qa_retain", qa[3:]), ("holdout", [{"text": t} for t in RETAIN[:4]])):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -117,7 +127,11 @@ def cli(root: str, command: str, out: str, shard: bool) -> None:
 
     root = Path(root)
     flags = ["--shard", "fsdp2"] if shard else []
-    if command == "attribute":
+    if command == "unlearn":  # the options of `run`
+        argv = ["unlearn", "--model", str(root / "model"), "--forget", str(root / "forget.txt"), "--retain",
+                str(root / "retain.txt"), "--method", "graddiff", "--scope", "uoe", "--target", TARGET, "--steps", "2",
+                "--lr", "1e-2", "--batch-size", "2", "--max-length", "12", "--quiet", "--out", out]
+    elif command == "attribute":
         argv = ["attribute", "--model", str(root / "model"), "--data", str(root / "forget.txt"), "--batch-size", "3",
                 "--max-length", "12", "--stability", "--out", out]
     else:
@@ -152,7 +166,7 @@ def main(out_root: str, grad_accum: int, modes: list[str]) -> None:
     rank, _ = world()
     for mode in modes:
         out = Path(out_root) / mode
-        if mode.startswith("cli_"):  # cli_attribute, cli_evaluate: the command with --shard fsdp2
+        if mode.startswith("cli_"):  # cli_unlearn, cli_attribute, cli_evaluate: the command with --shard fsdp2
             cli(out_root, mode[4:], str(out), shard=True)
             continue
         if mode.startswith(("attr", "eval")):

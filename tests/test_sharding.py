@@ -23,9 +23,8 @@ from moe_unlearn.testing import tiny_model
 from moe_unlearn.unlearning import unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("fsdp2", "fsdp2_nocache", "user")
-TRAINED = ["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
-           "model.layers.1.mlp.gate.weight"]  # the parameters holding target 1:2's slices and its router
+MODES = ("fsdp2", "fsdp2_nocache", "user", "loaded")
+TRAINED = _fsdp_worker.TRAINED
 
 
 def _clean_env() -> dict:
@@ -51,7 +50,7 @@ def test_fsdp2_two_ranks_bit_identical_to_one_process(tmp_path):
         torch.set_num_threads(threads)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "tests" / "_fsdp_worker.py"), str(tmp_path), "1",
-                           ",".join(MODES + ("attr", "eval_fsdp2", "cli_attribute", "cli_evaluate"))],
+                           ",".join(MODES + ("attr", "eval_fsdp2", "cli_unlearn", "cli_attribute", "cli_evaluate"))],
                           cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = torch.load(tmp_path / "attr_single.pt")
@@ -85,12 +84,12 @@ def test_fsdp2_two_ranks_bit_identical_to_one_process(tmp_path):
     block = sum(params[n].numel() * params[n].element_size() for n in TRAINED)
     plan = estimate(model, [(1, 2)], world_size=2, shard="fsdp2")
     assert plan.trained_block == block
-    for mode in MODES:
+    for mode in (*MODES, "cli_unlearn"):
         got = load_file(str(tmp_path / mode / "patch.safetensors"))
         assert got.keys() == ref.keys(), mode
         for k in ref:  # sharding changes where weights live, not one bit of the result
             assert torch.equal(got[k], ref[k]), (mode, k)
-        for rank in (0, 1):
+        for rank in (0, 1) if mode in MODES else ():
             rep = torch.load(tmp_path / f"{mode}.rank{rank}.pt")
             assert sorted(rep["whole_names"]) == sorted(TRAINED), (mode, rank)  # everything else sharded
             assert rep["whole"] == block and rep["total"] == total
@@ -98,6 +97,8 @@ def test_fsdp2_two_ranks_bit_identical_to_one_process(tmp_path):
             assert rep["peak"] <= rep["share"] + block, (mode, rank)  # after every backward and step too
             assert rep["share"] <= (total - block) // 2 + 1024, (mode, rank)  # ~half (dim-0 padding aside)
             assert rep["local"] <= plan.weights and (rank or rep["local"] == plan.weights)  # what --plan computes
+            if mode == "loaded":  # read from the files: this rank's rows and the trained block, nothing else
+                assert rep["bytes_read"] == rep["share"] + block < rep["checkpoint_bytes"], rank
 
 
 def test_fsdp2_without_process_group_is_refused():
@@ -157,4 +158,33 @@ def test_cli_refuses_bad_launches_before_loading(tmp_path, env, flags, message):
                           cwd=ROOT, env={**_clean_env(), **env}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_sharded_unlearn_without_targets_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    from moe_unlearn.cli import main
+
+    mdir = tmp_path / "model"
+    tiny_model("qwen3_moe").save_pretrained(mdir)
+    word_tokenizer().save_pretrained(mdir)
+    (tmp_path / "f.txt").write_text("w1 w2 w3\nw4 w5 w6\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun: no process group may start before the refusal
+    assert main(["unlearn", "--model", str(mdir), "--forget", str(tmp_path / "f.txt"), "--shard", "fsdp2", "--out",
+                 str(tmp_path / "out")]) == 2
+    assert "--target L:E or --attribution" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["attribute", "evaluate"])
+def test_sharded_commands_refuse_one_process_before_loading(tmp_path, monkeypatch, capsys, command):
+    from moe_unlearn.cli import main
+
+    _fsdp_worker.save_inputs(str(tmp_path))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    data = (["--data", str(tmp_path / "forget.txt")] if command == "attribute" else
+            ["--forget", str(tmp_path / "qa_forget.jsonl"), "--retain", str(tmp_path / "qa_retain.jsonl")])
+    assert main([command, "--model", str(tmp_path / "model"), *data, "--shard", "fsdp2", "--out",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "torchrun" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
