@@ -175,6 +175,16 @@ def shard_model(model: nn.Module, keep: Iterable[nn.Parameter]) -> nn.Module:
     return model
 
 
+def _init_root(model: nn.Module) -> None:
+    """Make `model` FSDP2's root now: FSDP2 does it on the first forward of the model, but when the first
+    call is the prefix cache's embedding (a method without references, e.g. ga), the embedding would
+    become a root of its own and the model's forward fail ("FSDP requires running forward through
+    the root module first")."""
+    state = getattr(model, "_get_fsdp_state", None)
+    if state is not None:
+        state()._lazy_init()
+
+
 def _reshard_after_no_grad(model: nn.Module) -> None:
     """Every FSDP2 unit of `model` frees its gathered parameters after a forward without autograd (once
     per unit, however many runs see the model)."""
@@ -231,6 +241,7 @@ def prepare(model: nn.Module, trained_names: Iterable[str]) -> bool:
     keep = trained_parameters(model, trained_names)
     if not is_fsdp2(model):
         shard_model(model, keep)
+        _init_root(model)
         return True
     from moe_unlearn.arch.wrappers import canonical_parameters
 
@@ -242,6 +253,7 @@ def prepare(model: nn.Module, trained_names: Iterable[str]) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     _reshard_after_no_grad(model)
+    _init_root(model)
     _, edges = shard_units(model)
     return all(isinstance(m, FSDPModule) or not any(is_dtensor(p) for p in m.parameters()) for m in edges)
 

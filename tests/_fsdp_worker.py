@@ -141,6 +141,16 @@ def cli(root: str, command: str, out: str, shard: bool) -> None:
     assert cli_main([*argv, *flags]) == 0
 
 
+def frontier(cache: str, out: str, shard: bool) -> None:
+    """A one-run frontier on the quick bench model (in the bench cache CACHE, built by the one-process run,
+    which takes grad_accum 2 where the ranks take 1 each), sharded with shard="fsdp2" or not; results in OUT."""
+    from moe_unlearn.frontier import FrontierConfig, run_frontier
+
+    cfg = FrontierConfig(quick=True, methods=("ga",), variants=("uoe",), lrs={"uoe": (1e-2,)}, steps=(1, 2),
+                         seeds=(0,), batch_size=4, grad_accum=1 if shard else 2, shard="fsdp2" if shard else None)
+    run_frontier(cfg, out_dir=out, cache_dir=cache, log=lambda _: None)
+
+
 def memory_report(model: torch.nn.Module) -> dict:
     """Bytes this rank stores, its share of the sharded parameters (dim 0 split, rounded up, as FSDP2
     pads) and the bytes of the parameters it holds whole."""
@@ -160,7 +170,7 @@ def memory_report(model: torch.nn.Module) -> dict:
             "whole_names": whole_names}
 
 
-def main(out_root: str, grad_accum: int, modes: list[str]) -> None:
+def main(out_root: str, grad_accum: int, modes: list[str], bench_cache: str | None = None) -> None:
     """Each mode in turn (one process group, a fresh model each): OUT_ROOT/MODE/ and its memory reports."""
     init_from_env("cpu")
     rank, _ = world()
@@ -168,6 +178,9 @@ def main(out_root: str, grad_accum: int, modes: list[str]) -> None:
         out = Path(out_root) / mode
         if mode.startswith("cli_"):  # cli_unlearn, cli_attribute, cli_evaluate: the command with --shard fsdp2
             cli(out_root, mode[4:], str(out), shard=True)
+            continue
+        if mode == "frontier":
+            frontier(bench_cache, str(out), shard=True)
             continue
         if mode.startswith(("attr", "eval")):
             if mode.startswith("attr"):
@@ -180,4 +193,4 @@ def main(out_root: str, grad_accum: int, modes: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), *sys.argv[4:])

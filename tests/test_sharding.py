@@ -35,7 +35,7 @@ def _clean_env() -> dict:
     return env
 
 
-def test_fsdp2_two_ranks_bit_identical_to_one_process(tmp_path):
+def test_fsdp2_two_ranks_bit_identical_to_one_process(tmp_path, bench_cache):
     single = tmp_path / "single"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run (OMP_NUM_THREADS=1): CPU matmuls sum in a per-thread order
@@ -46,11 +46,13 @@ def test_fsdp2_two_ranks_bit_identical_to_one_process(tmp_path):
         _fsdp_worker.save_inputs(str(tmp_path))
         for command in ("attribute", "evaluate"):  # the commands in one process: what --shard fsdp2 must equal
             _fsdp_worker.cli(str(tmp_path), command, str(tmp_path / f"cli_single_{command}"), shard=False)
+        _fsdp_worker.frontier(str(bench_cache), str(tmp_path / "frontier_single"), shard=False)
     finally:
         torch.set_num_threads(threads)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "tests" / "_fsdp_worker.py"), str(tmp_path), "1",
-                           ",".join(MODES + ("attr", "eval_fsdp2", "cli_unlearn", "cli_attribute", "cli_evaluate"))],
+                           ",".join(MODES + ("attr", "eval_fsdp2", "cli_unlearn", "cli_attribute", "cli_evaluate", "frontier")),
+                           str(bench_cache)],
                           cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = torch.load(tmp_path / "attr_single.pt")
@@ -77,6 +79,12 @@ def test_fsdp2_two_ranks_bit_identical_to_one_process(tmp_path):
         report["meta"].pop("seconds")
         report["meta"].pop("model")  # the class name (FSDP's when sharded)
     assert got == one and got["meta"]["before_patch"] and got["routing"]
+    got, one = (json.loads((tmp_path / d / "frontier_natural_quick.json").read_text())
+                for d in ("frontier", "frontier_single"))  # sharded over 2 ranks = one process with grad_accum 2
+    for res in (got, one):
+        for r in res["runs"]:
+            r.pop("seconds")
+    assert got == one and len(got["runs"]) == 2 and got["protocol"]["micro_batches_per_step"] == 2
     ref = load_file(str(single / "patch.safetensors"))
     model = tiny_model("qwen3_moe")
     params = dict(model.named_parameters())
