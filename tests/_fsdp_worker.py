@@ -141,27 +141,30 @@ def cli(root: str, command: str, out: str, shard: bool) -> None:
     assert cli_main([*argv, *flags]) == 0
 
 
-def frontier(cache: str, out: str, shard: bool) -> None:
+def frontier(cache: str, out: str, shard: bool, grad_accum: int = 1) -> None:
     """A one-run frontier on the quick bench model (in the bench cache CACHE, built by the one-process run,
-    which takes grad_accum 2 where the ranks take 1 each), sharded with shard="fsdp2" or not; results in OUT."""
+    which takes grad_accum = ranks where the ranks take 1 each), sharded with shard="fsdp2" or not; results
+    in OUT."""
     from moe_unlearn.frontier import FrontierConfig, run_frontier
 
     cfg = FrontierConfig(quick=True, methods=("ga",), variants=("uoe",), lrs={"uoe": (1e-2,)}, steps=(1, 2),
-                         seeds=(0,), batch_size=4, grad_accum=1 if shard else 2, shard="fsdp2" if shard else None)
+                         seeds=(0,), batch_size=4, grad_accum=grad_accum, shard="fsdp2" if shard else None)
     run_frontier(cfg, out_dir=out, cache_dir=cache, log=lambda _: None)
 
 
 def memory_report(model: torch.nn.Module) -> dict:
-    """Bytes this rank stores, its share of the sharded parameters (dim 0 split, rounded up, as FSDP2
-    pads) and the bytes of the parameters it holds whole."""
+    """Bytes this rank stores, its share of the sharded parameters (dim 0 split as FSDP2 splits it) and
+    the bytes of the parameters it holds whole."""
     from moe_unlearn.sharding import is_dtensor, local_param_bytes
 
-    _, size = world()
+    rank, size = world()
     share = whole = 0
     whole_names = []
     for n, p in model.named_parameters():
-        if is_dtensor(p):
-            share += math.ceil(p.shape[0] / size) * (p[0].numel() if p.dim() > 1 else 1) * p.element_size()
+        if is_dtensor(p):  # chunks of ceil(rows / size) rows, the last ranks' shorter or empty
+            chunk = math.ceil(p.shape[0] / size)
+            rows = max(0, min(chunk, p.shape[0] - rank * chunk))
+            share += rows * (p[0].numel() if p.dim() > 1 else 1) * p.element_size()
         else:
             whole += p.numel() * p.element_size()
             whole_names.append(n)
