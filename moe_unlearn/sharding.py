@@ -14,6 +14,10 @@ the expert's part, so the backward of the target layer needs the whole block (ga
 whole gradient either way; keeping the block resident adds nothing to that peak, and every rank
 can then update the trained slices itself (no owner rank, no broadcast of the update).
 
+`load_sharded` reads a saved model straight into this layout (meta-device build, then each rank reads
+from the safetensors files only its rows and the kept tensors), so no rank holds the whole checkpoint;
+the tensors kept whole must be known before loading (`unlearning.engine.trained_names`).
+
 The embedding, norm and lm_head are units of their own because the prefix cache
 (moe_unlearn.arch.stack) calls them outside the model's own forward. A model the user already
 wrapped with `fully_shard` is accepted when the tensors the run trains are whole on each rank
