@@ -373,6 +373,8 @@ def _read_shards(model: nn.Module, p: Any) -> tuple[int, int]:
     by_pattern = {src: c for c in converters for src in c.source_patterns}
     for name, param in params.items():
         local, lo, n = _rows(param)
+        if is_dtensor(param) and n == 0:  # a last rank with no rows of this parameter (fewer rows than ranks)
+            continue
         keys = sources[name]
         patterns = {pat for _, pat in keys}
         if patterns == {None}:  # stored as it is in the model: this rank's rows only
