@@ -3,6 +3,7 @@
 #
 #   benchmarks/gpu_validate.sh OUT_DIR              # on the GPU machine; every file goes to OUT_DIR
 #   benchmarks/gpu_validate.sh --dry-run OUT_DIR    # on a CPU: same steps, interpreter, tiny shapes, pip --dry-run
+#   GV_DRY_PARALLEL=1 benchmarks/gpu_validate.sh --dry-run OUT_DIR   # ... with install, checks, bench side by side
 #
 # Steps, each under its own `timeout` (GPU limits sum to 465 s <= 480 s, so one command of <= 600 s fits):
 #   preflight  versions (python, torch, CUDA, Triton, numpy, transformers, nvcc, GPU), what is missing, and the
@@ -113,10 +114,26 @@ install() {
   "$PY" -c "import moe_unlearn, moe_unlearn.kernels.loramoe_delta, moe_unlearn.kernels.loramoe_routed, \
 moe_unlearn.kernels.routing_stats as m; print('imports ok from', moe_unlearn.__file__)"
 }
-step install "$OUT/install.log" install
-
-step checks "$OUT/checks.log" "$PY" benchmarks/gpu_checks.py --out "$OUT/checks.json" --budget-s "$(budget checks)" $TINY
-step bench "$OUT/bench.log" "$PY" benchmarks/bench_ops.py --out "$OUT/bench_ops.json" --budget-s "$(budget bench)" $TINY
+run_checks() {
+  step checks "$OUT/checks.log" "$PY" benchmarks/gpu_checks.py --out "$OUT/checks.json" --budget-s "$(budget checks)" $TINY
+}
+run_bench() {
+  step bench "$OUT/bench.log" "$PY" benchmarks/bench_ops.py --out "$OUT/bench_ops.json" --budget-s "$(budget bench)" $TINY
+}
+if [ "$DRY" = 1 ] && [ "${GV_DRY_PARALLEL:-0}" = 1 ]; then
+  # CPU dry run only: install, checks and bench run side by side (each on its own core; the checkout is
+  # importable from PYTHONPATH without the install). Same steps, files, rows and limits; only the order differs.
+  step install "$OUT/install.log" install &
+  run_checks &
+  run_bench &
+  wait
+else
+  step install "$OUT/install.log" install
+  run_checks
+  run_bench
+fi
+# A step that failed in a background job cannot set FAILED: read every status back from the summary.
+if grep -Eq '^[a-z]+ rc=[1-9]' "$SUMMARY"; then FAILED=1; fi
 
 echo "finished=$(date -u +%FT%TZ) failed=$FAILED" >> "$SUMMARY"
 cat "$SUMMARY"

@@ -1,11 +1,9 @@
-// Torch binding of the CUDA kernels (module moe_unlearn._C). Thin on purpose: allocation and the
-// glue (sorting by sequence, offsets, fixed-order sums of partials) live in moe_unlearn/ops/cuda_backend.py;
+// Torch binding of the CUDA kernels (module moe_unlearn._C). Thin on purpose: allocation lives in
+// moe_unlearn/ops/cuda_backend.py;
 // this file checks devices/dtypes and hands raw pointers to the C ABI in mu_kernels.h.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
-
-#include <optional>
 
 #include "mu_kernels.h"
 
@@ -34,51 +32,6 @@ void check_status(int status, const char* what) {
   TORCH_CHECK(status == 0, "moe_unlearn._C: ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
 }
 
-template <typename T>
-T* opt_ptr(const std::optional<at::Tensor>& t, const char* name, at::ScalarType type) {
-  if (!t.has_value()) return nullptr;
-  check_contig(*t, name, type);
-  return t->data_ptr<T>();
-}
-
-void routing_stats_pass(const at::Tensor& logits, const std::optional<at::Tensor>& perm, const at::Tensor& seq_sorted,
-                        const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& topk_in,
-                        const std::optional<at::Tensor>& topk_out, int64_t K, bool sigmoid, at::Tensor& slot_gate,
-                        at::Tensor& slot_tok, at::Tensor& part_score, at::Tensor& part_count, int64_t warp_chunk,
-                        int64_t n_warps) {
-  check_cuda(logits, "logits");
-  TORCH_CHECK(logits.dim() == 2, "moe_unlearn._C: logits must be [T, E]");
-  check_contig(seq_sorted, "seq_sorted", at::kInt);
-  check_contig(slot_gate, "slot_gate", at::kFloat);
-  check_contig(slot_tok, "slot_tok", at::kInt);
-  check_contig(part_score, "part_score", at::kFloat);
-  check_contig(part_count, "part_count", at::kInt);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const int status = mu_routing_stats_pass(
-      logits.data_ptr(), dtype_code(logits), logits.size(0), static_cast<int>(logits.size(1)), logits.stride(0),
-      logits.stride(1), opt_ptr<int32_t>(perm, "perm", at::kInt), seq_sorted.data_ptr<int32_t>(),
-      opt_ptr<uint8_t>(mask, "mask", at::kByte), opt_ptr<int64_t>(topk_in, "topk_in", at::kLong),
-      opt_ptr<int64_t>(topk_out, "topk_out", at::kLong), static_cast<int>(K), sigmoid ? 1 : 0,
-      slot_gate.data_ptr<float>(), slot_tok.data_ptr<int32_t>(), part_score.data_ptr<float>(),
-      part_count.data_ptr<int32_t>(), warp_chunk, n_warps, c10::cuda::getCurrentCUDAStream().stream());
-  check_status(status, "routing_stats pass");
-}
-
-void routing_stats_reduce(const at::Tensor& slot_gate, const at::Tensor& slot_tok, const at::Tensor& starts,
-                          int64_t warp_chunk, at::Tensor& gate_sum, at::Tensor& tokens) {
-  check_contig(slot_gate, "slot_gate", at::kFloat);
-  check_contig(slot_tok, "slot_tok", at::kInt);
-  check_contig(starts, "starts", at::kLong);
-  check_contig(gate_sum, "gate_sum", at::kFloat);
-  check_contig(tokens, "tokens", at::kLong);
-  const c10::cuda::CUDAGuard guard(gate_sum.device());
-  const int status = mu_routing_stats_reduce(
-      slot_gate.data_ptr<float>(), slot_tok.data_ptr<int32_t>(), starts.data_ptr<int64_t>(), gate_sum.size(0),
-      static_cast<int>(gate_sum.size(1)), warp_chunk, gate_sum.data_ptr<float>(), tokens.data_ptr<int64_t>(),
-      c10::cuda::getCurrentCUDAStream().stream());
-  check_status(status, "routing_stats reduce");
-}
-
 void loramoe_delta_forward(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& gates,
                            double scale, at::Tensor& h, at::Tensor& out, bool accumulate) {
   check_cuda(x, "x");
@@ -104,9 +57,6 @@ void loramoe_delta_forward(const at::Tensor& x, const at::Tensor& A, const at::T
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "moe-unlearn CUDA kernels (routing_stats, loramoe_delta forward)";
-  m.attr("ROUTING_MAX_EXPERTS") = MU_ROUTING_MAX_EXPERTS;
-  m.def("routing_stats_pass", &routing_stats_pass);
-  m.def("routing_stats_reduce", &routing_stats_reduce);
+  m.doc() = "moe-unlearn CUDA kernels (loramoe_delta forward)";
   m.def("loramoe_delta_forward", &loramoe_delta_forward);
 }

@@ -10,26 +10,6 @@ extern "C" {
 
 enum { MU_F32 = 0, MU_F16 = 1, MU_BF16 = 2 };
 
-// Largest number of experts the warp-per-token routing kernel holds in registers (8 per lane).
-#define MU_ROUTING_MAX_EXPERTS 256
-
-// Pass 1 of routing_stats. One warp walks `warp_chunk` consecutive tokens in sequence-id order
-// (position p reads row perm[p], or p when perm is NULL; seq_sorted[p] is that token's sequence).
-// Writes, per warp w: part_score / part_count [n_warps, E] (its score sums and selection counts) and,
-// for every sequence s it meets, the exclusive slot w + s of slot_gate [n_warps + S, E] / slot_tok.
-// topk_in [T, K] (row-major, may be NULL: then the kernel picks the top-K of the logits, ties to the
-// lower index) ; topk_out [T, K] may be NULL.
-int mu_routing_stats_pass(const void* logits, int dtype, int64_t T, int E, int64_t stride_t, int64_t stride_e,
-                          const int32_t* perm, const int32_t* seq_sorted, const uint8_t* mask,
-                          const int64_t* topk_in, int64_t* topk_out, int K, int sigmoid,
-                          float* slot_gate, int32_t* slot_tok, float* part_score, int32_t* part_count,
-                          int64_t warp_chunk, int64_t n_warps, void* stream);
-
-// Pass 2: gate_sum [S, E] and tokens [S] from the slots, summed in warp order (deterministic).
-// starts [S + 1]: first sorted position of each sequence (starts[S] = T).
-int mu_routing_stats_reduce(const float* slot_gate, const int32_t* slot_tok, const int64_t* starts, int64_t S,
-                            int E, int64_t warp_chunk, float* gate_sum, int64_t* tokens, void* stream);
-
 // loramoe_delta forward: out (+)= scale * sum_e gates[:, e] * (x A_e^T) B_e^T.
 // x [T, d_in], A [E, r, d_in], B [E, d_out, r], out [T, d_out] share `dtype`; gates [T, E] fp32;
 // h_workspace [T, E*r] fp32 (contiguous). All other tensors by strides (in elements).

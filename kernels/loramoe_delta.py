@@ -2,7 +2,7 @@
 
 The mixture is two GEMMs over the stacked experts, using
     sum_e g_e B_e A_e x = B_cat ((g (x) 1_r) * (A_stack x)),   A_stack [E*r, d_in], B_cat [d_out, E*r]:
-h = x A_stack^T [T, E*r] in fp32, then out = scale * (h * G) B_cat^T with the gate G[t, e] applied per
+h = x A_stack^T [T, E*r] (accumulated in fp32, kept in the model dtype when it is bf16/fp16), then out = scale * (h * G) B_cat^T with the gate G[t, e] applied per
 column while the tile is on chip.
 
 Columns of h are walked in *column blocks* of EB experts x RC rank columns (RC = the rank padded to a
@@ -68,7 +68,7 @@ def _mm(a, b, acc, CDT: tl.constexpr):
 @triton.jit
 def _shrink_tile(x_ptr, sxt, sxd, a_ptr, sae, sar, sad, t64, t_ok, e, j, c_ok, D_IN,
                  BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, CW: tl.constexpr, CDT: tl.constexpr):
-    """h tile [BLOCK_T, CW] = x[t] A_stack[cols]^T in fp32."""
+    """h tile [BLOCK_T, CW] = x[t] A_stack[cols]^T, accumulated in fp32."""
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_T, CW], dtype=tl.float32)
     for k0 in range(0, D_IN, BLOCK_K):
@@ -100,7 +100,7 @@ def _fwd_fused_kernel(
                          BLOCK_T, BLOCK_K, EB * RC, CDT)
         hm = t_ok[:, None] & c_ok[None, :]
         if SAVE_H:
-            tl.store(h_ptr + t64[:, None] * (E * r) + col[None, :], h, mask=hm)
+            tl.store(h_ptr + t64[:, None] * (E * r) + col[None, :], h.to(h_ptr.dtype.element_ty), mask=hm)
         g = tl.load(g_ptr + t64[:, None] * sgt + e[None, :] * sge, mask=hm, other=0.0).to(tl.float32)
         hg = (h * g * scale).to(CDT)
         for n0 in range(0, D_OUT, BLOCK_N):
@@ -128,14 +128,15 @@ def _fwd_h_kernel(
     e, j, c_ok, col = _expert_cols(tl.program_id(1), E, r, EB, RC, NRC)
     acc = _shrink_tile(x_ptr, sxt, sxd, a_ptr, sae, sar, sad, t64, t_ok, e, j, c_ok, D_IN,
                        BLOCK_T, BLOCK_K, EB * RC, CDT)
-    tl.store(h_ptr + t64[:, None] * (E * r) + col[None, :], acc, mask=t_ok[:, None] & c_ok[None, :])
+    tl.store(h_ptr + t64[:, None] * (E * r) + col[None, :], acc.to(h_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
 def _load_hg(h_ptr, g_ptr, sgt, sge, t64, t_ok, e, c_ok, col, E, r):
     """(h, gate) for a [BLOCK_T, EB*RC] tile, fp32; zero in padded rows/columns."""
     m = t_ok[:, None] & c_ok[None, :]
-    h = tl.load(h_ptr + t64[:, None] * (E * r) + col[None, :], mask=m, other=0.0)
+    h = tl.load(h_ptr + t64[:, None] * (E * r) + col[None, :], mask=m, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + t64[:, None] * sgt + e[None, :] * sge, mask=m, other=0.0).to(tl.float32)
     return h, g
 
@@ -188,12 +189,14 @@ def _bwd_h_kernel(
         acc = _mm(go, bt, acc, CDT)
     dhg = acc * scale
     h, g = _load_hg(h_ptr, g_ptr, sgt, sge, t64, t_ok, e, c_ok, col, E, r)
+    # dh first: g is dead before the dgates reduction (fewer live registers).
+    tl.store(dh_ptr + t64[:, None] * (E * r) + col[None, :], (dhg * g).to(dh_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & c_ok[None, :])
     dg = tl.sum(tl.reshape(dhg * h, (BLOCK_T, EB, RC)), axis=2)
     eg = (blk // NRC) * EB + tl.arange(0, EB)
     # dg partial of rank chunk (blk % NRC): [NRC, T, E], summed over chunks in a fixed order afterwards.
     dg_base = dg_ptr + (blk % NRC).to(tl.int64) * T * E
     tl.store(dg_base + t64[:, None] * E + eg[None, :], dg, mask=t_ok[:, None] & (eg < E)[None, :])
-    tl.store(dh_ptr + t64[:, None] * (E * r) + col[None, :], dhg * g, mask=t_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -400,6 +403,18 @@ def pick_config(T: int, d_in: int, d_out: int, E: int, r: int, device: torch.dev
     return KernelConfig(**{**cfg.__dict__, "split_t": split})
 
 
+def inter_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """dtype of the [T, E*r] intermediates h and dh: the model dtype when every operand is one 16-bit dtype
+    (the tensor-core GEMMs round them to it anyway; half the bytes of fp32), else fp32. bf16 stays fp32 under
+    the interpreter, which converts to bf16 by truncation (twice the rounding error of the GPU's
+    round-to-nearest); fp16 runs the 16-bit path there."""
+    first = tensors[0].dtype
+    same = all(t.dtype == first for t in tensors)
+    if not same or first == torch.float32 or (first == torch.bfloat16 and interpreting()):
+        return torch.float32
+    return first
+
+
 def _cdt(*tensors: torch.Tensor):
     dtypes = [t.dtype for t in tensors]
     return tl.float32 if dot_in_fp32(*dtypes) else _TL_DTYPE[dtypes[0]]
@@ -410,7 +425,8 @@ def loramoe_delta_forward(
     base: torch.Tensor | None = None, config: KernelConfig | None = None, save_h: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (out, h). out is `base` updated in place when given, else a new [T, d_out] tensor in x's dtype;
-    h [T, E*r] fp32 is kept for the backward (None when save_h is False and the fused kernel ran)."""
+    h [T, E*r] (inter_dtype: bf16/fp16 for a 16-bit model, else fp32) is kept for the backward (None when
+    save_h is False and the fused kernel ran)."""
     check_launchable(x)
     T, d_in = x.shape
     E, r, _ = A.shape
@@ -419,11 +435,11 @@ def loramoe_delta_forward(
     out = base if base is not None else new_empty((T, d_out), x.dtype, x.device)
     if T == 0 or d_out == 0:
         # Nothing to write; h only feeds dgates = <scale dout B, h>, which is 0 for an empty dout.
-        return out, torch.zeros((T, E * r), dtype=torch.float32, device=x.device)
+        return out, torch.zeros((T, E * r), dtype=inter_dtype(x, A, B), device=x.device)
     cdt = _cdt(x, A, B)
     with device_guard(x.device):
         if cfg.fused:
-            h = new_empty((T, E * r), torch.float32, x.device) if save_h else None
+            h = new_empty((T, E * r), inter_dtype(x, A, B), x.device) if save_h else None
             args = (x, x.stride(0), x.stride(1), A, A.stride(0), A.stride(1), A.stride(2),
                     gates, gates.stride(0), gates.stride(1), B, B.stride(0), B.stride(1), B.stride(2),
                     out, out.stride(0), out.stride(1), h if h is not None else out, T, d_in, d_out, E, r, float(scale))
@@ -437,7 +453,7 @@ def loramoe_delta_forward(
                 sms = sm_count(x.device)
                 _fwd_fused_autotuned()[lambda meta: (min(triton.cdiv(T, meta["BLOCK_T"]), 2 * sms),)](*args, **flags)
             return out, h
-        h = new_empty((T, E * r), torch.float32, x.device)
+        h = new_empty((T, E * r), inter_dtype(x, A, B), x.device)
         nb = cfg.blocks(E)
         blocks = dict(EB=cfg.experts_per_block, RC=cfg.rank_chunk, NRC=cfg.rank_chunks, CDT=cdt,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -475,7 +491,7 @@ def loramoe_delta_backward(
     dx = dA = dB = dg = None
     with device_guard(dev):
         if need_x or need_a or need_g:
-            dh = new_empty((T, E * r), torch.float32, dev)
+            dh = new_empty((T, E * r), inter_dtype(x, A, B, dout), dev)
             dg_part = new_empty((cfg.rank_chunks, T, E), torch.float32, dev)
             if T > 0:
                 _bwd_h_kernel[(triton.cdiv(T, bt), nb)](

@@ -137,19 +137,12 @@ def routing_stats(
     compiled_kwargs = dict(kwargs, seq_sorted=seq_sorted)
     unsupported = {}
     if E > 256:
-        unsupported["cuda"] = unsupported["triton"] = f"E={E} > 256 experts is only supported by backend='torch'"
-    if logits is None:
-        unsupported["cuda"] = "the CUDA kernel takes logits; pass logits or use backend='triton'"
-    name = choose_backend("routing_stats", device, backend=backend, cuda_ops=("routing_stats",),
-                          unsupported=unsupported)
+        unsupported["triton"] = f"E={E} > 256 experts is only supported by backend='torch'"
+    name = choose_backend("routing_stats", device, backend=backend, unsupported=unsupported)
     if name == "triton":
         from moe_unlearn.kernels.routing_stats import routing_stats_triton
 
         return routing_stats_triton(logits, **compiled_kwargs)
-    if name == "cuda":
-        from moe_unlearn.ops.cuda_backend import routing_stats_cuda
-
-        return routing_stats_cuda(logits, **compiled_kwargs)
     return routing_stats_torch(logits, **kwargs)
 
 

@@ -6,8 +6,8 @@ Rules:
 - Automatic choice: on a CUDA tensor the first backend of AUTO_PREFERENCE[op] that is
   built/importable and supports the call, else torch. On a CPU tensor always torch
   (Triton on the CPU is the slow interpreter, useful only for tests). The CUDA extension is
-  not in AUTO_PREFERENCE: it was never measured faster than Triton (its routing_stats spends a
-  warp per token, its loramoe_delta is plain fp32 FMA), so it runs only when asked for by name.
+  not in AUTO_PREFERENCE: it holds only a loramoe_delta forward in plain fp32 FMA (no routing_stats),
+  never measured faster than Triton, so it runs only when asked for by name.
 - Triton on a CUDA tensor needs compiled kernels: under TRITON_INTERPRET=1 the kernels were
   decorated for the interpreter and would run on CPU copies, so that is refused, not done.
 - An explicitly requested backend that cannot run raises BackendUnavailable: a
