@@ -94,6 +94,28 @@ def average_terms(terms: Mapping[str, float]) -> dict[str, float]:
     return dict(zip(names, vals.tolist(), strict=True))
 
 
+def on_main(fn: Any) -> Any:
+    """fn() run on rank 0 only, its result (or its BadInputError / DataError, raised on every rank) shared
+    with the others: files one rank reads or writes for all, without a rank left waiting in a collective
+    when it fails. Just fn() in one process."""
+    dist = _dist()
+    if dist is None:
+        return fn()
+    from moe_unlearn.errors import DataError
+
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except (BadInputError, DataError) as exc:
+            box = [(type(exc).__name__, str(exc))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind != "ok":
+        raise (DataError if kind == "DataError" else BadInputError)(value)
+    return value
+
+
 class RankShard:
     """The share of one rank of an epoch's items: items i with i mod world == rank.
 

@@ -129,6 +129,11 @@ class FrontierConfig:
     probes: tuple[str, ...] = ()
     relearn_variants: tuple[str, ...] = ()
     realization: int = bounded(0, low=0)  # which build of the bench recipe (moe_unlearn.bench_model.realize)
+    grad_accum: int = bounded(1, low=1, high=MAX_ITEMS)  # micro-batches per optimizer step (per rank)
+    # "fsdp2" (under torchrun): the model sharded over the ranks (moe_unlearn.sharding), each rank
+    # training on its share of every step's micro-batches; equal to one process with grad_accum
+    # multiplied by the number of ranks
+    shard: str | None = None
 
     def grid(self, variant: str) -> tuple[float, ...]:
         return tuple(self.lrs.get(variant, default_lrs(variant)))
@@ -140,7 +145,7 @@ class FrontierConfig:
         from moe_unlearn.validate import check_fields, check_int
 
         check_fields(self)
-        for name in ("batch_size", "max_length", "eval_batch_size"):
+        for name in ("batch_size", "max_length", "eval_batch_size", "grad_accum"):
             check_int(name, getattr(self, name), low=1)
         for s in self.seeds:
             check_int("seeds", s, low=0)
@@ -165,6 +170,16 @@ class FrontierConfig:
         bad = [v for v in self.relearn_variants if v not in self.variants]
         if bad:
             raise BadInputError(f"relearn_variants {bad} are not among the variants run ({', '.join(self.variants)})")
+        if self.shard is not None:
+            from moe_unlearn.sharding import SHARD_MODES
+
+            if self.shard not in SHARD_MODES:
+                raise BadInputError(f"shard must be one of {', '.join(SHARD_MODES)} or None, got {self.shard!r}")
+            whole = [v for v in self.variants if VARIANTS[v].scope == "full"]
+            if whole or "relearn" in self.probes:
+                raise BadInputError(f"shard={self.shard!r} keeps only the trained experts whole: "
+                                    + (f"variant(s) {whole} train every parameter" if whole else
+                                       "the relearn probe fine-tunes every parameter") + "; leave them out")
         for v in self.variants:
             g = self.grid(v)
             if not g or any(not (isinstance(x, (int, float)) and 0 < x < 1) for x in g):
@@ -315,7 +330,11 @@ def results_path(out_dir: str | Path, model: str, quick: bool = False, realizati
 def protocol(config: FrontierConfig) -> dict[str, Any]:
     """What every run of one results file shares; a resumed run must have the same, or its runs would be
     mixed with runs of another protocol."""
-    return {"batch_size": config.batch_size, "max_length": config.max_length,
+    from moe_unlearn.distributed import world
+
+    step = config.grad_accum * (world()[1] if config.shard else 1)  # micro-batches per optimizer step, all ranks
+    return {**({"micro_batches_per_step": step} if step != 1 else {}),
+            "batch_size": config.batch_size, "max_length": config.max_length,
             "lr_schedule": "constant", "loss_tokens": "answer", "match_margin": MATCH_MARGIN,
             "unlearning_data": "forget: QA (answer-only) + first statement per fact; retain: "
                                "retain_train facts in the same forms"}
@@ -405,9 +424,29 @@ def run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resul
                  log: Callable[[str], None] = print) -> FrontierResult:
     """Run every missing (method, variant, lr, seed) trajectory into `out_dir`'s results file, holding its
     lock (`results_lock`) throughout, so a second run on the same file is refused instead of racing it."""
+    from moe_unlearn.distributed import world
+
     config.validate()
-    with results_lock(results_path(out_dir, config.model, config.quick, config.realization)):
+    ranks = world()[1]
+    if (ranks > 1) != bool(config.shard):
+        raise BadInputError("the frontier runs in one process, or sharded over the ranks of torchrun with "
+                            "shard='fsdp2' (--shard fsdp2)" if ranks > 1 else
+                            f"shard={config.shard!r} shards over several processes: launch with torchrun "
+                            "--nproc_per_node N")
+    with _lock_on_main(results_path(out_dir, config.model, config.quick, config.realization)):
         return _run_frontier(config, out_dir, cache_dir=cache_dir, progress=progress, log=log)
+
+
+@contextmanager
+def _lock_on_main(path: Path) -> Iterator[None]:
+    """`results_lock`, held by rank 0 for all the ranks (which fail together when it is taken)."""
+    from contextlib import ExitStack
+
+    from moe_unlearn.distributed import on_main
+
+    with ExitStack() as stack:
+        on_main(lambda: stack.enter_context(results_lock(path)))
+        yield
 
 
 def _run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/results", *,
@@ -417,13 +456,19 @@ def _run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resu
     the JSON is rewritten (atomically) after every trajectory, so an interrupted run resumes."""
     from moe_unlearn.attribution import attribute_experts, select_targets
     from moe_unlearn.bench_model import bench_config, load_or_build, unlearning_records
+    from moe_unlearn.distributed import is_main, on_main, world
     from moe_unlearn.unlearning import unlearn
 
     config.validate()
+    main = is_main()
+    if not main:  # rank 0 logs and writes the files for all
+        log, progress = (lambda _: None), False
     path = results_path(out_dir, config.model, config.quick, config.realization)
-    data = _load_existing(path, config)
-    bench = load_or_build(bench_config(config.model, quick=config.quick, realization=config.realization),
-                          cache_root=cache_dir, progress=progress)
+    data = on_main(lambda: _load_existing(path, config))
+    bench_cfg = bench_config(config.model, quick=config.quick, realization=config.realization)
+    if world()[1] > 1:  # built (or copied into the cache) once, by rank 0
+        on_main(lambda: load_or_build(bench_cfg, cache_root=cache_dir, progress=progress) and None)
+    bench = load_or_build(bench_cfg, cache_root=cache_dir, progress=progress)
     model, tok, facts = bench.model, bench.tokenizer, bench.facts
     forget, retain = unlearning_records(facts.forget), unlearning_records(facts.retain_train)
     t0 = time.perf_counter()
@@ -458,6 +503,8 @@ def _run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resu
             f"{data['specialisation']['selectivity']}")
     if relearn is not None and "relearn" not in data:  # the original's and the retrained reference's curves
         data["relearn"] = relearn.baselines(model, config, cache_dir, progress)
+    if config.shard:  # every layer sharded, whole on each rank what any of the runs trains
+        _shard_for_runs(model, config, target, cover)
     done = {run_key(r) for r in data["runs"]}
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # seed-major order: an interrupted run leaves whole grids for the first seeds, not whole methods
@@ -473,7 +520,8 @@ def _run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resu
                           target={"seuf": [target], "coverage": cover}.get(variant.targets),
                           steps=max(config.steps), lr=lr,
                           batch_size=config.batch_size, max_length=config.max_length, seed=seed,
-                          progress=progress, callbacks=[hook], **variant.options)
+                          grad_accum=config.grad_accum, shard=config.shard, progress=progress, callbacks=[hook],
+                          **variant.options)
             params, targets = res.trainable_params, res.targets
         except TrainingDiverged as exc:  # a NaN/inf loss: the steps evaluated before it still count
             diverged, params, targets = str(exc), None, None
@@ -488,16 +536,35 @@ def _run_frontier(config: FrontierConfig, out_dir: str | Path = "benchmarks/resu
                                  "steps": int(n), "seed": int(seed), **metrics, "trainable_params": params,
                                  "targets": targets, **({"details": res.details} if not diverged and res.details
                                                         else {})})
-        write_json(path, data)
+        if main:
+            write_json(path, data)
         last = hook.results.get(max(config.steps))
         log(f"[{i}/{len(todo)}] {method}/{vname} lr {lr:g} seed {seed}: "
             + (f"forget EM {last['forget_em']:.3f} utility EM {last['utility_em']:.3f} ({last['seconds']:.1f} s)"
                if last else f"diverged ({diverged})"))
     summary = summarize(data)
-    write_text(path.with_suffix(".md"), summary)
-    plot_frontier(data, path.with_suffix(".png"))
+    if main:
+        write_text(path.with_suffix(".md"), summary)
+        plot_frontier(data, path.with_suffix(".png"))
     log(f"frontier {config.model}: {len(data['runs'])} runs in {path} ({time.perf_counter() - t0:.0f} s)")
     return FrontierResult(path=path, data=data, summary=summary)
+
+
+def _shard_for_runs(model: torch.nn.Module, config: FrontierConfig, target: Any, cover: Any) -> None:
+    """Shard `model` with FSDP2 once for every run of `config`: the parameters any (method, variant)
+    trains stay whole on each rank (each run's unlearn() checks its own)."""
+    from moe_unlearn.sharding import shard_model, trained_parameters
+    from moe_unlearn.unlearning.config import UnlearnConfig
+    from moe_unlearn.unlearning.engine import trained_names
+
+    names: set[str] = set()
+    for method in config.methods:
+        for vname in config.variants:
+            v = VARIANTS[vname]
+            run = UnlearnConfig.build(method=method, scope=v.scope, steps=1,
+                                      target={"seuf": [target], "coverage": cover}.get(v.targets), **v.options)
+            names.update(trained_names(model, run))
+    shard_model(model, trained_parameters(model, sorted(names)))
 
 
 def merge_results(target: str | Path, sources: Sequence[str | Path], *, variants: Sequence[str] | None = None

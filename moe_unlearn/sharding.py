@@ -14,6 +14,10 @@ the expert's part, so the backward of the target layer needs the whole block (ga
 whole gradient either way; keeping the block resident adds nothing to that peak, and every rank
 can then update the trained slices itself (no owner rank, no broadcast of the update).
 
+`load_sharded` reads a saved model straight into this layout (meta-device build, then each rank reads
+from the safetensors files only its rows and the kept tensors), so no rank holds the whole checkpoint;
+the tensors kept whole must be known before loading (`unlearning.engine.trained_names`).
+
 The embedding, norm and lm_head are units of their own because the prefix cache
 (moe_unlearn.arch.stack) calls them outside the model's own forward. A model the user already
 wrapped with `fully_shard` is accepted when the tensors the run trains are whole on each rank
@@ -24,7 +28,9 @@ silently on a shard.
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -173,6 +179,16 @@ def shard_model(model: nn.Module, keep: Iterable[nn.Parameter]) -> nn.Module:
     return model
 
 
+def _init_root(model: nn.Module) -> None:
+    """Make `model` FSDP2's root now: FSDP2 does it on the first forward of the model, but when the first
+    call is the prefix cache's embedding (a method without references, e.g. ga), the embedding would
+    become a root of its own and the model's forward fail ("FSDP requires running forward through
+    the root module first")."""
+    state = getattr(model, "_get_fsdp_state", None)
+    if state is not None:
+        state()._lazy_init()
+
+
 def _reshard_after_no_grad(model: nn.Module) -> None:
     """Every FSDP2 unit of `model` frees its gathered parameters after a forward without autograd (once
     per unit, however many runs see the model)."""
@@ -200,7 +216,7 @@ def _move_kept(model: nn.Module, keep: set[nn.Parameter]) -> None:
     if device is None:
         return
     for p in keep:
-        if p.device != device:
+        if p.device != device and p.device.type != "meta":  # meta: materialised where the shards are
             p.data = p.data.to(device)
 
 
@@ -229,6 +245,7 @@ def prepare(model: nn.Module, trained_names: Iterable[str]) -> bool:
     keep = trained_parameters(model, trained_names)
     if not is_fsdp2(model):
         shard_model(model, keep)
+        _init_root(model)
         return True
     from moe_unlearn.arch.wrappers import canonical_parameters
 
@@ -240,9 +257,160 @@ def prepare(model: nn.Module, trained_names: Iterable[str]) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     _reshard_after_no_grad(model)
+    _init_root(model)
     _, edges = shard_units(model)
     return all(isinstance(m, FSDPModule) or not any(is_dtensor(p) for p in m.parameters()) for m in edges)
 
 
-__all__ = ["SHARD_MODES", "check_launch", "is_fsdp2", "local_param_bytes", "prepare", "resolve_shard",
+def load_sharded(path: Any, keep: Iterable[str] = (), *, trust_remote_code: bool = False, device: Any = None,
+                 dtype: Any = None, report: dict[str, int] | None = None) -> nn.Module:
+    """The model saved in `path`, sharded over the ranks with FSDP2 (`shard_model`), the parameters
+    named in `keep` whole on every rank, without any rank holding the whole checkpoint: the model is
+    built with its parameters on the meta device, sharded, and each rank then reads from the
+    safetensors files only the rows of its shards (`safe_open(...).get_slice`) and the kept
+    parameters. `report`, when given, receives bytes_read (this rank) and checkpoint_bytes."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from moe_unlearn.loading import check_model_dir, check_weights_cover_config, load_config, parse_dtype
+
+    p = check_model_dir(path, trust_remote_code=trust_remote_code)
+    config = load_config(p, trust_remote_code=trust_remote_code)
+    check_weights_cover_config(p, config)
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
+    if dtype in (None, "auto"):  # as from_pretrained: the dtype the config says the weights are in
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    try:
+        with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    except Exception as exc:
+        raise BadInputError(f"cannot build a causal LM from the config in {p}: {' '.join(str(exc).split())[:200]}") \
+            from None
+    shard_model(model, trained_parameters(model, keep))
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    model.to_empty(device=_mesh_device(device))
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+        read, total = _read_shards(model, p)
+    if report is not None:
+        report.update(bytes_read=read, checkpoint_bytes=total)
+    return model.eval()
+
+
+def _mesh_device(device: Any) -> torch.device:
+    """Where FSDP2 put the shards: the rank's GPU under nccl, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
+def _rows(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(the tensor this rank stores of `p`, first row, row count) of dim 0: FSDP2 splits it in chunks of
+    ceil(n / world), rank r holding rows r * chunk onwards (fewer, or none, at the end)."""
+    if not is_dtensor(p):
+        return p.data, 0, p.shape[0] if p.dim() else 0
+    import torch.distributed as dist
+
+    local = p.to_local()
+    chunk = math.ceil(p.shape[0] / dist.get_world_size())
+    return local, min(dist.get_rank() * chunk, p.shape[0]), local.shape[0] if local.dim() else 0
+
+
+def _read_shards(model: nn.Module, p: Any) -> tuple[int, int]:
+    """Fill every parameter of the sharded `model` with its rows from the safetensors files of `p`
+    (directly stored tensors: `get_slice` of the rows; fused expert tensors that the checkpoint stores
+    one expert at a time: only this rank's experts, combined by transformers' own conversion ops).
+    Returns (bytes read by this rank, bytes of the checkpoint)."""
+    from collections import defaultdict
+
+    from safetensors import safe_open
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import MergeModulelist, WeightConverter, rename_source_key
+
+    from moe_unlearn.errors import BadInputError
+    from moe_unlearn.validate import check_tensor
+
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise BadInputError(f"--shard fsdp2 reads safetensors weights; {p} has none")
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    params = dict(model.named_parameters())
+    meta = {n: t for n, t in params.items()}
+    where: dict[str, Any] = {}
+    sources: dict[str, list[tuple[str, str | None]]] = defaultdict(list)  # parameter -> (checkpoint key, pattern)
+    total = 0
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            for key in sf.keys():
+                sl = sf.get_slice(key)
+                total += math.prod(sl.get_shape()) * _dtype_bytes(sl.get_dtype())
+                name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+                if name in params:
+                    where[key] = f
+                    sources[name].append((key, pattern))
+    missing = [n for n in params if n not in sources]
+    if missing:
+        raise BadInputError(f"the weight files in {p} do not hold {', '.join(missing[:3])}"
+                            f"{', ...' if len(missing) > 3 else ''}; the folder is damaged or mixes two models")
+    read = 0
+    handles: dict[Any, Any] = {}
+
+    def get(key: str, lo: int | None = None, n: int | None = None) -> torch.Tensor:
+        nonlocal read
+        f = where[key]
+        if f not in handles:
+            handles[f] = safe_open(str(f), "pt")
+        t = handles[f].get_slice(key)[lo:lo + n] if lo is not None else handles[f].get_tensor(key)
+        read += t.numel() * t.element_size()
+        return t
+
+    by_pattern = {src: c for c in converters for src in c.source_patterns}
+    for name, param in params.items():
+        local, lo, n = _rows(param)
+        if is_dtensor(param) and n == 0:  # a last rank with no rows of this parameter (fewer rows than ranks)
+            continue
+        keys = sources[name]
+        patterns = {pat for _, pat in keys}
+        if patterns == {None}:  # stored as it is in the model: this rank's rows only
+            (key, _), = keys
+            value = get(key, lo, n) if is_dtensor(param) else get(key)
+        else:
+            conv = by_pattern[next(iter(patterns - {None}))]
+            per_expert = isinstance(conv.operations[0], MergeModulelist) and conv.operations[0].dim == 0 and all(
+                getattr(op, "dim", 1) >= 1 for op in conv.operations[1:])
+            grouped: dict[str, list[tuple[int, str]]] = defaultdict(list)
+            for key, pat in keys:
+                found = re.search(re.escape(pat).replace(r"\*", r"(\d+)"), key)
+                grouped[pat].append((int(found.group(1)) if found and found.groups() else 0, key))
+            mine = range(lo, lo + n) if per_expert and is_dtensor(param) else None  # None: every expert
+            inputs = {pat: [get(k) for e, k in sorted(grouped[pat]) if mine is None or e in mine]
+                      for pat in conv.source_patterns if pat in grouped}
+            for op in conv.operations:
+                inputs = op.convert(inputs, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
+                                    full_layer_name=name, model=model, config=model.config)
+            (value,) = inputs.values()
+            if is_dtensor(param) and not per_expert:  # a layout that mixes experts: combined whole, then cut
+                value = value[lo:lo + n]
+        if tuple(value.shape) != tuple(local.shape):
+            raise BadInputError(f"the weight files in {p} hold {name} with shape {tuple(value.shape)} where this rank "
+                                f"expects {tuple(local.shape)}; the config does not belong to these weights")
+        if value.is_floating_point():
+            check_tensor(f"weight {name} of the model in {p}", value, error=BadInputError)
+        local.copy_(value.to(local.dtype))
+    return read, total
+
+
+def _dtype_bytes(name: str) -> int:
+    """Bytes per element of a safetensors dtype name (F32, BF16, F8_E4M3, I64, ...)."""
+    bits = re.search(r"(\d+)", name)
+    return int(bits.group(1)) // 8 if bits else 1
+
+
+__all__ = ["SHARD_MODES", "check_launch", "is_fsdp2", "load_sharded", "local_param_bytes", "prepare", "resolve_shard",
            "shard_from_launcher", "shard_model", "shard_units", "trained_parameters"]

@@ -18,15 +18,24 @@ from moe_unlearn.unlearning import unlearn
 FORGET = [" ".join(f"w{(i * 7 + j) % 40}" for j in range(6 + i % 3)) for i in range(8)]
 RETAIN = [" ".join(f"w{40 + (i * 5 + j) % 40}" for j in range(7)) for i in range(8)]
 TARGET = "1:2"
+TRAINED = ["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
+           "model.layers.1.mlp.gate.weight"]  # the parameters holding target 1:2's slices and its router
 
 
 def run(out: str, grad_accum: int, mode: str = "single") -> dict:
     """mode: single (one process, no sharding), fsdp2 (shard="fsdp2"), fsdp2_nocache (prefix cache off),
-    user (the model wrapped with fully_shard by the caller, the target layer's trained tensors whole)."""
-    model = tiny_model("qwen3_moe")
+    user (the model wrapped with fully_shard by the caller, the target layer's trained tensors whole),
+    loaded (read sharded from the saved model by `load_sharded`, which reports the bytes each rank read)."""
+    loaded: dict = {}
+    if mode == "loaded":
+        from moe_unlearn.sharding import load_sharded
+
+        model = load_sharded(Path(out).parent / "model", TRAINED, report=loaded)
+    else:
+        model = tiny_model("qwen3_moe")
     opts = dict(method="graddiff", scope="uoe", target=TARGET, steps=2, lr=1e-2, batch_size=2, grad_accum=grad_accum,
                 max_length=12, progress=False, out_dir=out, prefix_cache=mode != "fsdp2_nocache")
-    if mode.startswith("fsdp2"):
+    if mode.startswith("fsdp2") or mode == "loaded":
         opts["shard"] = "fsdp2"
     elif mode == "user":
         from torch.distributed.fsdp import fully_shard
@@ -38,7 +47,7 @@ def run(out: str, grad_accum: int, mode: str = "single") -> dict:
         fully_shard(model, ignored_params=keep)
     peak = PeakLocalBytes(model)
     unlearn(model, FORGET, RETAIN, tokenizer=word_tokenizer(), callbacks=[peak], **opts)
-    return {**memory_report(model), "peak": peak.peak}
+    return {**memory_report(model), "peak": peak.peak, **loaded}
 
 
 class PeakLocalBytes(TrainHooks):
@@ -97,17 +106,65 @@ def evaluation(out: str, mode: str = "single") -> None:
     Path(out).write_text(json.dumps(rep.to_dict(), default=str))
 
 
+def save_inputs(root: str) -> None:
+    """The saved model, tokenizer and data files the CLI modes read (written once, before the ranks start)."""
+    import json
+
+    root = Path(root)
+    tiny_model("qwen3_moe").save_pretrained(root / "model")
+    word_tokenizer().save_pretrained(root / "model")
+    (root / "forget.txt").write_text("\n".join(FORGET) + "\n")
+    (root / "retain.txt").write_text("\n".join(RETAIN) + "\n")
+    qa = [{"question": f"w{i} w{i + 1}", "answer": f"w{i + 2} w{i + 3}"} for i in range(0, 36, 6)]
+    for name, rows in (("qa_forget", qa[:3]), ("qa_retain", qa[3:]), ("holdout", [{"text": t} for t in RETAIN[:4]])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def cli(root: str, command: str, out: str, shard: bool) -> None:
+    """`moe-unlearn attribute` / `evaluate` (with the one-process patch of `run`, in ROOT/single) on the
+    saved model, sharded with --shard fsdp2 or not; results in OUT."""
+    from moe_unlearn.cli import main as cli_main
+
+    root = Path(root)
+    flags = ["--shard", "fsdp2"] if shard else []
+    if command == "unlearn":  # the options of `run`
+        argv = ["unlearn", "--model", str(root / "model"), "--forget", str(root / "forget.txt"), "--retain",
+                str(root / "retain.txt"), "--method", "graddiff", "--scope", "uoe", "--target", TARGET, "--steps", "2",
+                "--lr", "1e-2", "--batch-size", "2", "--max-length", "12", "--quiet", "--out", out]
+    elif command == "attribute":
+        argv = ["attribute", "--model", str(root / "model"), "--data", str(root / "forget.txt"), "--batch-size", "3",
+                "--max-length", "12", "--stability", "--out", out]
+    else:
+        argv = ["evaluate", "--model", str(root / "model"), "--patch", str(root / "single"), "--forget",
+                str(root / "qa_forget.jsonl"), "--retain", str(root / "qa_retain.jsonl"), "--holdout",
+                str(root / "holdout.jsonl"), "--batch-size", "2", "--max-new-tokens", "4", "--quiet", "--out", out]
+    assert cli_main([*argv, *flags]) == 0
+
+
+def frontier(cache: str, out: str, shard: bool, grad_accum: int = 1) -> None:
+    """A one-run frontier on the quick bench model (in the bench cache CACHE, built by the one-process run,
+    which takes grad_accum = ranks where the ranks take 1 each), sharded with shard="fsdp2" or not; results
+    in OUT."""
+    from moe_unlearn.frontier import FrontierConfig, run_frontier
+
+    cfg = FrontierConfig(quick=True, methods=("ga",), variants=("uoe",), lrs={"uoe": (1e-2,)}, steps=(1, 2),
+                         seeds=(0,), batch_size=4, grad_accum=grad_accum, shard="fsdp2" if shard else None)
+    run_frontier(cfg, out_dir=out, cache_dir=cache, log=lambda _: None)
+
+
 def memory_report(model: torch.nn.Module) -> dict:
-    """Bytes this rank stores, its share of the sharded parameters (dim 0 split, rounded up, as FSDP2
-    pads) and the bytes of the parameters it holds whole."""
+    """Bytes this rank stores, its share of the sharded parameters (dim 0 split as FSDP2 splits it) and
+    the bytes of the parameters it holds whole."""
     from moe_unlearn.sharding import is_dtensor, local_param_bytes
 
-    _, size = world()
+    rank, size = world()
     share = whole = 0
     whole_names = []
     for n, p in model.named_parameters():
-        if is_dtensor(p):
-            share += math.ceil(p.shape[0] / size) * (p[0].numel() if p.dim() > 1 else 1) * p.element_size()
+        if is_dtensor(p):  # chunks of ceil(rows / size) rows, the last ranks' shorter or empty
+            chunk = math.ceil(p.shape[0] / size)
+            rows = max(0, min(chunk, p.shape[0] - rank * chunk))
+            share += rows * (p[0].numel() if p.dim() > 1 else 1) * p.element_size()
         else:
             whole += p.numel() * p.element_size()
             whole_names.append(n)
@@ -116,12 +173,18 @@ def memory_report(model: torch.nn.Module) -> dict:
             "whole_names": whole_names}
 
 
-def main(out_root: str, grad_accum: int, modes: list[str]) -> None:
+def main(out_root: str, grad_accum: int, modes: list[str], bench_cache: str | None = None) -> None:
     """Each mode in turn (one process group, a fresh model each): OUT_ROOT/MODE/ and its memory reports."""
     init_from_env("cpu")
     rank, _ = world()
     for mode in modes:
         out = Path(out_root) / mode
+        if mode.startswith("cli_"):  # cli_unlearn, cli_attribute, cli_evaluate: the command with --shard fsdp2
+            cli(out_root, mode[4:], str(out), shard=True)
+            continue
+        if mode == "frontier":
+            frontier(bench_cache, str(out), shard=True)
+            continue
         if mode.startswith(("attr", "eval")):
             if mode.startswith("attr"):
                 attribution(str(out.with_name(f"{mode}.rank{rank}.pt")), mode)
@@ -133,4 +196,4 @@ def main(out_root: str, grad_accum: int, modes: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), *sys.argv[4:])

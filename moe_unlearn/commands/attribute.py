@@ -1,7 +1,8 @@
 """`moe-unlearn attribute`: which experts of a local MoE model the forget data uses.
 
 Writes OUT/attribution.json and OUT/attribution.png (both or neither) and prints the top
-targets with their near-tie flags.
+targets with their near-tie flags. Under torchrun each rank reads its share of the data (the
+sums are all-reduced); with --shard fsdp2 each rank also stores a shard of every layer.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from moe_unlearn.atomic import staged_files
-from moe_unlearn.commands import add_model_args, load_from_args
+from moe_unlearn.commands import add_model_args, add_shard_arg, launch_shard, load_from_args
 
 OUTPUT_FILES = ("attribution.json", "attribution.png")
 
@@ -37,6 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also choose the experts that cover this share of the forget tokens (for --scope topm), "
                         "stored in attribution.json")
     add_model_args(p)
+    add_shard_arg(p)
     return p
 
 
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from moe_unlearn.atomic import check_out_dir
     from moe_unlearn.attribution import attribute_experts
     from moe_unlearn.data import load_texts
-    from moe_unlearn.distributed import init_from_env, is_main
+    from moe_unlearn.distributed import is_main
     from moe_unlearn.loading import check_model_dir, resolve_device
     from moe_unlearn.validate import check_int, check_number
 
@@ -67,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     resolve_device(args.device)
     texts = load_texts(args.data, field=args.field)  # data errors before the (slow) model load
     retain = load_texts(args.retain, field=args.field) if args.retain else None
-    init_from_env(args.device)  # under torchrun / accelerate launch: each rank reads its share
-    model, tokenizer = load_from_args(args)
+    shard = launch_shard(args)  # under torchrun / accelerate launch: each rank reads its share
+    model, tokenizer = load_from_args(args, shard=shard)
     find_moe_layers(model)  # NotAnMoEModel / UnsupportedFamily before any work
     attribution = attribute_experts(model, texts, tokenizer=tokenizer, batch_size=args.batch_size,
                                     max_length=args.max_length, stability=args.stability, seed=args.seed,

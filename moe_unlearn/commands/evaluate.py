@@ -1,13 +1,21 @@
 """`moe-unlearn evaluate`: quality, membership inference, multiple choice and routing shift of a
 model (optionally with an unlearning patch applied) against the original; writes report.json,
-report.md and routing_overlap.png into --out, all or nothing."""
+report.md and routing_overlap.png into --out, all or nothing. With --shard fsdp2 under torchrun
+every model is sharded over the ranks (each stores 1/N of every layer, the patched tensors whole)
+and every rank runs the whole evaluation; rank 0 writes the report."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from moe_unlearn.commands import add_model_args, add_template_args, load_from_args
+from moe_unlearn.commands import (
+    add_model_args,
+    add_shard_arg,
+    add_template_args,
+    launch_shard,
+    load_from_args,
+)
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.validate import MAX_ITEMS, check_generation_length, check_int, check_number
 
@@ -86,12 +94,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                 "routing_overlap.png when --original or --patch gives routing)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_args(p)
+    add_shard_arg(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from moe_unlearn.atomic import check_out_dir
     from moe_unlearn.data import DEFAULT_TEMPLATE
+    from moe_unlearn.distributed import is_main
     from moe_unlearn.eval import PromptFormat, as_items, as_mcq_items, evaluate, record_routing
     from moe_unlearn.loading import check_model_dir, model_positions, resolve_device
 
@@ -146,12 +156,14 @@ def run(args: argparse.Namespace) -> int:
             args.target = _target(str(targets[0]))
     template = (args.template or DEFAULT_TEMPLATE).replace("\\n", "\n")
     fmt = PromptFormat.from_template(template)
+    shard = launch_shard(args)  # refusals before loading; the process group a launcher asked for
+    patched = [m["name"] for m in meta["entries"]] if args.patch else []  # kept whole when sharded
 
-    progress = not args.quiet
-    model, tokenizer = load_from_args(args, tokenizer_path=args.tokenizer)
+    progress = not args.quiet and is_main()
+    model, tokenizer = load_from_args(args, tokenizer_path=args.tokenizer, shard=shard, keep=patched)
     original, original_routing, before = None, None, None
     if args.original:
-        original, _ = load_from_args(args, args.original, tokenizer=False)
+        original, _ = load_from_args(args, args.original, tokenizer=False, shard=shard)
     if args.patch:
         from moe_unlearn.unlearning import apply_patch  # lazy: the unlearning package is optional here
 
@@ -168,8 +180,8 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, forget=splits.pop("forget"), retain=splits.pop("retain"),
         holdout=splits.pop("holdout", None), extra_splits=splits or None, mcq=mcq, original=original,
         original_routing=original_routing, target=args.target, reference_auc=args.reference_auc,
-        reference_model=load_from_args(args, args.reference_model, tokenizer=False)[0] if args.reference_model
-        else None,
+        reference_model=load_from_args(args, args.reference_model, tokenizer=False, shard=shard)[0]
+        if args.reference_model else None,
         convention=args.convention, knowmem_icl=icl, verbmem_max_new_tokens=args.verbmem_max_new_tokens,
         lm_eval_tasks=args.lm_eval_task or None, lm_eval_include_path=args.lm_eval_include,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, generate=not args.no_generate,
@@ -177,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     report.meta.update({"model_dir": args.model, "patch": args.patch, "original_dir": args.original})
     if before:
         report.meta["before_patch"] = {n: {"exact_match": m.exact_match, "nll": m.nll} for n, m in before.items()}
+    if not is_main():  # every rank computed the same report; rank 0 writes it
+        return 0
     paths = report.write_all(args.out)
     print(report.to_markdown())
     def num(x) -> str:

@@ -8,6 +8,8 @@ run resumes), .md (best median utility EM per method and variant among learning 
 median forget EM is at most the guess level + 0.05) and .png (the frontier curves).
 Variants: full (every parameter), uoe (the top-affinity expert + its router, router anchor),
 uoe+kpb (uoe + retain-routing KL); learning-rate grids are fixed per scope (see --lrs).
+With --shard fsdp2 under torchrun the model is sharded over the ranks and each step's micro-batches
+are split between them: the results equal one process with --grad-accum times the number of ranks.
 """
 
 from __future__ import annotations
@@ -61,7 +63,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--realization", type=int, default=0,
                    help="which build of the bench recipe: 0 (default) or r > 0 (another world, initialisation and "
                         "data order; r = 2 forgets another domain); results go to frontier_<model>_r<r>.json")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (per rank)")
     p.add_argument("--progress", action="store_true", help="progress bars")
+    from moe_unlearn.commands import add_shard_arg
+
+    add_shard_arg(p)
     return p
 
 
@@ -74,8 +80,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = FrontierConfig(model=args.model, methods=args.methods, variants=args.variants, steps=args.steps,
                          seeds=args.seeds, batch_size=args.batch_size, quick=args.quick,
                          lrs={v: args.lrs for v in args.variants} if args.lrs else {}, probes=args.probes,
-                         relearn_variants=args.relearn_variants, realization=args.realization)
+                         relearn_variants=args.relearn_variants, realization=args.realization,
+                         grad_accum=args.grad_accum, shard=args.shard)
     cfg.validate()  # every input checked before the model loads
+    from moe_unlearn.commands import launch_shard
+
+    cfg.shard = launch_shard(args)  # or an accelerate FSDP config's; refused without torchrun
     from moe_unlearn.atomic import check_out_dir
 
     check_out_dir(args.out)

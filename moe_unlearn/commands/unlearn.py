@@ -200,11 +200,18 @@ def run(args: argparse.Namespace) -> int:
     cfg, model_dir, forget, retain = build_config(args)  # bad options fail before the model is read
     check_inputs(args, cfg, model_dir, forget, retain)
     launch_sharding(args, cfg)
+    keep = ()
+    if cfg.shard:  # each rank reads its share of the weights, the tensors the run trains whole (from the config)
+        from moe_unlearn.loading import load_model, parse_dtype
+        from moe_unlearn.unlearning.engine import trained_names
+
+        keep = trained_names(load_model(model_dir, trust_remote_code=args.trust_remote_code, meta=True,
+                                        dtype=parse_dtype(args.dtype)), cfg)
     init_from_env(args.device)  # under torchrun / accelerate launch: data parallel over the ranks
-    args.model = model_dir
-    if cfg.shard and args.device is None:  # each rank's shards go to its GPU as the model is sharded
+    if cfg.shard and args.device is None:  # fully_shard moves each rank's shards to its GPU
         args.device = "cpu"
-    model, tokenizer = load_from_args(args)
+    args.model = model_dir
+    model, tokenizer = load_from_args(args, shard=cfg.shard, keep=keep)
     res = unlearn(model, forget, retain, tokenizer=tokenizer, config=cfg)
     if not is_main():
         return 0

@@ -48,6 +48,21 @@ from moe_unlearn.unlearning.targets import choose_targets
 from moe_unlearn.unlearning.undo import DistillLoss, distill_config, noise_tensors
 
 
+def trained_names(model: nn.Module, config: UnlearnConfig) -> list[str]:
+    """The parameters a run of `config` changes on `model`, which may be a meta-device model: what a
+    sharded load keeps whole, known before any weight is read. The targets must be given (experts or
+    an Attribution): choosing them would run the model."""
+    from moe_unlearn.unlearning.scopes import SCOPES
+
+    if config.target is None and SCOPES.lookup(config.scope).reads_targets:
+        raise BadInputError(f"scope {config.scope!r} with a model loaded sharded needs its targets before the weights "
+                            "are read: give --target L:E or --attribution FILE (moe-unlearn attribute --shard fsdp2 "
+                            "writes one)")
+    hp = check_unlearn_config(config, has_retain=True, model_dir=None)
+    targets = choose_targets(config, model, None, None, None)
+    return sorted({t.name for t in make_plan(config, get_method(config.method), hp, model, targets).tensors})
+
+
 def unlearn(model: nn.Module, forget: Any, retain: Any = None, *, tokenizer: Any = None,
             config: UnlearnConfig | None = None, callbacks: list[TrainHooks] | None = None,
             **options: Any) -> UnlearnResult:

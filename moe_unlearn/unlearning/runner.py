@@ -40,7 +40,10 @@ class Runner:
                 self.stack = DecoderStack(model)
             except NotAnMoEModel:  # a layout the stack runner does not know: run the whole model
                 start = None
-        self.cache = PrefixCache(self.stack, start, max_bytes=cache_bytes, enabled=cache) if self.stack else None
+        from moe_unlearn.sharding import is_fsdp2
+
+        self.cache = PrefixCache(self.stack, start, max_bytes=cache_bytes, enabled=cache,
+                                 sharded=is_fsdp2(model)) if self.stack else None
         self.start = start
 
     def __call__(self, key: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None,
