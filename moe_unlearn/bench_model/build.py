@@ -69,6 +69,10 @@ class BenchModelConfig:
     the MoE blocks training (routers, routed experts, shared experts and their gate). Attention,
     embeddings and norms never get a gradient from these facts, so whatever an ablation of them
     removes is reading, not storage. Routing stays learned (no localization loss).
+    store_layers / store_shared: narrow phase 2 to the MoE blocks of these decoder layers (None =
+    every layer) and, with store_shared False, leave the shared experts and their gate as phase 1 left
+    them: the facts of this world can then only be stored in those layers' routed experts (their
+    routers still learn freely).
     implant_layer: the knowledge-localized control. Start from the retrained reference of this
     recipe (never saw the forget facts) and train only routed expert `implant_expert` of
     `implant_layer` and that expert's router row on the forget QA records (plus a retain LM term and
@@ -112,6 +116,8 @@ class BenchModelConfig:
     implant_lr: float = 1e-2
     implant_retain_batch: int = 8
     implant_localize_weight: float = 1.0
+    store_layers: tuple[int, ...] | None = None
+    store_shared: bool = True
 
     def validate(self) -> None:
         if self.family not in FAMILIES:
@@ -128,6 +134,12 @@ class BenchModelConfig:
                                 f"outside {self.num_layers} layers x {self.num_experts} experts")
         if self.reading_steps < 0 or self.implant_steps < 1:
             raise BadInputError("reading_steps must be >= 0 and implant_steps >= 1")
+        if self.store_layers is not None and not (self.reading_steps and self.store_layers and all(
+                0 <= i < self.num_layers for i in self.store_layers)):
+            raise BadInputError(f"store_layers {self.store_layers} must name layers in 0..{self.num_layers - 1} "
+                                "of a two-phase recipe (reading_steps > 0)")
+        if not self.store_shared and not self.reading_steps:
+            raise BadInputError("store_shared=False needs the two-phase recipe (reading_steps > 0)")
         if self.reading_steps and self.reading_world_seed == self.facts.seed:
             raise BadInputError("reading_world_seed must differ from facts.seed: phase 1 reads another world")
         self.facts.validate()
@@ -220,8 +232,9 @@ class BenchModelConfig:
 
 
 _LATE_FIELDS = ("reading_steps", "reading_world_seed", "reading_lr", "implant_layer", "implant_expert",
-                "implant_steps", "implant_lr", "implant_retain_batch", "implant_localize_weight")
-_IMPLANT_FIELDS = _LATE_FIELDS[4:]
+                "implant_steps", "implant_lr", "implant_retain_batch", "implant_localize_weight",
+                "store_layers", "store_shared")
+_IMPLANT_FIELDS = _LATE_FIELDS[4:9]
 _PHASE2_FIELDS = ("name", "exclude_forget", "steps", "lr", "extra_steps", "extra_rounds", "target_em",
                   "localize_layer", "localize_expert", "localize_weight", *_LATE_FIELDS[3:])
 
@@ -400,15 +413,25 @@ def answer_exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     return hits / len(facts)
 
 
-def moe_block_parameters(model: PreTrainedModel) -> list[torch.nn.Parameter]:
-    """Every parameter of the MoE blocks (routers, routed experts, shared experts and their gate):
-    what phase 2 of the two-phase recipe trains."""
+def moe_block_parameters(model: PreTrainedModel, layers: tuple[int, ...] | None = None,
+                         shared: bool = True) -> list[torch.nn.Parameter]:
+    """The parameters of the MoE blocks (routers, routed experts, shared experts and their gate) of
+    `layers` (None = all), without the shared experts and their gate when `shared` is False: what
+    phase 2 of the two-phase recipe trains."""
     from moe_unlearn.arch import find_moe_layers
 
     seen: dict[int, torch.nn.Parameter] = {}
     for layer in find_moe_layers(model):
+        if layers is not None and layer.layer_idx not in layers:
+            continue
+        skip = set()
+        if not shared:
+            for m in (layer.shared_experts, layer.shared_expert_gate):
+                if m is not None:
+                    skip.update(id(p) for p in m.parameters())
         for p in layer.block.parameters():
-            seen.setdefault(id(p), p)
+            if id(p) not in skip:
+                seen.setdefault(id(p), p)
     return list(seen.values())
 
 
@@ -462,7 +485,7 @@ def _train_bench_model(config: BenchModelConfig, facts: FactSet, tokenizer: PreT
                 torch.save(model.state_dict(), atomic_save)
                 os.replace(atomic_save, done)
         stats["reading_em"] = answer_exact_match(model, tokenizer, reading.trained)
-        params = moe_block_parameters(model)
+        params = moe_block_parameters(model, config.store_layers, config.store_shared)
         moe_ids = {id(p) for p in params}
         for p in model.parameters():  # attention, embeddings, norms: no gradient from this world
             p.requires_grad_(id(p) in moe_ids)
