@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe_unlearn.bench_model import bench_config
+from moe_unlearn.bench_model.build import BenchModelConfig, realize
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.frontier import (
     FrontierConfig,
@@ -89,7 +90,7 @@ def test_realizations_are_other_builds():
     assert len({base.digest(), r1.digest(), r2.digest()}) == 3
     assert r1.facts.forget_domain == base.facts.forget_domain and r2.facts.forget_domain != base.facts.forget_domain
     assert bench_config("implanted", realization=1).retrained().digest() == \
-        bench_config("natural", realization=1, retrained=True).digest()
+        realize(BenchModelConfig.moe_blocks(), 1).retrained().digest()
     assert results_path("x", "natural", realization=2).name == "frontier_natural_r2.json"
     with pytest.raises(BadInputError):
         FrontierConfig(realization=-1).validate()

@@ -195,7 +195,16 @@ class BenchModelConfig:
     def natural(cls) -> BenchModelConfig:
         """The default: shaped like the fine-grained MoEs (DeepSeek-V2/V3, Qwen1.5-MoE, OLMoE):
         6 layers, 16 routed experts top-4 plus a shared expert, balancing loss, no localization;
-        two phases (reading on another world, then this world's facts in the MoE blocks only)."""
+        two phases (reading on another world, then this world's facts in the routed experts of the
+        middle layers 2-4 only, their routers learning freely; shared experts, attention, embeddings
+        and norms as phase 1 left them)."""
+        return dataclasses.replace(cls.moe_blocks(), store_layers=(2, 3, 4), store_shared=False)
+
+    @classmethod
+    def moe_blocks(cls) -> BenchModelConfig:
+        """The earlier two-phase `natural`: phase 2 trains the MoE blocks of every layer (routed and
+        shared experts, routers). Its facts spread over all six layers' experts; the implanted
+        control is built on its retrained reference."""
         return cls(reading_steps=1000, steps=1800)
 
     @classmethod
@@ -207,8 +216,8 @@ class BenchModelConfig:
     @classmethod
     def implanted_control(cls) -> BenchModelConfig:
         """The knowledge-localized control: the forget facts implanted into one routed expert of the
-        middle layer of `natural`'s retrained reference."""
-        base = cls.natural()
+        middle layer of the retrained reference of `moe_blocks` (the earlier two-phase natural)."""
+        base = cls.moe_blocks()
         return dataclasses.replace(base, name="implanted", implant_layer=base.num_layers // 2)
 
     @classmethod
