@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+from typing import Any
 
 from moe_unlearn.errors import MoEUnlearnError
 
@@ -52,6 +54,69 @@ def _quiet_stdout() -> None:
         pass
 
 
+class _Interrupts:
+    """SIGINT for the CLI: KeyboardInterrupt as usual, except while a module is being imported. Raised inside
+    third-party import code, the interrupt is not always an interrupt: transformers' lazy loader turns it
+    into an "import failed" error (exit 2 with a wrong message), a pybind11 module initialising aborts the
+    process, and code run through PyRun_* marks it unhandled so the interpreter kills itself with SIGINT
+    after `main` returned 130. So an interrupt that lands inside an import is deferred: it is re-delivered
+    every few milliseconds until the import finished, then raised as a KeyboardInterrupt in our own code
+    (nothing is written during imports, so deferring loses nothing)."""
+
+    RETRY_S = 0.02
+    MAX_DEFER_S = 10.0  # longer than any import should take; then the interrupt is raised where it is
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._since = 0.0
+        self._timer: Any = None
+        self._previous: Any = None
+
+    @staticmethod
+    def _importing(frame: Any) -> bool:
+        while frame is not None:
+            if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+                return True
+            frame = frame.f_back
+        return False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import time
+
+        if not self.pending:
+            self._since = time.monotonic()
+        # an import that never ends (stuck on a lock or a network mount) must stay interruptible
+        if self._importing(frame) and time.monotonic() - self._since < self.MAX_DEFER_S:
+            self.pending = True
+            self._retry()
+            return
+        self.pending = False
+        raise KeyboardInterrupt
+
+    def _retry(self) -> None:
+        import _thread
+        import threading
+
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(self.RETRY_S, _thread.interrupt_main, args=(signal.SIGINT,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def __enter__(self) -> _Interrupts:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _prog(args: argparse.Namespace | None) -> str:
     return f"moe-unlearn {args.command}" if args is not None else "moe-unlearn"
 
@@ -62,11 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     141 the reader of stdout went away (`| head`: quiet, like any Unix tool)."""
     args = None
     try:
-        args = build_parser().parse_args(argv)  # inside: a Ctrl-C while the heavy imports run is an interrupt too
-        from moe_unlearn.log import setup_cli_logging
+        with _Interrupts() as interrupts:
+            args = build_parser().parse_args(argv)  # inside: a Ctrl-C while the heavy imports run is one too
+            from moe_unlearn.log import setup_cli_logging
 
-        setup_cli_logging(args.verbose, args.log_quiet)
-        return int(args._run(args) or 0)
+            setup_cli_logging(args.verbose, args.log_quiet)
+            code = int(args._run(args) or 0)
+            if interrupts.pending:  # deferred during a last import and not yet re-delivered
+                raise KeyboardInterrupt
+            return code
     except KeyboardInterrupt:
         print(f"{_prog(args)}: interrupted; no half-written output was left", file=sys.stderr)
         return 130

@@ -31,7 +31,7 @@ def _value(alias: str, value: Any) -> Any:
         if not value.is_integer():
             raise BadInputError(f"num_train_epochs {value}: only whole epochs are supported")
         return int(value)
-    if alias == "lr_scheduler_type" and value in _SCHEDULES:
+    if alias == "lr_scheduler_type" and isinstance(value, str) and value in _SCHEDULES:  # others: the typed check
         if _SCHEDULES[value] is None:
             raise BadInputError(f"lr_scheduler_type {value!r} is not supported; use constant, linear or cosine")
         return _SCHEDULES[value]

@@ -26,7 +26,15 @@ from typing import Any
 import torch
 
 from moe_unlearn.errors import BadInputError, DataError
-from moe_unlearn.validate import check_regular_file, check_text, parse_json, read_json_file
+from moe_unlearn.validate import (
+    check_regular_file,
+    check_text,
+    data_limit_hint,
+    format_bytes,
+    max_data_bytes,
+    parse_json,
+    read_json_file,
+)
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 CHAT_TEMPLATE = "chat"  # as a template: the tokenizer's own chat template (`chat_parts`)
@@ -42,18 +50,28 @@ class _Located:
     record: dict[str, Any]
 
 
-def _iter_file_lines(path: Path) -> Iterator[tuple[int, str]]:
+def _iter_file_lines(path: Path, max_bytes: int) -> Iterator[tuple[int, str]]:
+    """The lines of a text file, reading at most `max_bytes` (a file that grew past the size checked
+    up front, or a huge file read only for its first records, stops there with a DataError)."""
+    seen = lineno = 0
     try:
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                yield lineno, line.rstrip("\r\n")
+        with open(path, "rb") as fh:
+            while raw := fh.readline(max_bytes - seen + 1):
+                seen += len(raw)
+                if seen > max_bytes:
+                    raise DataError(f"data file {path} holds more than the {format_bytes(max_bytes)} the "
+                                    f"data readers accept; {data_limit_hint()}")
+                text = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+                for piece in text.split("\r"):  # a lone CR ends a line too, as in Python's text mode
+                    lineno += 1
+                    yield lineno, piece
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}; pass a readable UTF-8 .txt/.jsonl file "
                         "or a datasets save_to_disk directory") from exc
 
 
-def _iter_jsonl(path: Path) -> Iterator[_Located]:
-    for lineno, line in _iter_file_lines(path):
+def _iter_jsonl(path: Path, max_bytes: int) -> Iterator[_Located]:
+    for lineno, line in _iter_file_lines(path, max_bytes):
         if not line.strip():
             continue
         obj = parse_json(line, what=f"{path} line {lineno} (each line of a .jsonl file must be one JSON object)")
@@ -62,9 +80,9 @@ def _iter_jsonl(path: Path) -> Iterator[_Located]:
         yield _Located(f"{path} line {lineno}", obj)
 
 
-def _iter_json(path: Path) -> Iterator[_Located]:
+def _iter_json(path: Path, max_bytes: int) -> Iterator[_Located]:
     """A .json file holding one list of records or strings (MUSE ships its splits this way)."""
-    obj = read_json_file(path, what="data file")
+    obj = read_json_file(path, what="data file", max_bytes=max_bytes, hint=data_limit_hint())
     if not isinstance(obj, list):
         raise DataError(f"{path}: a .json data file must hold a list of records or strings, got "
                         f"{type(obj).__name__}; use .jsonl for one record per line")
@@ -78,8 +96,8 @@ def _iter_json(path: Path) -> Iterator[_Located]:
             raise DataError(f"{where}: expected a JSON object or string, got {type(item).__name__}")
 
 
-def _iter_txt(path: Path) -> Iterator[_Located]:
-    for lineno, line in _iter_file_lines(path):
+def _iter_txt(path: Path, max_bytes: int) -> Iterator[_Located]:
+    for lineno, line in _iter_file_lines(path, max_bytes):
         if line.strip():
             yield _Located(f"{path} line {lineno}", {"text": line})
 
@@ -100,20 +118,34 @@ def _load_disk_dataset(path: Path) -> Any:
         raise DataError(f"cannot load {path} as a dataset saved with datasets' save_to_disk: {exc}") from exc
 
 
-def _iter_source(source: DataSource) -> Iterator[_Located]:
+def check_data_file(path: str | os.PathLike, *, whole: bool = True) -> int:
+    """The data-size limit (`max_data_bytes`), after checking `path` is a regular file and, when it is read
+    `whole`, no larger than the limit; DataError naming the limit and how to raise it otherwise. Every
+    reader of data files (these, and the LoRAMoE reader that hands .jsonl files to `datasets`) goes
+    through it."""
+    cap = max_data_bytes()
+    check_regular_file(path, what="data file", max_bytes=cap if whole else None, hint=data_limit_hint())
+    return cap
+
+
+def _iter_source(source: DataSource, *, whole: bool = True) -> Iterator[_Located]:
+    """The records of `source`. A data file must be a regular file (a FIFO would hang the reader, a link
+    to /dev/zero never end) of at most `max_data_bytes()`: checked on its size before anything is read when
+    the whole file is wanted (`whole`), and on the bytes read while streaming in every case (a .txt/.jsonl
+    read for its first `limit` records may be larger; only what is read counts)."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
             yield from _iter_dataset(_load_disk_dataset(path), str(path))
             return
-        check_regular_file(path, what="data file")  # a FIFO would hang the reader, /dev/zero never end
         suffix = path.suffix.lower()
+        cap = check_data_file(path, whole=whole or suffix == ".json")
         if suffix == ".jsonl":
-            yield from _iter_jsonl(path)
+            yield from _iter_jsonl(path, cap)
         elif suffix == ".json":
-            yield from _iter_json(path)
+            yield from _iter_json(path, cap)
         elif suffix == ".txt":
-            yield from _iter_txt(path)
+            yield from _iter_txt(path, cap)
         else:
             raise DataError(f"{path}: unknown data format {suffix!r}; use .txt (one document per line), "
                             ".jsonl, .json (a list of records or strings, as MUSE ships), or a directory written by datasets' save_to_disk")
@@ -147,7 +179,7 @@ def load_records(source: DataSource, *, limit: int | None = None,
     """
     _check_limit(limit)
     out: list[dict[str, Any]] = []
-    for loc in _iter_source(source):
+    for loc in _iter_source(source, whole=limit is None):
         missing = [f for f in required if f not in loc.record]
         if missing:
             raise DataError(f"{loc.where}: missing field(s) {missing}; it has {sorted(loc.record)}")
@@ -263,7 +295,7 @@ def load_examples(source: DataSource, *, field: str | None = None, template: str
     _check_limit(limit)
     template = DEFAULT_TEMPLATE if template is None else template
     out: list[Example] = []
-    for loc in _iter_source(source):
+    for loc in _iter_source(source, whole=limit is None):
         ex = _record_example(loc, field, template, tokenizer)
         if not ex.text.strip():
             continue

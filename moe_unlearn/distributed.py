@@ -13,7 +13,6 @@ when the launcher's environment (WORLD_SIZE > 1) says so.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch import nn
 
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.training import TrainHooks
+from moe_unlearn.validate import env_int
 
 
 def _dist():
@@ -48,11 +48,11 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
 
     if dist.is_initialized():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if env_int("WORLD_SIZE", 1, low=1) <= 1:
         return False
     cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(env_int("LOCAL_RANK", 0))
     dist.init_process_group("nccl" if cuda else "gloo")
     return True
 

@@ -40,6 +40,7 @@ import torch
 from moe_unlearn.atomic import write_json, write_text
 from moe_unlearn.errors import BadInputError, DataError, TrainingDiverged
 from moe_unlearn.training import TrainHooks
+from moe_unlearn.validate import MAX_ITEMS, MAX_SEEDS, MAX_STEPS, MAX_TOKENS, bounded
 
 MATCH_MARGIN = 0.05  # "forgotten" = median forget EM <= guess level + this
 PROBES = ("replay", "paraphrase", "relearn")
@@ -115,11 +116,11 @@ class FrontierConfig:
     methods: tuple[str, ...] = ("npo", "graddiff", "ga", "rmu")
     variants: tuple[str, ...] = ("full", "uoe", "uoe+kpb")
     lrs: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    steps: tuple[int, ...] = (40, 120)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    batch_size: int = 16
-    max_length: int = 64
-    eval_batch_size: int = 64
+    steps: tuple[int, ...] = bounded((40, 120), low=1, high=MAX_STEPS, max_len=MAX_SEEDS)
+    seeds: tuple[int, ...] = bounded((0, 1, 2), low=0, max_len=MAX_SEEDS)
+    batch_size: int = bounded(16, low=1, high=MAX_ITEMS)
+    max_length: int = bounded(64, low=2, high=MAX_TOKENS)
+    eval_batch_size: int = bounded(64, low=1, high=MAX_ITEMS)
     quick: bool = False  # the tiny test bench model instead of the real one
     # extra measurements per run (see moe_unlearn.eval.replay / .relearn): "replay" (forget EM / NLL
     # with the original routing forced), "paraphrase" (second-question and completion EM),
@@ -127,7 +128,7 @@ class FrontierConfig:
     # largest step count and only for the variants in relearn_variants, all when empty)
     probes: tuple[str, ...] = ()
     relearn_variants: tuple[str, ...] = ()
-    realization: int = 0  # which build of the bench recipe (moe_unlearn.bench_model.realize)
+    realization: int = bounded(0, low=0)  # which build of the bench recipe (moe_unlearn.bench_model.realize)
 
     def grid(self, variant: str) -> tuple[float, ...]:
         return tuple(self.lrs.get(variant, default_lrs(variant)))

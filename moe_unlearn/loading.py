@@ -137,6 +137,21 @@ def check_model_dir(path: str | os.PathLike, *, what: str = "model", trust_remot
     return p
 
 
+def model_layers(path: str | os.PathLike) -> int | None:
+    """The decoder layers a model folder's config.json declares (`config_layers`), without loading it."""
+    from moe_unlearn.validate import config_layers
+
+    return config_layers(_read_json(Path(path) / "config.json") or {})
+
+
+def model_positions(path: str | os.PathLike) -> int | None:
+    """The positions a model folder's config.json declares (`config_positions`), read without loading the
+    model so a generation length can be checked first; None when it declares none."""
+    from moe_unlearn.validate import config_positions
+
+    return config_positions(_read_json(Path(path) / "config.json") or {})
+
+
 def _check_folder_files(p: Path, what: str) -> None:
     """Every file of the folder (what transformers may open: configs, tokenizer files, weights) must be a
     regular file, or a link to one; folders inside it are not read and are left alone."""

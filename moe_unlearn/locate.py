@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from moe_unlearn.errors import BadInputError
+from moe_unlearn.validate import MAX_ITEMS, MAX_TOKENS, bounded, check_fields, check_layers
 
 METHODS = ("zero", "mean", "reinit")
 MIN_DROP = 0.01  # floor of the utility drop in selectivity
@@ -71,14 +72,15 @@ class LocateConfig:
     "middle" groups (None = the default third-to-five-sixths band)."""
 
     methods: tuple[str, ...] = METHODS
-    sample: int = 96
-    batch_size: int = 32
+    sample: int = bounded(96, low=1, high=MAX_ITEMS)
+    batch_size: int = bounded(32, low=1, high=MAX_ITEMS)
     coverage: float = 0.8
-    seed: int = 0
-    middle: tuple[int, ...] | None = None
-    max_length: int = 256
+    seed: int = bounded(0, low=0)
+    middle: tuple[int, ...] | None = bounded(None, low=0, high=MAX_ITEMS)
+    max_length: int = bounded(256, low=2, high=MAX_TOKENS)
 
     def validate(self) -> None:
+        check_fields(self)  # declared types and ranges first: a "96" or a 10**12 sample fails here
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise BadInputError(f"unknown ablation method(s) {bad}; choose from {', '.join(METHODS)}")
@@ -128,6 +130,7 @@ class ModelParts:
     def components(self, config: LocateConfig, attribution: Any = None) -> list[Component]:
         out = [Component("embeddings", "embeddings", "embeddings")]
         middle = tuple(config.middle) if config.middle is not None else middle_layers(self.num_layers)
+        check_layers("middle", middle, self.num_layers)
         mid_attn = tuple(x for x in middle if x in self.attention)
         mid_moe = tuple(x for x in middle if x in self.moe)
         for i in sorted(self.attention):

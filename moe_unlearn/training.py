@@ -42,7 +42,7 @@ import torch
 from moe_unlearn.atomic import atomic_path, clean_dead_temps
 from moe_unlearn.errors import BadInputError, TrainingDiverged
 from moe_unlearn.log import get_logger, open_sinks, parse_report_to
-from moe_unlearn.validate import check_int, check_number
+from moe_unlearn.validate import MAX_ITEMS, MAX_STEPS, bounded, check_number
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 logger = get_logger(__name__)
@@ -61,25 +61,25 @@ class TrainConfig:
     max_grad_norm: clip the global gradient norm (None or 0 = no clipping).
     """
 
-    steps: int | None = None
-    epochs: int | None = None
-    batch_size: int = 8  # informational for callers that build batches from the config
-    grad_accum: int = 1
+    steps: int | None = bounded(None, low=1, high=MAX_STEPS)
+    epochs: int | None = bounded(None, low=1, high=MAX_STEPS)
+    batch_size: int = bounded(8, low=1, high=MAX_ITEMS)  # informational for callers that build batches from it
+    grad_accum: int = bounded(1, low=1, high=MAX_STEPS)
     lr: float = 1e-4
     lr_schedule: str = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = bounded(0, low=0, high=MAX_STEPS)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float | None = 1.0
-    seed: int = 0
+    seed: int = bounded(0, low=0)
     bf16: bool | str = "auto"
-    checkpoint_every: int = 0
+    checkpoint_every: int = bounded(0, low=0, high=MAX_STEPS)
     checkpoint_dir: str | None = None
-    keep_checkpoints: int = 1
+    keep_checkpoints: int = bounded(1, low=1, high=MAX_STEPS)
     resume: bool = False
     progress: bool = True
-    log_every: int = 1
+    log_every: int = bounded(1, low=0, high=MAX_STEPS)
     desc: str = "train"
     # metrics sinks (moe_unlearn.log): "tensorboard", "jsonl" (a list or comma-separated), under logging_dir
     report_to: str | list[str] | None = None
@@ -103,12 +103,6 @@ class TrainConfig:
         check_number("TrainConfig.lr", self.lr, low=0.0, low_open=True)
         check_number("TrainConfig.weight_decay", self.weight_decay, low=0.0)
         check_number("TrainConfig.eps", self.eps, low=0.0, low_open=True)
-        for name in ("steps", "epochs", "grad_accum", "warmup_steps", "checkpoint_every", "keep_checkpoints",
-                     "seed", "log_every"):
-            value = getattr(self, name)
-            if value is not None:
-                check_int(f"TrainConfig.{name}", value, low=0 if name in ("warmup_steps", "checkpoint_every",
-                                                                          "seed", "log_every") else 1)
         if self.max_grad_norm is not None:
             check_number("TrainConfig.max_grad_norm", self.max_grad_norm, low=0.0)
         if parse_report_to(self.report_to) and not self.logging_dir:

@@ -34,12 +34,24 @@ from typing import Any
 from moe_unlearn.errors import BadInputError, DataError
 
 __all__ = ["FLOAT32_MAX", "INT64_MAX", "MAX_JSON_BYTES", "check_allocation", "check_choice", "check_fields",
-           "check_int", "check_number", "check_regular_file", "check_tensor", "check_text", "check_token_ids", "check_type",
+           "MAX_ITEMS", "MAX_SEEDS", "MAX_STEPS", "MAX_TOKENS", "bounded", "check_generation_length",
+           "check_int", "check_number", "check_regular_file", "config_positions", "data_limit_hint", "format_bytes", "max_data_bytes", "check_tensor", "check_text", "check_token_ids", "check_type",
            "embedding_rows", "parse_json", "read_json_file", "read_text_file"]
 
 FLOAT32_MAX = 3.4028234663852886e38  # larger numbers overflow to inf in float32 math (the optimizer's lr)
 INT64_MAX = 2**63 - 1  # torch's integers (seeds, sizes, indices) are int64
 MAX_JSON_BYTES = 1 << 30  # a JSON input (config, attribution, results, patch.json) larger than this is refused
+# Declared maxima of lengths and counts, so a typo (`--max-new-tokens 10**9`, `steps: 1e12` as an int)
+# fails up front instead of decoding or training for days; `bounded` attaches them to config fields.
+MAX_TOKENS = 1 << 20  # a sequence or generation length: no released model has more positions
+MAX_STEPS = 10_000_000  # optimizer steps, evaluation intervals, distillation steps
+MAX_ITEMS = 100_000_000  # sampled items, batch sizes, experts, ranks: sizes of things held in memory
+MAX_SEEDS = 10_000  # seeds, step counts, learning rates per grid: each entry is a whole run
+# Data files (.txt/.jsonl/.json) are read whole into memory; larger ones are refused before any read. The
+# bound is an environment variable, not a flag: the same readers serve every command (--forget, --retain,
+# --holdout, --split, locate, loramoe, relearn) and the Python API, and one variable reaches them all.
+MAX_DATA_BYTES_ENV = "MOE_UNLEARN_MAX_DATA_BYTES"
+DEFAULT_MAX_DATA_BYTES = 1 << 30
 
 
 def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
@@ -181,6 +193,7 @@ def check_type(name: str, value: Any, annotation: Any) -> Any:
     if annotation is str:
         if not isinstance(value, str):
             raise BadInputError(f"{name} must be a string, got {_short(value)}")
+        _check_text(value, name, BadInputError)  # written to a results file, it could never be read back
         return value
     if annotation in (Path, os.PathLike) or origin is os.PathLike:
         if not isinstance(value, (str, os.PathLike)):
@@ -209,10 +222,38 @@ def check_type(name: str, value: Any, annotation: Any) -> Any:
     return value  # an annotation this checker does not model (a TypeVar, a Callable): the caller's own checks
 
 
+_RANGE = "moe_unlearn.range"  # dataclass field metadata key of `bounded`
+
+
+def bounded(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
+            max_len: int | None = None, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose numbers must lie in [low, high] (for a list or tuple field: each item) and,
+    for a list or tuple, hold at most `max_len` items; `check_fields` enforces it. The one place a config
+    declares a field's range, so every config states its maxima the same way."""
+    md = {_RANGE: (low, high, max_len)}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=md)
+    return dataclasses.field(default=default, metadata=md)
+
+
+def _check_range(name: str, value: Any, low: float | None, high: float | None, max_len: int | None) -> None:
+    if isinstance(value, (list, tuple)):
+        if max_len is not None and len(value) > max_len:
+            raise BadInputError(f"{name} holds {len(value)} items, more than the {max_len} allowed")
+        for i, v in enumerate(value):
+            _check_range(f"{name}[{i}]", v, low, high, None)
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        check_int(name, value, low=None if low is None else math.ceil(low),
+                  high=None if high is None else math.floor(high))
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        check_number(name, value, low=low, high=high)
+
+
 def check_fields(obj: Any, *, prefix: str = "", skip: Iterable[str] = ()) -> Any:
-    """Check every field of the dataclass instance `obj` against its declared type (`check_type`), in
-    place (containers normalised); returns `obj`. Field names in messages are `prefix + name`. Any config
-    read from a file or the command line goes through this before its value checks."""
+    """Check every field of the dataclass instance `obj` against its declared type (`check_type`) and its
+    declared range (`bounded`), in place (containers normalised); returns `obj`. Field names in messages are
+    `prefix + name`. Any config read from a file or the command line goes through this before its value
+    checks."""
     hints = typing.get_type_hints(type(obj))
     skip = set(skip)
     for f in dataclasses.fields(obj):
@@ -220,9 +261,82 @@ def check_fields(obj: Any, *, prefix: str = "", skip: Iterable[str] = ()) -> Any
             continue
         value = getattr(obj, f.name)
         checked = check_type(prefix + f.name, value, hints[f.name])
+        if _RANGE in f.metadata and checked is not None:
+            _check_range(prefix + f.name, checked, *f.metadata[_RANGE])
         if checked is not value:
             object.__setattr__(obj, f.name, checked)  # frozen dataclasses too
     return obj
+
+
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def config_positions(config: Any) -> int | None:
+    """The positions a model config declares (`max_position_embeddings` or an older name, also inside a
+    nested `text_config`); `config` is a config object or the dict of a config.json. None when unknown."""
+    def get(obj: Any, key: str) -> Any:
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    for cfg in (config, get(config, "text_config")):
+        if cfg is None:
+            continue
+        for key in _POSITION_KEYS:
+            value = get(cfg, key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def config_layers(config: Any) -> int | None:
+    """The decoder layers a model config declares (`num_hidden_layers`, also inside a nested `text_config`);
+    `config` is a config object or the dict of a config.json. None when unknown."""
+    def get(obj: Any, key: str) -> Any:
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    for cfg in (config, get(config, "text_config")):
+        value = get(cfg, "num_hidden_layers") if cfg is not None else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_layers(name: str, layers: Iterable[int], num_layers: int | None) -> None:
+    """BadInputError when a layer index in `layers` is not a layer of a model with `num_layers` layers: a
+    layer the model does not have would otherwise be skipped silently and reported as if it were measured."""
+    if num_layers is None:
+        return
+    bad = sorted({x for x in layers if not 0 <= x < num_layers})
+    if bad:
+        raise BadInputError(f"{name} names layer(s) {bad}, but the model has {num_layers} layers "
+                            f"(0..{num_layers - 1})")
+
+
+MAX_RANKS = 1 << 20  # processes of one launch (WORLD_SIZE, --nproc)
+
+
+def env_int(name: str, default: int, *, low: int = 0, high: int = MAX_RANKS) -> int:
+    """The integer environment variable `name` (a launcher's WORLD_SIZE, LOCAL_RANK), `default` when unset;
+    BadInputError naming the variable when it is not an integer in [low, high], instead of a ValueError
+    traceback from int()."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise BadInputError(f"environment variable {name}={raw[:40]!r} is not an integer") from None
+    return check_int(f"environment variable {name}", value, low=low, high=high)
+
+
+def check_generation_length(name: str, value: Any, *, positions: int | None = None, low: int = 1) -> int:
+    """A number of tokens to generate or compare: an integer in [low, MAX_TOKENS] and, when the model's
+    position count is known (`positions`, e.g. `max_position_embeddings` read from config.json before the
+    model loads), at most that: a longer generation would run past the positions the model was trained on."""
+    value = check_int(name, value, low=low, high=MAX_TOKENS)
+    if positions is not None and value > positions:
+        raise BadInputError(f"{name} = {value} is more than the model's {positions} positions "
+                            "(max_position_embeddings); give a smaller number")
+    return value
 
 
 # -- tensors read from files ---------------------------------------------------------------------
@@ -269,7 +383,7 @@ def check_text(what: str, value: Any, *, error: type[Exception] = DataError) -> 
 
 
 def check_regular_file(path: str | os.PathLike, *, what: str = "file", max_bytes: int | None = None,
-                       error: type[Exception] = DataError) -> Path:
+                       error: type[Exception] = DataError, hint: str = "") -> Path:
     """`path` if it is (or links to) an existing regular file of at most `max_bytes`; else `error`. A FIFO,
     a device (/dev/zero, /dev/stdin), a socket or a folder is refused before anything opens it."""
     p = Path(path)
@@ -284,22 +398,56 @@ def check_regular_file(path: str | os.PathLike, *, what: str = "file", max_bytes
                 else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
         raise error(f"{what} {p} is {kind}; pass a regular file")
     if max_bytes is not None and st.st_size > max_bytes:
-        raise error(f"{what} {p} is {st.st_size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB "
-                    "this reader accepts")
+        raise error(f"{what} {p} is {format_bytes(st.st_size)}, more than the {format_bytes(max_bytes)} this reader accepts"
+                    + (f"; {hint}" if hint else ""))
     return p
 
 
+def format_bytes(nbytes: int) -> str:
+    """A size for messages: MiB, or bytes below one MiB."""
+    return f"{nbytes / 2**20:.0f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def max_data_bytes() -> int:
+    """The largest data file the readers accept: $MOE_UNLEARN_MAX_DATA_BYTES (bytes, or with a K/M/G/T
+    suffix, powers of 1024) if set, else 1 GiB. A malformed value is a BadInputError, not a silent default."""
+    raw = os.environ.get(MAX_DATA_BYTES_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_MAX_DATA_BYTES
+    text = raw.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = text[-1:] if text[-1:] in _UNITS and text[-1:] else ""
+    try:
+        value = int(text[:len(text) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise BadInputError(f"{MAX_DATA_BYTES_ENV}={raw!r} is not a size; give bytes or a number with K, M, G "
+                            "or T (e.g. 8G)")
+    return value
+
+
+def data_limit_hint() -> str:
+    """How to read a larger data file, for the messages of the data readers."""
+    return (f"if the data is meant to be this large, raise the limit with {MAX_DATA_BYTES_ENV} (e.g. "
+            f"{MAX_DATA_BYTES_ENV}=8G) and make sure the memory holds it, or pass a datasets save_to_disk "
+            "directory (memory-mapped)")
+
+
 def read_text_file(path: str | os.PathLike, *, what: str = "file", max_bytes: int = MAX_JSON_BYTES,
-                   error: type[Exception] = DataError) -> str:
+                   error: type[Exception] = DataError, hint: str = "") -> str:
     """The UTF-8 text of a regular file of at most `max_bytes` (`check_regular_file`); `error` otherwise."""
-    p = check_regular_file(path, what=what, max_bytes=max_bytes, error=error)
+    p = check_regular_file(path, what=what, max_bytes=max_bytes, error=error, hint=hint)
     try:
         with open(p, "rb") as fh:
             data = fh.read(max_bytes + 1)
     except OSError as exc:
         raise error(f"cannot read {what} {p}: {exc.strerror or exc}") from None
     if len(data) > max_bytes:  # grew since the stat
-        raise error(f"{what} {p} is larger than the {max_bytes / 2**20:.0f} MiB this reader accepts")
+        raise error(f"{what} {p} is larger than the {format_bytes(max_bytes)} this reader accepts"
+                    + (f"; {hint}" if hint else ""))
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -356,9 +504,10 @@ def _check_text(s: str, what: str, error: type[Exception]) -> None:
 
 
 def read_json_file(path: str | os.PathLike, *, what: str = "file", max_bytes: int = MAX_JSON_BYTES,
-                   allow_nonfinite: bool = False, error: type[Exception] = DataError) -> Any:
+                   allow_nonfinite: bool = False, error: type[Exception] = DataError, hint: str = "") -> Any:
     """The JSON value of a regular file of bounded size (`read_text_file` + `parse_json`)."""
-    return parse_json(read_text_file(path, what=what, max_bytes=max_bytes, error=error), what=f"{what} {path}",
+    return parse_json(read_text_file(path, what=what, max_bytes=max_bytes, error=error, hint=hint),
+                      what=f"{what} {path}",
                       allow_nonfinite=allow_nonfinite, error=error)
 
 

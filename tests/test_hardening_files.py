@@ -445,9 +445,10 @@ def test_cli_numbers_that_overflow_inside_torch_are_refused_up_front(saved, tmp_
 
 def test_sizes_are_checked_before_allocating(saved, tmp_path, capsys):
     _, model_dir, forget = saved
-    with pytest.raises(BadInputError, match="adapter_rank 300000000 exceeds"):
-        unlearn(tiny_model("qwen3_moe"), FORGET, tokenizer=word_tokenizer(), target="1:2", steps=1, adapter="lora",
-                adapter_rank=300_000_000, **KW)
+    for rank, match in ((90_000_000, "adapter_rank 90000000 exceeds"), (300_000_000, "adapter_rank must be <=")):
+        with pytest.raises(BadInputError, match=match):
+            unlearn(tiny_model("qwen3_moe"), FORGET, tokenizer=word_tokenizer(), target="1:2", steps=1,
+                    adapter="lora", adapter_rank=rank, **KW)
     for flags in (["--experts", "50000000"], ["--rank", "100000000"], ["--experts", "4000", "--rank", "2000000"]):
         assert main(["loramoe", "train", "--model", str(model_dir), "--data", str(forget), "--out",
                      str(tmp_path / "l"), "--targets", "q_proj,v_proj", "--steps", "1", *flags]) == 2

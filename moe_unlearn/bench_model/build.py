@@ -36,6 +36,7 @@ from moe_unlearn.bench_model.facts import TRAINED_SPLITS, Fact, FactsConfig, Fac
 from moe_unlearn.bench_model.tokenizer import train_tokenizer
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.loading import load_model, load_tokenizer
+from moe_unlearn.validate import read_json_file
 
 FORMAT_VERSION = 3  # bump when the layout or the training recipe changes: old cache entries are ignored
 META_FILE = "bench_meta.json"
@@ -609,12 +610,37 @@ def load_bench_model(path: str | os.PathLike) -> BenchModel:
     if not _is_complete(path):
         raise BadInputError(f"{path} is not a benchmark model directory (no {META_FILE}); build one with "
                             "`moe-unlearn demo` or moe_unlearn.bench_model.load_or_build")
-    meta = json.loads((path / META_FILE).read_text())
-    facts = FactSet.read_jsonl(path / "data", FactsConfig(**{**meta["config"]["facts"],
-                                                             "domains": tuple(meta["config"]["facts"]["domains"])}))
+    meta = read_json_file(path / META_FILE, what="benchmark model file", error=BadInputError)
+    _check_weights(path, meta)
+    try:
+        facts_cfg = FactsConfig(**{**meta["config"]["facts"], "domains": tuple(meta["config"]["facts"]["domains"])})
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise BadInputError(f"{path / META_FILE} is not the metadata of a benchmark model ({type(exc).__name__}: "
+                            f"{str(exc)[:80]}); {_REBUILD_HINT.format(path=path)}") from None
+    facts = FactSet.read_jsonl(path / "data", facts_cfg)
     model = load_model(path)  # local files only, no code from the folder
     tokenizer = load_tokenizer(path)
     return BenchModel(model=model, tokenizer=tokenizer, facts=facts, path=path, meta=meta, built=False)
+
+
+_REBUILD_HINT = ("delete {path} (the next run copies the shipped weights or rebuilds it) or pass --rebuild "
+                 "(rebuild=True)")
+
+
+def _check_weights(path: Path, meta: object) -> None:
+    """BadInputError unless the weights file hashes to the sha256 the entry's metadata recorded when it was
+    written (when it recorded one): a damaged or edited cache entry (or shipped copy) would otherwise
+    give other numbers, exit 0."""
+    if not isinstance(meta, dict):
+        raise BadInputError(f"{path / META_FILE} does not hold a JSON object; " + _REBUILD_HINT.format(path=path))
+    recorded = meta.get("weights_sha256")
+    if recorded is None:  # an entry written before the hash was recorded: nothing to verify against
+        return
+    actual = weights_sha256(path)
+    if actual != recorded:
+        raise BadInputError(f"the weights in {path} (sha256 {str(actual)[:12]}) are not the ones its metadata "
+                            f"records (sha256 {recorded[:12]}): the entry was changed or damaged; "
+                            + _REBUILD_HINT.format(path=path))
 
 
 SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"  # weights the committed results used

@@ -49,13 +49,14 @@ def add_template_args(p: argparse.ArgumentParser) -> None:
 
 def _device(args: argparse.Namespace) -> Any:
     from moe_unlearn.loading import resolve_device
+    from moe_unlearn.validate import env_int
 
     name = getattr(args, "device", None)
-    if name is None and getattr(args, "device_map", None) is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if name is None and getattr(args, "device_map", None) is None and env_int("WORLD_SIZE", 1, low=1) > 1:
         import torch
 
         if torch.cuda.is_available():  # data parallel: one GPU per rank
-            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            name = f"cuda:{env_int('LOCAL_RANK', 0)}"
     return resolve_device(name)
 
 

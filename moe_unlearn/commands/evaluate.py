@@ -9,7 +9,7 @@ from pathlib import Path
 
 from moe_unlearn.commands import add_model_args, add_template_args, load_from_args
 from moe_unlearn.errors import BadInputError
-from moe_unlearn.validate import check_number
+from moe_unlearn.validate import MAX_ITEMS, check_generation_length, check_int, check_number
 
 DESCRIPTION = __doc__
 
@@ -93,14 +93,13 @@ def run(args: argparse.Namespace) -> int:
     from moe_unlearn.atomic import check_out_dir
     from moe_unlearn.data import DEFAULT_TEMPLATE
     from moe_unlearn.eval import PromptFormat, as_items, as_mcq_items, evaluate, record_routing
-    from moe_unlearn.loading import check_model_dir, resolve_device
+    from moe_unlearn.loading import check_model_dir, model_positions, resolve_device
 
     if args.verbmem_max_new_tokens is None:  # an explicit --max-new-tokens bounds every generation
         args.verbmem_max_new_tokens = max(1, args.max_new_tokens) if args.max_new_tokens is not None else 128
     if args.max_new_tokens is None:
         args.max_new_tokens = 32
-    if args.batch_size < 1 or args.max_new_tokens < 0 or args.verbmem_max_new_tokens < 1:
-        raise BadInputError("--batch-size and --verbmem-max-new-tokens must be >= 1 and --max-new-tokens >= 0")
+    check_int("--batch-size", args.batch_size, low=1, high=MAX_ITEMS)
     if args.reference_auc is not None and args.reference_model:
         raise BadInputError("give --reference-auc or --reference-model, not both")
     if args.reference_auc is not None:
@@ -108,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
     trust = args.trust_remote_code
     model_dirs = [check_model_dir(d, trust_remote_code=trust)
                   for d in (args.model, args.original, args.reference_model) if d]
+    positions = model_positions(model_dirs[0])  # generation lengths are checked before any model loads
+    if not args.no_generate:
+        check_generation_length("--max-new-tokens", args.max_new_tokens, positions=positions, low=0)
+        check_generation_length("--verbmem-max-new-tokens", args.verbmem_max_new_tokens, positions=positions)
     if args.tokenizer:
         check_model_dir(args.tokenizer, what="tokenizer", trust_remote_code=trust, need_config=False)
     check_out_dir(args.out, model_dirs=tuple(model_dirs))

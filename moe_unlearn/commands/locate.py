@@ -64,9 +64,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.forget or not args.utility:
             raise BadInputError("--model needs --forget and --utility")
         from moe_unlearn.eval.items import as_items
-        from moe_unlearn.loading import check_model_dir
+        from moe_unlearn.loading import check_model_dir, model_layers
+        from moe_unlearn.validate import check_layers
 
         model_dir = check_model_dir(args.model, trust_remote_code=args.trust_remote_code)
+        check_layers("--middle", config.middle or (), model_layers(model_dir))  # before the model loads
         check_out_dir(out, model_dirs=(model_dir,))
         data = {k: as_items(getattr(args, k), k) for k in ("forget", "utility")}  # data errors before loading
         retain = as_items(args.retain, "retain") if args.retain else None

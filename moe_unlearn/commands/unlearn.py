@@ -17,6 +17,7 @@ import json
 
 from moe_unlearn.commands import add_model_args, load_from_args
 from moe_unlearn.unlearning.config import UnlearnConfig, read_run_file
+from moe_unlearn.validate import MAX_RANKS, check_int, env_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -146,7 +147,6 @@ def check_inputs(args: argparse.Namespace, cfg, model_dir: str, forget: str, ret
 
 def print_plan(args: argparse.Namespace) -> int:
     """--plan: the memory per rank of a uoe / topm run, from the config alone (moe_unlearn.memory)."""
-    import os
     from pathlib import Path
 
     import torch
@@ -162,9 +162,8 @@ def print_plan(args: argparse.Namespace) -> int:
         raise BadInputError("--plan needs --model DIR holding a config.json (the weights are not read)")
     if (args.scope or "uoe") not in ("uoe", "topm"):
         raise BadInputError(f"--plan estimates uoe / topm runs (one or a few target experts), got --scope {args.scope}")
-    nproc = args.nproc if args.nproc is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    if nproc < 1:
-        raise BadInputError(f"--nproc must be >= 1, got {nproc}")
+    nproc = args.nproc if args.nproc is not None else env_int("WORLD_SIZE", 1, low=1)
+    check_int("--nproc", nproc, low=1, high=MAX_RANKS)
     shard = args.shard
     if shard is not None and nproc < 2:
         raise BadInputError(f"--shard {shard} shards over several ranks: give --nproc N (N >= 2)")
@@ -184,13 +183,12 @@ def print_plan(args: argparse.Namespace) -> int:
 def launch_sharding(args: argparse.Namespace, cfg) -> None:
     """--shard, else what an accelerate launcher's config asks for (FSDP -> fsdp2, DeepSpeed refused);
     refused before loading: sharding without several processes, a device map with several."""
-    import os
 
     from moe_unlearn.sharding import check_launch, shard_from_launcher
 
     if cfg.shard is None:
         cfg.shard = shard_from_launcher()
-    check_launch(cfg.shard, args.device_map, int(os.environ.get("WORLD_SIZE", "1")))
+    check_launch(cfg.shard, args.device_map, env_int("WORLD_SIZE", 1, low=1))
 
 
 def run(args: argparse.Namespace) -> int:

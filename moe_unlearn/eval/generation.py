@@ -40,10 +40,14 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]
                     desc: str = "generating") -> list[list[int]]:
     """Greedy continuation of each prompt (token ids). Returns only the new ids of each prompt,
     cut at the first EOS and at that prompt's own `max_new_tokens` (an int or one per prompt)."""
-    if batch_size < 1:
-        raise BadInputError(f"batch_size must be >= 1, got {batch_size}")
-    limits = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else [int(m) for m in
-                                                                                             max_new_tokens]
+    from moe_unlearn.validate import MAX_ITEMS, check_generation_length, check_int, config_positions
+
+    check_int("batch_size", batch_size, low=1, high=MAX_ITEMS)
+    positions = config_positions(getattr(model, "config", None))
+    limits = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
+              else list(max_new_tokens) if isinstance(max_new_tokens, Sequence) and not isinstance(max_new_tokens, str)
+              else [max_new_tokens])
+    limits = [check_generation_length("max_new_tokens", m, positions=positions, low=0) for m in limits]
     if len(limits) != len(prompts):
         raise BadInputError("max_new_tokens must be an int or one value per prompt")
     if any(len(p) == 0 for p in prompts):

@@ -37,6 +37,7 @@ from torch import nn
 
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.training import TrainConfig, TrainHooks, train
+from moe_unlearn.validate import MAX_ITEMS, MAX_STEPS, MAX_TOKENS, bounded
 
 
 @dataclass
@@ -45,13 +46,13 @@ class RelearnConfig:
     steps / lr / batch_size: the fixed fine-tuning budget; eval_every: steps between scorings."""
 
     fraction: float = 0.15
-    steps: int = 40
-    eval_every: int = 5
+    steps: int = bounded(40, low=1, high=MAX_STEPS)
+    eval_every: int = bounded(5, low=1, high=MAX_STEPS)
     lr: float = 1e-3
-    batch_size: int = 8
-    max_length: int = 64
-    seed: int = 0
-    eval_batch_size: int = 64
+    batch_size: int = bounded(8, low=1, high=MAX_ITEMS)
+    max_length: int = bounded(64, low=2, high=MAX_TOKENS)
+    seed: int = bounded(0, low=0)
+    eval_batch_size: int = bounded(64, low=1, high=MAX_ITEMS)
 
     def validate(self) -> None:
         from moe_unlearn.validate import check_fields, check_int

@@ -80,7 +80,15 @@ class EvalReport:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> EvalReport:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        from moe_unlearn.errors import DataError
+        from moe_unlearn.validate import read_json_file
+
+        data = read_json_file(path, what="report", allow_nonfinite=True)  # NaN metrics are written as NaN
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise DataError(f"report {path} is not a report.json written by evaluate: {type(exc).__name__}: "
+                            f"{str(exc)[:120]}") from None
 
     def summary(self) -> dict[str, float]:
         """Flat {"forget.exact_match": ..., "mia.auc.loss": ..., "routing.retain.overlap": ...} of every

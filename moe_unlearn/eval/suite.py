@@ -26,6 +26,7 @@ from moe_unlearn.eval.scoring import (
     encode_items,
     score_encoded,
 )
+from moe_unlearn.validate import MAX_ITEMS, check_generation_length, check_int, config_positions
 
 VERBMEM_MAX_NEW_TOKENS = 128
 N_EXAMPLES = 3
@@ -144,6 +145,18 @@ def as_model(ref: nn.Module | str, like: nn.Module) -> nn.Module:
     return m.to(model_device(like)).eval()
 
 
+def _check_lengths(model: nn.Module, batch_size: int, generate: bool, max_new_tokens: int,
+                   verbmem_max_new_tokens: int, verbmem_prefix_tokens: int) -> None:
+    """The batch size and, when decoding, the generation lengths (bounded by the model's positions), before
+    any work."""
+    check_int("batch_size", batch_size, low=1, high=MAX_ITEMS)
+    if generate:
+        positions = config_positions(getattr(model, "config", None))
+        check_generation_length("max_new_tokens", max_new_tokens, positions=positions, low=0)
+        check_generation_length("verbmem_max_new_tokens", verbmem_max_new_tokens, positions=positions)
+        check_generation_length("verbmem_prefix_tokens", verbmem_prefix_tokens, positions=positions)
+
+
 def evaluate(
     model: nn.Module,
     tokenizer,
@@ -220,6 +233,7 @@ def evaluate(
     unknown_protocols = set(mcq_protocols) - {"letters", "cloze"}
     if unknown_protocols:
         raise BadInputError(f"unknown mcq protocol(s) {sorted(unknown_protocols)}; choose from letters, cloze")
+    _check_lengths(model, batch_size, generate, max_new_tokens, verbmem_max_new_tokens, verbmem_prefix_tokens)
     conv = get_convention(convention)
     stops = tuple(conv.knowmem_stops if stop_strings is None else stop_strings)
     fmt = prompt_format or PromptFormat()

@@ -224,6 +224,12 @@ def tofu_evaluate(model: nn.Module, tokenizer, *, forget: ItemsLike | None = Non
     truth ratios, or its TofuResult); without one forget_quality stays None.
     max_new_tokens: greedy tokens for ROUGE (open-unlearning's TOFU generation allows 200).
     """
+    from moe_unlearn.validate import MAX_ITEMS, check_generation_length, check_int, config_positions
+
+    check_int("batch_size", batch_size, low=1, high=MAX_ITEMS)  # lengths checked before any work
+    if generate:
+        check_generation_length("max_new_tokens", max_new_tokens,
+                                positions=config_positions(getattr(model, "config", None)), low=0)
     conv, fmt = get_convention(convention), prompt_format or PromptFormat()
     data = {"forget": forget, "retain": retain, **dict(utility or {})}
     if retain is not None and utility and "retain" in utility:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from moe_unlearn.errors import BadInputError
+from moe_unlearn.validate import MAX_ITEMS, bounded
 
 ROUTERS = ("dense", "topk", "none")
 CONVENTIONS = ("divide", "official")
@@ -32,14 +33,14 @@ class LoRAMoEConfig:
              (loss = L_ntp + lbc_weight * L_lbc). lbc_convention: see balance.py.
     """
 
-    num_experts: int = 6
-    rank: int = 4
+    num_experts: int = bounded(6, low=1, high=MAX_ITEMS)
+    rank: int = bounded(4, low=1, high=MAX_ITEMS)
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(FFN_TARGETS))
     router: str = "dense"
-    top_k: int = 2
-    groups: list[int] | None = None
+    top_k: int = bounded(2, low=1, high=MAX_ITEMS)
+    groups: list[int] | None = bounded(None, low=1, high=MAX_ITEMS, max_len=MAX_ITEMS)
     group_types: list[str] | None = None
     lbc_delta: float = 0.1
     lbc_weight: float = 0.0

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_unlearn.atomic import check_out_dir, staged_files
-from moe_unlearn.data import encode_capped, load_records, pad_batch, pad_token_id
+from moe_unlearn.data import check_data_file, encode_capped, load_records, pad_batch, pad_token_id
 from moe_unlearn.errors import BadInputError, DataError
 from moe_unlearn.loading import input_device
 from moe_unlearn.loramoe.balance import routing_context
@@ -39,6 +39,7 @@ from moe_unlearn.loramoe.config import LoRAMoEConfig
 from moe_unlearn.loramoe.model import adapter_parameters, add_loramoe, save_loramoe
 from moe_unlearn.loramoe.observe import RoutingMassObserver, observe_routing
 from moe_unlearn.training import TrainConfig, TrainHistory, train
+from moe_unlearn.validate import MAX_ITEMS, MAX_STEPS, MAX_TOKENS, bounded
 
 METHODS = ("loramoe", "lora", "full")
 
@@ -62,15 +63,15 @@ class FinetuneConfig:
 
     method: str = "loramoe"
     adapter: LoRAMoEConfig = field(default_factory=_default_adapter)
-    steps: int = 100
+    steps: int = bounded(100, low=1, high=MAX_STEPS)
     lr: float = 2e-4
     lr_schedule: str = _TRAIN_DEFAULTS["lr_schedule"]
-    warmup_steps: int = _TRAIN_DEFAULTS["warmup_steps"]
+    warmup_steps: int = bounded(_TRAIN_DEFAULTS["warmup_steps"], low=0, high=MAX_STEPS)
     weight_decay: float = _TRAIN_DEFAULTS["weight_decay"]
-    batch_size: int = _TRAIN_DEFAULTS["batch_size"]
-    max_length: int = 256
+    batch_size: int = bounded(_TRAIN_DEFAULTS["batch_size"], low=1, high=MAX_ITEMS)
+    max_length: int = bounded(256, low=2, high=MAX_TOKENS)
     seed: int = _TRAIN_DEFAULTS["seed"]
-    checkpoint_every: int = _TRAIN_DEFAULTS["checkpoint_every"]
+    checkpoint_every: int = bounded(_TRAIN_DEFAULTS["checkpoint_every"], low=0, high=MAX_STEPS)
     resume: bool = _TRAIN_DEFAULTS["resume"]
     progress: bool = _TRAIN_DEFAULTS["progress"]
 
@@ -149,8 +150,10 @@ def load_finetune_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a .jsonl/.json file with the `datasets` library (other sources through moe_unlearn.data)
     and check every record has `text` or `prompt` + `response`."""
     path = Path(path)
-    if path.suffix.lower() in (".jsonl", ".json") and path.is_file():
+    if path.suffix.lower() in (".jsonl", ".json") and not path.is_dir():
         from datasets import Dataset
+
+        check_data_file(path)  # a regular file within the data-size limit, before datasets reads it
 
         with tempfile.TemporaryDirectory(prefix="moe_unlearn_ds_") as cache:
             try:

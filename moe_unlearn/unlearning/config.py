@@ -15,7 +15,6 @@ so adding an option = adding a field here + the code that uses it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -25,7 +24,7 @@ from typing import Any
 
 from moe_unlearn.config_aliases import apply_aliases
 from moe_unlearn.errors import BadInputError
-from moe_unlearn.validate import check_int, check_number
+from moe_unlearn.validate import MAX_ITEMS, MAX_STEPS, MAX_TOKENS, check_int, check_number, check_type
 
 _KINDS = ("bool", "int", "float", "str", "path", "dict", "any")
 
@@ -72,8 +71,8 @@ class Option:
                       high=None if self.high is None else int(self.high))
         elif self.kind == "float":
             check_number(name, value, low=self.low, high=self.high, low_open=self.low_open)
-        elif self.kind == "str" and not isinstance(value, str):
-            raise BadInputError(f"{name} must be a string, got {value!r}")
+        elif self.kind == "str":
+            check_type(name, value, str)  # a string, and text (no lone surrogate: patch.json could not be read)
         elif self.kind == "path" and not isinstance(value, (str, os.PathLike)):
             raise BadInputError(f"{name} must be a path, got {value!r}")
         elif self.kind == "dict" and not isinstance(value, Mapping):
@@ -172,26 +171,26 @@ class UnlearnConfig:
     scope: str = option("uoe", kind="str", choices=_scopes, identity=True, help="what trains (default uoe)")
     target: Any = option(None, kind="any", optional=True, cli=False,
                          help='"L:E", (L, E), a list of them, an Attribution; None = attribute the forget set')
-    top_m: int = option(2, kind="int", low=1, help="experts for --scope topm from the attribution (2)")
-    topm_layer: int | None = option(None, kind="int", optional=True, low=0,
+    top_m: int = option(2, kind="int", low=1, high=MAX_ITEMS, help="experts for --scope topm from the attribution (2)")
+    topm_layer: int | None = option(None, kind="int", optional=True, low=0, high=MAX_ITEMS,
                                     help="take the topm experts from this layer only")
     allow_shared: bool = option(False, kind="bool", help="allow a shared expert as target")
     routing: str = option("learned", kind="str", choices=_routings, **_ID,
                           help="learned (default): the scope's routers train; frozen: no router trains (no anchor); "
                                "forced: frozen, and the original top-K and gates are forced at every MoE layer")
     # optimisation (moe_unlearn.training)
-    steps: int | None = option(20, kind="int", optional=True, low=1, record=True,
+    steps: int | None = option(20, kind="int", optional=True, low=1, high=MAX_STEPS, record=True,
                                help="optimizer steps (default 20)")
-    epochs: int | None = option(None, kind="int", optional=True, low=1, record=True,
+    epochs: int | None = option(None, kind="int", optional=True, low=1, high=MAX_STEPS, record=True,
                                 help="passes over the forget set (instead of --steps)")
     lr: float = option(1e-4, kind="float", low=0.0, low_open=True, record=True, help="learning rate (1e-4)")
-    batch_size: int = option(4, kind="int", low=1, **_ID, help="texts per batch (4)")
-    grad_accum: int = option(1, kind="int", low=1, record=True, help="micro-batches per step (1)")
-    max_length: int = option(256, kind="int", low=2, **_ID,  # one position to predict needs two tokens
+    batch_size: int = option(4, kind="int", low=1, high=MAX_ITEMS, **_ID, help="texts per batch (4)")
+    grad_accum: int = option(1, kind="int", low=1, high=MAX_STEPS, record=True, help="micro-batches per step (1)")
+    max_length: int = option(256, kind="int", low=2, high=MAX_TOKENS, **_ID,  # one position to predict needs two tokens
                              help="tokens kept of each text (256)")
     lr_schedule: str = option("constant", kind="str", choices=_lr_schedules, record=True,
                               help="constant (default), linear or cosine decay")
-    warmup_steps: int = option(0, kind="int", low=0, record=True, help="steps of linear warm-up (0)")
+    warmup_steps: int = option(0, kind="int", low=0, high=MAX_STEPS, record=True, help="steps of linear warm-up (0)")
     weight_decay: float = option(0.0, kind="float", low=0.0, record=True, help="AdamW weight decay (0)")
     max_grad_norm: float | None = option(1.0, kind="float", optional=True, low=0.0, record=True,
                                          help="clip the gradient norm (1.0; 0 = no clipping)")
@@ -207,7 +206,7 @@ class UnlearnConfig:
     sam_rho: float = option(0.0, kind="float", low=0.0, **_ID,
                             help="sharpness-aware unlearning: take the forget loss at the trained tensors moved by "
                                  "this radius along its normalised gradient (0 = off; one extra forward/backward)")
-    distill_steps: int = option(0, kind="int", low=0, **_ID,
+    distill_steps: int = option(0, kind="int", low=0, high=MAX_STEPS, **_ID,
                                 help="UNDO: after unlearning, noise the trained tensors and distil the unlearned model "
                                      "into them for this many steps on the forget and retain batches (0 = off)")
     distill_noise: float = option(0.5, kind="float", low=0.0, high=1.0, low_open=True, **_ID,
@@ -232,11 +231,11 @@ class UnlearnConfig:
                                  help="lora: train a low-rank delta B A on each expert matrix of the scope "
                                       "(uoe/topm/experts); the patch stores the factors and the input statistics "
                                       "`moe-unlearn fuse` merges with")
-    adapter_rank: int = option(8, kind="int", low=1, identity=True, record=True, record_if="adapter",
+    adapter_rank: int = option(8, kind="int", low=1, high=MAX_ITEMS, identity=True, record=True, record_if="adapter",
                                help="rank r of the adapter (8)")
     adapter_router: bool = option(False, kind="bool", **_ID,
                                   help="put the router under the adapter too (default: it trains in full)")
-    adapter_gram_rank: int = option(256, kind="int", low=0,
+    adapter_gram_rank: int = option(256, kind="int", low=0, high=MAX_ITEMS,
                                     help="eigendirections kept of each input Gram matrix stored for fusion "
                                          "(256; 0 = none)")
     # data
@@ -265,8 +264,8 @@ class UnlearnConfig:
     model_dir: str | None = option(None, kind="path", optional=True, cli=False,
                                    help="the model's directory (never written; CLI: --model)")
     resume: bool = option(False, kind="bool", help="continue from the latest checkpoint in OUT.ckpt")
-    checkpoint_every: int = option(0, kind="int", low=0, help="steps between checkpoints (in OUT.ckpt)")
-    keep_checkpoints: int = option(1, kind="int", low=1, help="how many of the latest checkpoints are kept (1)")
+    checkpoint_every: int = option(0, kind="int", low=0, high=MAX_STEPS, help="steps between checkpoints (in OUT.ckpt)")
+    keep_checkpoints: int = option(1, kind="int", low=1, high=MAX_STEPS, help="how many of the latest checkpoints are kept (1)")
     checkpoint_dir: str | None = option(None, kind="path", optional=True, cli=False,
                                         help="where checkpoints go (default OUT.ckpt)")
     progress: bool = option(True, kind="bool", cli=False, help="progress bar (CLI: --quiet turns it off)")
@@ -368,24 +367,27 @@ def _yaml_loader():
 def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
     """The run options of a .yaml/.yml/.json file: a flat mapping of UnlearnConfig fields (plus
     "model", "forget", "retain" for the CLI), or a patch.json (its "config" and "inputs")."""
-    p = Path(path)
-    if not p.is_file():
-        raise BadInputError(f"--config {p} does not exist")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
+    from moe_unlearn.validate import MAX_JSON_BYTES, parse_json, read_text_file
 
+    p = Path(path)
+    text = read_text_file(p, what="--config", max_bytes=MAX_JSON_BYTES, error=BadInputError)  # a regular file
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
             data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass: no arbitrary objects
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # yaml.YAMLError / JSONDecodeError: a bad input either way
-        raise BadInputError(f"--config {p} is not valid {p.suffix.lstrip('.') or 'JSON'}: "
-                            f"{' '.join(str(exc).split())[:200]}") from None
+        except (yaml.YAMLError, RecursionError, ValueError) as exc:
+            raise BadInputError(f"--config {p} is not valid yaml: {' '.join(str(exc).split())[:200]}") from None
+    else:
+        data = parse_json(text, what=f"--config {p}", error=BadInputError)  # depth, NaN, surrogates: one error
     if not isinstance(data, dict):
         raise BadInputError(f"--config {p} must hold a mapping of option names to values")
     if "config" in data and isinstance(data["config"], dict):  # a patch.json: replay its run
-        return {**data.get("inputs", {}), **data["config"]}
+        inputs = data.get("inputs") or {}
+        if not isinstance(inputs, dict):
+            raise BadInputError(f"--config {p}: a patch.json's \"inputs\" must be a mapping, got "
+                                f"{type(inputs).__name__}")
+        return {**inputs, **data["config"]}
     return apply_aliases(data)  # TrainingArguments names (learning_rate, max_steps, ...): moe_unlearn.config_aliases
 
 
