@@ -85,23 +85,29 @@ def headline(data: dict[str, Any]) -> str:
              f"{data['original']['utility_em']:.3f}; guess level {level:.3f}", "",
              f"best utility EM at matched forgetting (forget EM <= {level + 0.05:.3f}):",
              f"{'method':8s} {'variant':10s} {'steps':>5s} {'lr':>7s} {'forget EM':>9s} {'utility EM':>10s} "
-             f"{'neighbor EM':>11s} {'replay EM':>9s} {'utility @level':>14s}"]
-    interp = interpolated(data)
-    for (m, v, n), p in sorted(matched(data).items()):
-        r = interp.get((m, v, n), {})
-        at = "never" if r.get("status") == "never reached" else (
+             f"{'neighbor EM':>11s} {'replay EM':>9s} {'utility @level':>14s} {'erased @level':>13s}"]
+    interp, interp_erased = interpolated(data), interpolated(data, erased=True)
+
+    def at_level(r: dict[str, Any]) -> str:
+        return "never" if r.get("status") == "never reached" else (
             "-" if "utility_em" not in r else f"{r['utility_em']:.3f}" + ("*" if r["status"] == "always below" else ""))
+
+    for (m, v, n), p in sorted(matched(data).items()):
+        at, er = at_level(interp.get((m, v, n), {})), at_level(interp_erased.get((m, v, n), {}))
         if p is None:
-            lines.append(f"{m:8s} {v:10s} {n:5d} {'-':>7s} {'(no lr of the grid forgets that much)':>52s} {at:>14s}")
+            lines.append(f"{m:8s} {v:10s} {n:5d} {'-':>7s} {'(no lr of the grid forgets that much)':>52s} {at:>14s} "
+                         f"{er:>13s}")
         else:
             replay = p.get("forget_em_replay")
             lines.append(f"{m:8s} {v:10s} {n:5d} {p['lr']:7.0e} {p['forget_em']:9.3f} {p['utility_em']:10.3f} "
-                         f"{p['neighbor_em']:11.3f} {'-' if replay is None else format(replay, '.3f'):>9s} {at:>14s}")
+                         f"{p['neighbor_em']:11.3f} {'-' if replay is None else format(replay, '.3f'):>9s} {at:>14s} "
+                         f"{er:>13s}")
     lines.append("replay EM: forget EM with the original model's routing forced at every MoE layer; near the "
                  "original's = forgotten by the router, not erased")
     lines.append(f"utility @level: utility EM interpolated along the variant's frontier at forget EM = "
                  f"{level + 0.05:.3f} (the same level for every variant; * = every lr forgets more, nearest point; "
-                 "never = no lr forgets that much)")
+                 "never = no lr forgets that much); erased @level: the same, reading each run's forget level as "
+                 "max(forget EM, replay EM), so forgetting that the original routing undoes does not count")
     return "\n".join(lines)
 
 

@@ -635,17 +635,21 @@ def matched(data: dict[str, Any], margin: float = MATCH_MARGIN, *,
     measured: forgetting that the original routing undoes does not count."""
     level = data["guess_level"] + margin
 
-    def forget_level(p: dict[str, Any]) -> float:
-        return max(p["forget_em"], p.get("forget_em_replay", p["forget_em"])) if erased else p["forget_em"]
-
     best: dict[tuple[str, str, int], dict | None] = {}
     for key, points in curves(data).items():
-        ok = [p for p in points if forget_level(p) <= level + 1e-12]
+        ok = [p for p in points if _forget_level(p, erased) <= level + 1e-12]
         best[key] = max(ok, key=lambda p: (p["utility_em"], -p["lr"])) if ok else None
     return best
 
 
-def interpolated(data: dict[str, Any], margin: float = MATCH_MARGIN) -> dict[tuple[str, str, int], dict[str, Any]]:
+def _forget_level(p: dict[str, Any], erased: bool) -> float:
+    """A point's forget EM, or with `erased` max(forget EM, forget EM under the original routing) where
+    replay was measured (forgetting the original routing undoes does not count)."""
+    return max(p["forget_em"], p.get("forget_em_replay", p["forget_em"])) if erased else p["forget_em"]
+
+
+def interpolated(data: dict[str, Any], margin: float = MATCH_MARGIN, *,
+                 erased: bool = False) -> dict[tuple[str, str, int], dict[str, Any]]:
     """Per (method, variant, steps): utility EM read off the variant's frontier at one forget level,
     forget EM = guess level + margin.
 
@@ -656,11 +660,12 @@ def interpolated(data: dict[str, Any], margin: float = MATCH_MARGIN) -> dict[tup
     forget EM, instead of at whichever grid point happens to sit below the level (which favours a
     variant that lands just under it). Outcomes ("status"): "interpolated"; "never reached" (every
     point forgets less than the level: no utility is given); "always below" (every point forgets
-    more: the utility of the point nearest the level, from below, is given and flagged)."""
+    more: the utility of the point nearest the level, from below, is given and flagged). With
+    `erased`, each point's forget EM is max(forget EM, forget EM under replay) (`matched`'s rule)."""
     level = data["guess_level"] + margin
     out: dict[tuple[str, str, int], dict[str, Any]] = {}
     for key, points in curves(data).items():
-        pts = sorted(points, key=lambda p: p["lr"])
+        pts = [{**p, "forget_em": _forget_level(p, erased)} for p in sorted(points, key=lambda p: p["lr"])]
         res: dict[str, Any] = {"level": level}
         for a, b in zip(pts, pts[1:], strict=False):
             fa, fb = a["forget_em"], b["forget_em"]
@@ -685,18 +690,20 @@ def interpolated(data: dict[str, Any], margin: float = MATCH_MARGIN) -> dict[tup
     return out
 
 
-def realization_summary(results: Sequence[dict[str, Any]], margin: float = MATCH_MARGIN) -> dict[str, Any]:
+def realization_summary(results: Sequence[dict[str, Any]], margin: float = MATCH_MARGIN, *,
+                        erased: bool = False) -> dict[str, Any]:
     """Matched-forgetting utility (`interpolated`) across frontier results of several realizations of a
     bench recipe (each read at its own guess level + margin): per (method, variant, steps) the value of
     each realization, their median and [min, max], and how many realizations never reached the level;
-    and per (method, steps) the per-realization gap of each variant to "full" with its median."""
+    and per (method, steps) the per-realization gap of each variant to "full" with its median. `erased`:
+    read at max(forget EM, forget EM under replay) (see `interpolated`)."""
     if not results:
         raise BadInputError("give at least one frontier result")
     per: dict[tuple[str, str, int], list[float | None]] = {}
     names = []
     for i, data in enumerate(results):
         names.append(f"{data.get('model')}#r{data.get('realization', i)}")
-        for key, r in interpolated(data, margin).items():
+        for key, r in interpolated(data, margin, erased=erased).items():
             per.setdefault(key, [None] * len(results))[i] = r.get("utility_em") if r["status"] != "never reached" \
                 else None
     rows = []
@@ -711,15 +718,17 @@ def realization_summary(results: Sequence[dict[str, Any]], margin: float = MATCH
                      "median": _median(got) if got else None, "range": [min(got), max(got)] if got else None,
                      "not_reached": len(vals) - len(got), "gap_to_full": gaps,
                      "gap_median": _median(g) if g else None, "gap_range": [min(g), max(g)] if g else None})
-    return {"realizations": names, "margin": margin, "rows": rows}
+    return {"realizations": names, "margin": margin, "erased": erased, "rows": rows}
 
 
-def summarize_realizations(results: Sequence[dict[str, Any]], margin: float = MATCH_MARGIN) -> str:
+def summarize_realizations(results: Sequence[dict[str, Any]], margin: float = MATCH_MARGIN, *,
+                           erased: bool = False) -> str:
     """The markdown of `realization_summary`."""
-    s = realization_summary(results, margin)
+    s = realization_summary(results, margin, erased=erased)
     lines = [f"# Matched forgetting over {len(s['realizations'])} realizations", "",
              f"Realizations: {', '.join(s['realizations'])}. Utility EM interpolated along each variant's frontier at "
-             f"forget EM = guess level + {margin} (each realization at its own guess level); median and [min, max] "
+             f"{'max(forget EM, forget EM under replay)' if erased else 'forget EM'} = guess level + {margin} "
+             "(each realization at its own guess level); median and [min, max] "
              "over realizations; gap = variant minus full, per realization.", "",
              "| method | variant | steps | utility EM median [range] | gap to full median [range] | not reached |",
              "|---|---|---:|---:|---:|---:|"]

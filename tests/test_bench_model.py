@@ -232,7 +232,10 @@ def test_bench_model_registry_and_presets():
     assert natural.two_phase and not allparam.two_phase and not natural.implanted
     implanted = bench_config("implanted")
     assert implanted.implanted and 0 < implanted.implant_layer < implanted.num_layers - 1
-    assert implanted.retrained().digest() == natural.retrained().digest()  # implanted into natural's reference
+    # natural stores this world's facts in the routed experts of the middle layers only; implanted is built
+    # on the reference of the earlier two-phase recipe (every layer's MoE blocks learn)
+    assert natural.store_layers == (2, 3, 4) and not natural.store_shared
+    assert implanted.retrained().digest() == BenchModelConfig.moe_blocks().retrained().digest()
     ref = bench_config("natural", retrained=True)
     assert ref.exclude_forget and ref.digest() != natural.digest() and ref.name == "natural-retrained"
     with pytest.raises(BadInputError):

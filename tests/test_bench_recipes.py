@@ -16,8 +16,8 @@ from moe_unlearn.bench_model import build as build_mod
 
 
 def _tiny(**kw):
-    return dataclasses.replace(bench_config("natural", quick=True), name="tiny2", reading_steps=15, steps=15,
-                               **kw)
+    return dataclasses.replace(bench_config("natural", quick=True), **{"name": "tiny2", "reading_steps": 15,
+                                                                        "steps": 15, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,31 @@ def test_phase_two_trains_only_the_moe_blocks(built):
         assert torch.equal(state[n], phase1[n]), n
     assert any(not torch.equal(state[n], phase1[n]) for n in moe)
     assert two.meta["config"]["reading_steps"] == 15 and "reading_em" in two.meta
+
+
+def test_store_layers_narrows_phase_two_to_those_routed_experts(built):
+    root, _, _, _ = built
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mid = load_or_build(_tiny(name="tiny2-mid", steps=5, extra_rounds=0, store_layers=(1,), store_shared=False),
+                            cache_root=root, progress=False)  # reuses the cached phase 1
+    phase1 = torch.load(next(root.glob(".reading-*/phase1.pt")), weights_only=True)
+    layer1 = next(m for m in find_moe_layers(mid.model) if m.layer_idx == 1)
+    shared = {n for mod in (layer1.shared_experts, layer1.shared_expert_gate) if mod is not None
+              for n, _ in mod.named_parameters(prefix=layer1.path + "." + _child_name(layer1.block, mod))}
+    allowed = {n for n, _ in layer1.block.named_parameters(prefix=layer1.path)} - shared
+    assert shared and allowed
+    state = mid.model.state_dict()
+    changed = {n for n in state if not torch.equal(state[n], phase1[n])}
+    assert changed and changed <= allowed
+    with pytest.raises(build_mod.BadInputError, match="store_layers"):
+        dataclasses.replace(bench_config("natural", quick=True), store_layers=(1,)).validate()  # one phase
+    with pytest.raises(build_mod.BadInputError, match="store_layers"):
+        _tiny(store_layers=(7,)).validate()
+
+
+def _child_name(parent, child):
+    return next(n for n, m in parent.named_modules() if m is child)
 
 
 def test_implant_touches_one_expert_and_its_router_row(built):

@@ -36,7 +36,7 @@ def test_quick_demo_reports_the_matched_forgetting_comparison(quick_demo):
     assert text == headline(frontier)
     # the replay probe ran for every run and its median shows in the headline
     assert all(0.0 <= r["forget_em_replay"] <= 1.0 for r in frontier["runs"])
-    assert "replay EM" in text
+    assert "replay EM" in text and "erased @level" in text
     assert f"covers {frontier['specialisation']['coverage']:.2f} of the forget tokens" in text
     n = len(fc.methods) * len(fc.variants)
     assert sum(1 for line in text.splitlines() if line.split()[:1] in ([m] for m in fc.methods)) == n

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe_unlearn.bench_model import bench_config
+from moe_unlearn.bench_model.build import BenchModelConfig, realize
 from moe_unlearn.errors import BadInputError
 from moe_unlearn.frontier import (
     FrontierConfig,
@@ -49,6 +50,21 @@ def test_interpolation_uses_seed_medians_and_points_on_the_level():
     assert got["status"] == "interpolated" and got["utility_em"] == pytest.approx(0.7)
 
 
+def test_erased_interpolation_counts_forgetting_that_replay_undoes():
+    runs = [_run("npo", "uoe", 1e-3, 0.6, 0.9), _run("npo", "uoe", 1e-2, 0.0, 0.7),
+            _run("npo", "full", 1e-3, 0.6, 0.9), _run("npo", "full", 1e-2, 0.0, 0.6)]
+    runs[0]["forget_em_replay"], runs[1]["forget_em_replay"] = 0.9, 0.45  # uoe hides: replay brings it back
+    runs[2]["forget_em_replay"], runs[3]["forget_em_replay"] = 0.6, 0.0
+    plain = interpolated(_data(runs))
+    erased = interpolated(_data(runs), erased=True)
+    assert plain[("npo", "uoe", 40)]["status"] == "interpolated"
+    assert erased[("npo", "uoe", 40)]["status"] == "never reached"  # its erased level never falls below 0.45
+    assert erased[("npo", "full", 40)]["utility_em"] == pytest.approx(plain[("npo", "full", 40)]["utility_em"])
+    s = realization_summary([_data(runs)], erased=True)
+    assert s["erased"] and {(r["variant"], r["not_reached"]) for r in s["rows"]} == {("uoe", 1), ("full", 0)}
+    assert "under replay" in summarize_realizations([_data(runs)], erased=True)
+
+
 def test_realization_summary_medians_and_gaps():
     results = []
     for r, (uf, uu) in enumerate([(0.6, 0.7), (0.5, 0.8), (0.7, 0.65)]):
@@ -74,7 +90,7 @@ def test_realizations_are_other_builds():
     assert len({base.digest(), r1.digest(), r2.digest()}) == 3
     assert r1.facts.forget_domain == base.facts.forget_domain and r2.facts.forget_domain != base.facts.forget_domain
     assert bench_config("implanted", realization=1).retrained().digest() == \
-        bench_config("natural", realization=1, retrained=True).digest()
+        realize(BenchModelConfig.moe_blocks(), 1).retrained().digest()
     assert results_path("x", "natural", realization=2).name == "frontier_natural_r2.json"
     with pytest.raises(BadInputError):
         FrontierConfig(realization=-1).validate()

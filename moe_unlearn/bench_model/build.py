@@ -70,6 +70,10 @@ class BenchModelConfig:
     the MoE blocks training (routers, routed experts, shared experts and their gate). Attention,
     embeddings and norms never get a gradient from these facts, so whatever an ablation of them
     removes is reading, not storage. Routing stays learned (no localization loss).
+    store_layers / store_shared: narrow phase 2 to the MoE blocks of these decoder layers (None =
+    every layer) and, with store_shared False, leave the shared experts and their gate as phase 1 left
+    them: the facts of this world can then only be stored in those layers' routed experts (their
+    routers still learn freely).
     implant_layer: the knowledge-localized control. Start from the retrained reference of this
     recipe (never saw the forget facts) and train only routed expert `implant_expert` of
     `implant_layer` and that expert's router row on the forget QA records (plus a retain LM term and
@@ -113,6 +117,8 @@ class BenchModelConfig:
     implant_lr: float = 1e-2
     implant_retain_batch: int = 8
     implant_localize_weight: float = 1.0
+    store_layers: tuple[int, ...] | None = None
+    store_shared: bool = True
 
     def validate(self) -> None:
         if self.family not in FAMILIES:
@@ -129,6 +135,12 @@ class BenchModelConfig:
                                 f"outside {self.num_layers} layers x {self.num_experts} experts")
         if self.reading_steps < 0 or self.implant_steps < 1:
             raise BadInputError("reading_steps must be >= 0 and implant_steps >= 1")
+        if self.store_layers is not None and not (self.reading_steps and self.store_layers and all(
+                0 <= i < self.num_layers for i in self.store_layers)):
+            raise BadInputError(f"store_layers {self.store_layers} must name layers in 0..{self.num_layers - 1} "
+                                "of a two-phase recipe (reading_steps > 0)")
+        if not self.store_shared and not self.reading_steps:
+            raise BadInputError("store_shared=False needs the two-phase recipe (reading_steps > 0)")
         if self.reading_steps and self.reading_world_seed == self.facts.seed:
             raise BadInputError("reading_world_seed must differ from facts.seed: phase 1 reads another world")
         self.facts.validate()
@@ -184,7 +196,16 @@ class BenchModelConfig:
     def natural(cls) -> BenchModelConfig:
         """The default: shaped like the fine-grained MoEs (DeepSeek-V2/V3, Qwen1.5-MoE, OLMoE):
         6 layers, 16 routed experts top-4 plus a shared expert, balancing loss, no localization;
-        two phases (reading on another world, then this world's facts in the MoE blocks only)."""
+        two phases (reading on another world, then this world's facts in the routed experts of the
+        middle layers 2-4 only, their routers learning freely; shared experts, attention, embeddings
+        and norms as phase 1 left them)."""
+        return dataclasses.replace(cls.moe_blocks(), store_layers=(2, 3, 4), store_shared=False)
+
+    @classmethod
+    def moe_blocks(cls) -> BenchModelConfig:
+        """The earlier two-phase `natural`: phase 2 trains the MoE blocks of every layer (routed and
+        shared experts, routers). Its facts spread over all six layers' experts; the implanted
+        control is built on its retrained reference."""
         return cls(reading_steps=1000, steps=1800)
 
     @classmethod
@@ -196,8 +217,8 @@ class BenchModelConfig:
     @classmethod
     def implanted_control(cls) -> BenchModelConfig:
         """The knowledge-localized control: the forget facts implanted into one routed expert of the
-        middle layer of `natural`'s retrained reference."""
-        base = cls.natural()
+        middle layer of the retrained reference of `moe_blocks` (the earlier two-phase natural)."""
+        base = cls.moe_blocks()
         return dataclasses.replace(base, name="implanted", implant_layer=base.num_layers // 2)
 
     @classmethod
@@ -221,8 +242,9 @@ class BenchModelConfig:
 
 
 _LATE_FIELDS = ("reading_steps", "reading_world_seed", "reading_lr", "implant_layer", "implant_expert",
-                "implant_steps", "implant_lr", "implant_retain_batch", "implant_localize_weight")
-_IMPLANT_FIELDS = _LATE_FIELDS[4:]
+                "implant_steps", "implant_lr", "implant_retain_batch", "implant_localize_weight",
+                "store_layers", "store_shared")
+_IMPLANT_FIELDS = _LATE_FIELDS[4:9]
 _PHASE2_FIELDS = ("name", "exclude_forget", "steps", "lr", "extra_steps", "extra_rounds", "target_em",
                   "localize_layer", "localize_expert", "localize_weight", *_LATE_FIELDS[3:])
 
@@ -401,15 +423,25 @@ def answer_exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     return hits / len(facts)
 
 
-def moe_block_parameters(model: PreTrainedModel) -> list[torch.nn.Parameter]:
-    """Every parameter of the MoE blocks (routers, routed experts, shared experts and their gate):
-    what phase 2 of the two-phase recipe trains."""
+def moe_block_parameters(model: PreTrainedModel, layers: tuple[int, ...] | None = None,
+                         shared: bool = True) -> list[torch.nn.Parameter]:
+    """The parameters of the MoE blocks (routers, routed experts, shared experts and their gate) of
+    `layers` (None = all), without the shared experts and their gate when `shared` is False: what
+    phase 2 of the two-phase recipe trains."""
     from moe_unlearn.arch import find_moe_layers
 
     seen: dict[int, torch.nn.Parameter] = {}
     for layer in find_moe_layers(model):
+        if layers is not None and layer.layer_idx not in layers:
+            continue
+        skip = set()
+        if not shared:
+            for m in (layer.shared_experts, layer.shared_expert_gate):
+                if m is not None:
+                    skip.update(id(p) for p in m.parameters())
         for p in layer.block.parameters():
-            seen.setdefault(id(p), p)
+            if id(p) not in skip:
+                seen.setdefault(id(p), p)
     return list(seen.values())
 
 
@@ -463,7 +495,7 @@ def _train_bench_model(config: BenchModelConfig, facts: FactSet, tokenizer: PreT
                 torch.save(model.state_dict(), atomic_save)
                 os.replace(atomic_save, done)
         stats["reading_em"] = answer_exact_match(model, tokenizer, reading.trained)
-        params = moe_block_parameters(model)
+        params = moe_block_parameters(model, config.store_layers, config.store_shared)
         moe_ids = {id(p) for p in params}
         for p in model.parameters():  # attention, embeddings, norms: no gradient from this world
             p.requires_grad_(id(p) in moe_ids)
