@@ -196,6 +196,35 @@ def test_cli(planted, tmp_path, capsys):
     assert (out / "storage_map.png").stat().st_size > 0 and "| component |" in capsys.readouterr().out
 
 
+def test_unlearn_cli_warns_when_the_targets_do_not_hold_the_knowledge(planted, tmp_path, capsys):
+    import json
+
+    from moe_unlearn.cli import main
+
+    model, tok, lay, forget, utility = planted
+    mdir = tmp_path / "m"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    paths = {}
+    for name, recs in (("forget", forget), ("retain", utility)):
+        paths[name] = tmp_path / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    def run(expert: int, *extra: str) -> str:
+        out = tmp_path / f"out{expert}{len(extra)}"
+        args = ["unlearn", "--model", str(mdir), "--forget", str(paths["forget"]), "--retain", str(paths["retain"]),
+                "--target", f"{lay}:{expert}", "--steps", "1", "--out", str(out), "--quiet", "--device", "cpu", *extra]
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            assert main(args) == 0
+        assert (out / "patch.json").is_file()
+        return capsys.readouterr().err
+
+    assert "do not hold the forget knowledge" in run(E_NULL)  # routed to, but stores nothing
+    assert "do not hold the forget knowledge" not in run(E_KEY)  # zeroing it removes every forget answer
+    assert "do not hold the forget knowledge" not in run(E_NULL, "--no-knowledge-check")
+
+
 def test_locate_bench_writes_the_storage_map_of_a_bench_model(bench_cache, tmp_path):
     import json
 

@@ -42,6 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "loaded, nothing written) and exit; with --shard fsdp2 --nproc N for N ranks")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="--plan: the number of ranks (default: WORLD_SIZE, else 1)")
+    p.add_argument("--no-knowledge-check", action="store_true",
+                   help="skip the check, before training, that zeroing the target experts removes the forget "
+                        "knowledge (three forward passes over 64 forget and 64 retain records)")
     p.add_argument("--chat-template", dest="template", action="store_const", const="chat", default=None,
                    help="render QA records with the tokenizer's chat template (same as --template chat)")
     add_config_flags(p)
@@ -191,6 +194,35 @@ def launch_sharding(args: argparse.Namespace, cfg) -> None:
     check_launch(cfg.shard, args.device_map, env_int("WORLD_SIZE", 1, low=1))
 
 
+def check_knowledge(cfg, model, tokenizer, forget, retain) -> None:
+    """Warn (PremiseWarning) when the chosen routed experts do not hold the forget knowledge: zeroing
+    them should remove the forget answers (EM; NLL for plain texts) selectively against the retain data.
+    Routing statistics alone cannot tell this: an expert can receive every forget token yet store none of
+    the facts, and unlearning it then hides the facts by re-routing instead of erasing them. Runs only when
+    the targets are given (--target / --attribution) and retain data are, on one unsharded model."""
+    import warnings
+
+    from moe_unlearn.attribution import PremiseWarning
+    from moe_unlearn.locate import knowledge_check
+    from moe_unlearn.unlearning.scopes import SCOPES
+    from moe_unlearn.unlearning.targets import choose_targets
+
+    if retain is None or cfg.target is None or cfg.shard or not SCOPES.lookup(cfg.scope).reads_targets:
+        return
+    pairs = [(t.layer, int(t.expert)) for t in choose_targets(cfg, model, forget, retain, tokenizer) if not t.shared]
+    if not pairs:
+        return
+    kc = knowledge_check(model, tokenizer, forget, retain, pairs)
+    if not kc.holds:
+        unit = "EM" if kc.metric == "em" else "NLL"
+        warnings.warn(
+            f"targets {pairs} do not hold the forget knowledge: zeroing them moves forget {unit} "
+            f"{kc.forget_before:.3f} -> {kc.forget_after:.3f} and retain {unit} {kc.utility_before:.3f} -> "
+            f"{kc.utility_after:.3f}. Unlearning them alone can hide the facts (routing away) rather than erase "
+            "them; `moe-unlearn locate` shows where the knowledge is (or pass --no-knowledge-check).",
+            PremiseWarning, stacklevel=2)
+
+
 def run(args: argparse.Namespace) -> int:
     from moe_unlearn.distributed import init_from_env, is_main
     from moe_unlearn.unlearning import unlearn
@@ -212,6 +244,8 @@ def run(args: argparse.Namespace) -> int:
         args.device = "cpu"
     args.model = model_dir
     model, tokenizer = load_from_args(args, shard=cfg.shard, keep=keep)
+    if not args.no_knowledge_check and is_main():
+        check_knowledge(cfg, model, tokenizer, forget, retain)
     res = unlearn(model, forget, retain, tokenizer=tokenizer, config=cfg)
     if not is_main():
         return 0
