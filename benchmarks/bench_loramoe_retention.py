@@ -367,8 +367,14 @@ def run_matched(args: argparse.Namespace, methods: list[str], seeds: list[int], 
     runs: list[dict] = []
     if out.is_file():
         old = json.loads(out.read_text())
-        if old.get("spec") != spec:
+        grids = ("lrs_full", "lrs_adapter")
+        old_spec = dict(old.get("spec") or {})
+        if {k: v for k, v in old_spec.items() if k not in grids} != {k: v for k, v in spec.items() if k not in grids}:
             raise SystemExit(f"{out} holds a run with another spec; pass --out for a new file or delete it")
+        # A wider learning-rate grid resumes the same study: runs are keyed by lr, so the grid recorded is the union.
+        for k in grids:
+            spec[k] = sorted(set(spec[k]) | set(old_spec.get(k, [])))
+            setattr(args, k, spec[k])
         runs = old.get("runs", [])
         print(f"resuming: {len(runs)} finished runs in {out}", flush=True)
     t0 = time.perf_counter()
