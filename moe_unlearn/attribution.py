@@ -244,13 +244,8 @@ class Attribution:
         result = Premise(targets=pairs, coverage=cov, selectivity=sel_list, per_layer_coverage=per_layer,
                          knowledge=knowledge)
         if warn and knowledge is not None and not knowledge.holds:
-            unit = "EM" if knowledge.metric == "em" else "NLL"
-            warnings.warn(
-                f"targets {pairs} do not hold the forget knowledge: zeroing them moves forget {unit} "
-                f"{knowledge.forget_before:.3f} -> {knowledge.forget_after:.3f} and utility {unit} "
-                f"{knowledge.utility_before:.3f} -> {knowledge.utility_after:.3f} (routing: coverage {cov:.2f}). "
-                "Unlearning them alone can hide the facts (routing away) rather than erase them; see "
-                "`moe-unlearn locate` for where the knowledge is.", PremiseWarning, stacklevel=2)
+            warnings.warn(knowledge.not_held_message(pairs, f" (routing: coverage {cov:.2f})"), PremiseWarning,
+                          stacklevel=2)
         elif warn and knowledge is None and not result.holds:
             sel_txt = "unknown (no retain data given)" if sel_list is None else ", ".join(f"{v:.2f}" for v in sel_list)
             cov_ok = cov >= PREMISE_MIN_COVERAGE

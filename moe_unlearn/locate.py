@@ -610,6 +610,15 @@ class KnowledgeCheck:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "holds": self.holds}
 
+    def not_held_message(self, targets: Sequence[Any], extra: str = "") -> str:
+        """The PremiseWarning text for targets that do not hold the forget knowledge (one wording for the
+        premise check and the unlearn command)."""
+        unit = "EM" if self.metric == "em" else "NLL"
+        return (f"targets {list(targets)} do not hold the forget knowledge: zeroing them moves forget {unit} "
+                f"{self.forget_before:.3f} -> {self.forget_after:.3f} and utility {unit} "
+                f"{self.utility_before:.3f} -> {self.utility_after:.3f}{extra}. Unlearning them alone can hide the "
+                "facts (routing away) rather than erase them; see `moe-unlearn locate` for where the knowledge is.")
+
 
 def knowledge_check(model: nn.Module, tokenizer: Any, forget: Any, utility: Any, targets: Sequence[Any], *,
                     sample: int = 64, batch_size: int = 32) -> KnowledgeCheck:

@@ -20,3 +20,19 @@ def save_tiny(root: Path) -> tuple[Path, Path, Path]:
     forget = root / "forget.txt"
     forget.write_text("\n".join(FORGET) + "\n")
     return root, model_dir, forget
+
+
+def stderr_without_traceback(capsys) -> str:
+    """The CLI's stderr, asserting it holds one message, not a traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def forbid_model_load(monkeypatch) -> None:
+    """Make any model load fail the test: the inputs must be refused before it."""
+    from moe_unlearn import loading
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+    monkeypatch.setattr(loading, "load_model", boom)

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from _hardening_common import FORGET, KW, save_tiny
+from _hardening_common import FORGET, KW, forbid_model_load, save_tiny, stderr_without_traceback
 from _tiny_tokenizer import word_tokenizer
 from safetensors.torch import load_file, save_file
 
@@ -34,16 +34,8 @@ def saved(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("hard3"))
 
 
-def _err(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
-
-
-def _no_model_load(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the inputs were checked")
-    monkeypatch.setattr(loading, "load_model", boom)
+_err = stderr_without_traceback
+_no_model_load = forbid_model_load
 
 
 def _copy(saved, tmp_path, name="m"):

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from _hardening_common import FORGET, save_tiny
+from _hardening_common import FORGET, forbid_model_load, save_tiny, stderr_without_traceback
 
-from moe_unlearn import loading
 from moe_unlearn.cli import main
 from moe_unlearn.data import load_examples, load_records
 from moe_unlearn.errors import BadInputError, DataError
@@ -30,16 +29,8 @@ def saved(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("limits"))
 
 
-def _err(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
-
-
-def _no_model_load(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the inputs were checked")
-    monkeypatch.setattr(loading, "load_model", boom)
+_err = stderr_without_traceback
+_no_model_load = forbid_model_load
 
 
 # -- data files: a documented size limit ------------------------------------------------------------

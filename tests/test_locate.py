@@ -172,19 +172,28 @@ def test_bad_inputs(planted):
     assert middle_layers(6) == (2, 3, 4) and middle_layers(2) == (1,)
 
 
+def _saved(planted, tmp_path, utility_name: str):
+    """The planted model saved with its tokenizer, and its forget / utility items as .jsonl files."""
+    import json
+
+    model, tok, _, forget, utility = planted
+    mdir = tmp_path / "m"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    paths = {}
+    for name, recs in (("forget", forget), (utility_name, utility)):
+        paths[name] = tmp_path / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return mdir, paths
+
+
 def test_cli(planted, tmp_path, capsys):
     import json
 
     from moe_unlearn.cli import main
 
     model, tok, lay, forget, utility = planted
-    mdir = tmp_path / "m"
-    model.save_pretrained(mdir)
-    tok.save_pretrained(mdir)
-    paths = {}
-    for name, recs in (("forget", forget), ("utility", utility)):
-        paths[name] = tmp_path / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    mdir, paths = _saved(planted, tmp_path, "utility")
     out = tmp_path / "out"
     args = ["locate", "--model", str(mdir), "--forget", str(paths["forget"]), "--utility", str(paths["utility"]),
             "--out", str(out), "--sample", "16", "--device", "cpu"]
@@ -197,18 +206,11 @@ def test_cli(planted, tmp_path, capsys):
 
 
 def test_unlearn_cli_warns_when_the_targets_do_not_hold_the_knowledge(planted, tmp_path, capsys):
-    import json
 
     from moe_unlearn.cli import main
 
     model, tok, lay, forget, utility = planted
-    mdir = tmp_path / "m"
-    model.save_pretrained(mdir)
-    tok.save_pretrained(mdir)
-    paths = {}
-    for name, recs in (("forget", forget), ("retain", utility)):
-        paths[name] = tmp_path / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    mdir, paths = _saved(planted, tmp_path, "retain")
 
     def run(expert: int, *extra: str) -> str:
         out = tmp_path / f"out{expert}{len(extra)}"

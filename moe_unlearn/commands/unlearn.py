@@ -214,13 +214,8 @@ def check_knowledge(cfg, model, tokenizer, forget, retain) -> None:
         return
     kc = knowledge_check(model, tokenizer, forget, retain, pairs)
     if not kc.holds:
-        unit = "EM" if kc.metric == "em" else "NLL"
-        warnings.warn(
-            f"targets {pairs} do not hold the forget knowledge: zeroing them moves forget {unit} "
-            f"{kc.forget_before:.3f} -> {kc.forget_after:.3f} and retain {unit} {kc.utility_before:.3f} -> "
-            f"{kc.utility_after:.3f}. Unlearning them alone can hide the facts (routing away) rather than erase "
-            "them; `moe-unlearn locate` shows where the knowledge is (or pass --no-knowledge-check).",
-            PremiseWarning, stacklevel=2)
+        warnings.warn(kc.not_held_message(pairs, " (utility: the retain data; --no-knowledge-check skips this)"),
+                      PremiseWarning, stacklevel=2)
 
 
 def run(args: argparse.Namespace) -> int:
